@@ -1,0 +1,77 @@
+"""Writing outputs without ever leaving a half-written file: write to a temporary name, then rename."""
+
+import contextlib
+import os
+import tempfile
+
+import SimpleITK as sitk
+
+from .errors import OutputError
+
+
+def check_writable(path):
+    """Raise OutputError now (before long work) when ``path`` cannot be created."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise OutputError(f"output path '{path}' is a folder, expected a file name")
+    if not os.path.isdir(folder):
+        raise OutputError(f"output folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"output folder '{folder}' is not writable")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to ``path`` (same extension); rename it to ``path`` on success.
+
+    On any exception the temporary file is removed and nothing appears at ``path``. Writers that pick
+    the format from the extension keep working because the temporary name ends with the same one.
+    """
+    path = os.path.abspath(os.fspath(path))
+    check_writable(path)
+    folder, name = os.path.split(path)
+    base, ext = _split_ext(name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".partial{ext}", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:
+            raise OutputError(f"writing '{path}' produced no data")
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _split_ext(name):
+    for double in (".nii.gz", ".seg.nrrd"):
+        if name.lower().endswith(double):
+            return name[: -len(double)], name[-len(double):]
+    base, ext = os.path.splitext(name)
+    return base, ext
+
+
+def _remove(p):
+    with contextlib.suppress(OSError):
+        os.remove(p)
+
+
+VOLUME_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+def write_image(image, path, compress=True):
+    """Write a SimpleITK image (format from the extension: .nrrd, .nii(.gz), .mha) atomically."""
+    lower = os.fspath(path).lower()
+    if not lower.endswith(VOLUME_EXTENSIONS):
+        raise OutputError(f"unsupported volume format for '{path}': use one of {', '.join(VOLUME_EXTENSIONS)}")
+    if lower.endswith((".nhdr", ".mhd")):
+        raise OutputError(f"'{path}': detached-header formats are not supported, use .nrrd or .mha")
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, tmp, useCompression=compress)
+        except RuntimeError as e:
+            raise OutputError(f"cannot write '{path}': {str(e).strip().splitlines()[-1]}") from None
