@@ -69,7 +69,7 @@ def scan_folder(folder):
     """
     groups = defaultdict(list)
     skipped = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, followlinks=True):
         dirs.sort()
         for name in sorted(files):
             path = os.path.join(root, name)

@@ -19,10 +19,12 @@ def default_background(stacks):
 
 @dataclass
 class AverageResult:
-    """``volume``: float32 [k, j, i] on the grid; ``coverage``: uint8 count of stacks covering each voxel."""
+    """``volume``: float32 [k, j, i] on the grid; ``coverage``: uint8 count of stacks covering each voxel;
+    ``covered_voxels``: how many grid voxels each stack covers (0 means it misses the grid)."""
 
     volume: np.ndarray
     coverage: np.ndarray
+    covered_voxels: list
 
 
 def fuse_average(stacks, grid, interpolation="linear", background_value=None, monitor=None):
@@ -35,14 +37,16 @@ def fuse_average(stacks, grid, interpolation="linear", background_value=None, mo
         background_value = default_background(stacks)
     total = np.zeros(grid.shape, dtype=np.float32)
     count = np.zeros(grid.shape, dtype=np.uint8)
+    covered_voxels = []
     for n, stack in enumerate(stacks):
         monitor.report("resample", n / len(stacks))
         values, covered = resample_stack(stack, grid, interpolation, monitor)
         total += values  # values are 0 where not covered
         count += covered
+        covered_voxels.append(int(np.count_nonzero(covered)))
         del values, covered
     monitor.report("resample", 1.0)
     seen = count > 0
     np.divide(total, np.maximum(count, 1), out=total)
     total[~seen] = background_value
-    return AverageResult(volume=total, coverage=count)
+    return AverageResult(volume=total, coverage=count, covered_voxels=covered_voxels)

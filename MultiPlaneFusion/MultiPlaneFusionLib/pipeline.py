@@ -1,0 +1,217 @@
+"""The pipeline: stacks -> grid -> registration -> reconstruction (-> model), with progress and cancel.
+
+The CLI and the Slicer module both call these functions; nothing here parses arguments or touches MRML.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import numpy as np
+
+from . import memory
+from .errors import InputError
+from .grid import Grid, grid_for_stacks
+from .progress import Monitor
+from .reading import read_stacks
+from .reconstruction.average import default_background, fuse_average
+from .writing import check_writable, write_image
+
+log = logging.getLogger("MultiPlaneFusionLib")
+
+METHODS = ("srr", "average")
+
+
+@dataclass
+class FuseOptions:
+    """Settings of one fusion.
+
+    method : 'srr' (super-resolution, default) or 'average' (coverage-weighted mean, the baseline).
+    spacing_mm : isotropic output spacing; default the finest in-plane spacing of the inputs.
+    grid : an exact output grid (``--grid-like``); overrides spacing_mm and extent.
+    extent : 'overlap' (region all stacks cover, default) or 'union'.
+    reference : index of the reference stack (grid axes, registration target).
+    register : rigid registration of the stacks before (and, with srr, during) reconstruction.
+    memory_limit_gb : refuse a reconstruction whose estimated peak memory is above this.
+    background : value of voxels no stack covers; default -1024 for CT, 0 otherwise.
+    interpolation : resampling of the average method ('linear', 'bspline').
+    srr, registration : options of those stages (their modules' dataclasses), None for defaults.
+    """
+
+    method: str = "srr"
+    spacing_mm: Optional[float] = None
+    grid: Optional[Grid] = None
+    extent: str = "overlap"
+    reference: int = 0
+    register: bool = True
+    memory_limit_gb: float = memory.DEFAULT_MEMORY_LIMIT_GB
+    background: Optional[float] = None
+    interpolation: str = "linear"
+    srr: Any = None
+    registration: Any = None
+
+
+@dataclass
+class FusionResult:
+    """``image``: fused SimpleITK float32 volume (LPS); ``coverage``: uint8 count of stacks per voxel;
+    ``stacks``: the inputs with their registration transforms; ``summary``: what --json records."""
+
+    image: Any
+    coverage: Any
+    grid: Grid
+    stacks: List[Any]
+    summary: dict = field(default_factory=dict)
+
+
+def _check_overlap(stacks, covered_voxels):
+    for s, n in zip(stacks, covered_voxels):
+        if n == 0:
+            raise InputError(f"stack '{s.description}' ({s.source}) does not overlap the reconstruction grid")
+
+
+def plan_grid(stacks, options):
+    """The reconstruction grid for ``stacks`` under ``options`` (no allocation)."""
+    if options.grid is not None:
+        return options.grid
+    return grid_for_stacks(stacks, options.reference, options.spacing_mm, options.extent)
+
+
+def fuse_stacks(stacks, options=None, progress=None, cancel=None):
+    """Fuse stacks into one volume on the reconstruction grid.
+
+    Parameters
+    ----------
+    stacks : list of Stack
+    options : FuseOptions
+    progress : callable(stage, fraction), optional
+    cancel : callable or object with is_set(), optional
+
+    Returns
+    -------
+    FusionResult
+    """
+    options = options or FuseOptions()
+    monitor = Monitor.wrap(progress, cancel)
+    timings = {}
+    if not stacks:
+        raise InputError("no stacks to fuse")
+    if options.method not in METHODS:
+        raise InputError(f"unknown method '{options.method}' (use {' or '.join(METHODS)})")
+    if not 0 <= options.reference < len(stacks):
+        raise InputError(f"--reference {options.reference} is out of range: {len(stacks)} stacks were found")
+    if options.reference != 0:
+        # The reference goes first: grid axes and registration target are stack 0 downstream.
+        stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
+    grid = plan_grid(stacks, FuseOptions(**{**options.__dict__, "reference": 0}))
+    need = memory.estimate_bytes(grid.n_voxels, sum(s.n_voxels for s in stacks), options.method)
+    memory.check_limit(need, options.memory_limit_gb, f"a {options.method} reconstruction on a {grid.shape[::-1]} grid")
+    log.info("grid %s voxels at %s mm, estimated peak memory %.2f GB",
+             "x".join(str(v) for v in grid.shape[::-1]), grid.spacing_mm, need / 1024**3)
+    background = options.background if options.background is not None else default_background(stacks)
+
+    registration_reports = []
+    if options.register and len(stacks) > 1:
+        t = time.perf_counter()
+        stacks, registration_reports = _register(stacks, options, monitor)
+        timings["register_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    average = fuse_average(stacks, grid, options.interpolation, background, monitor.sub("reconstruct", 0.0, 0.1))
+    timings["average_s"] = time.perf_counter() - t
+    _check_overlap(stacks, average.covered_voxels)
+    info = {}
+    volume = average.volume
+    if options.method == "srr":
+        volume, info, stacks, more_reports, srr_timings = _srr_with_refinement(
+            stacks, grid, options, average, background, monitor
+        )
+        registration_reports.extend(more_reports)
+        timings.update(srr_timings)
+    monitor.report("reconstruct", 1.0)
+
+    image = grid.image(volume.astype(np.float32, copy=False))
+    coverage = grid.image(average.coverage, dtype=np.uint8)
+    summary = {
+        "method": options.method,
+        "grid": grid.summary(),
+        "background": background,
+        "stacks": [s.summary() for s in stacks],
+        "covered_fraction": float(np.count_nonzero(average.coverage) / average.coverage.size),
+        "registration": registration_reports,
+        "reconstruction": info,
+        "timings_s": timings,
+        "estimated_peak_memory_mb": need / 1024**2,
+    }
+    return FusionResult(image=image, coverage=coverage, grid=grid, stacks=stacks, summary=summary)
+
+
+def _register(stacks, options, monitor):
+    from .registration import register_stacks
+
+    return register_stacks(stacks, reference=0, options=options.registration, monitor=monitor.sub("register", 0, 1))
+
+
+def _srr_with_refinement(stacks, grid, options, average, background, monitor):
+    from .reconstruction.srr import reconstruct_srr
+
+    timings = {}
+    reports = []
+    cycles = 0
+    if options.register and len(stacks) > 1 and options.registration is not None:
+        cycles = int(getattr(options.registration, "refine_cycles", 0) or 0)
+    elif options.register and len(stacks) > 1:
+        from .registration import RegistrationOptions
+
+        cycles = int(RegistrationOptions().refine_cycles)
+    span = 0.9 / (cycles + 1)
+    initial = average.volume
+    result = None
+    for cycle in range(cycles + 1):
+        t = time.perf_counter()
+        result = reconstruct_srr(
+            stacks, grid, options.srr, initial=initial, coverage=average.coverage,
+            monitor=monitor.sub("reconstruct", 0.1 + cycle * span, 0.1 + (cycle + 1) * span),
+        )
+        timings[f"srr_cycle{cycle}_s"] = time.perf_counter() - t
+        if cycle == cycles:
+            break
+        from .registration import refine_registration
+
+        t = time.perf_counter()
+        stacks, cycle_reports = refine_registration(
+            stacks, result.volume, grid, options.registration, monitor.sub("register", 0, 1)
+        )
+        timings[f"refine{cycle}_s"] = time.perf_counter() - t
+        reports.extend({**r, "cycle": cycle + 1} for r in cycle_reports)
+        initial = result.volume
+    timings["srr_s"] = sum(v for k, v in timings.items() if k.startswith("srr_cycle"))
+    return result.volume, result.info, stacks, reports, timings
+
+
+def fuse_paths(paths, options=None, progress=None, cancel=None):
+    """Read stacks from ``paths`` (DICOM folders/trees, volume files) and fuse them."""
+    monitor = Monitor.wrap(progress, cancel)
+    t = time.perf_counter()
+    monitor.report("read", 0.0)
+    stacks = read_stacks(paths)
+    monitor.report("read", 1.0)
+    read_s = time.perf_counter() - t
+    result = fuse_stacks(stacks, options, monitor)
+    result.summary["timings_s"]["read_s"] = read_s
+    result.summary["inputs"] = [os.fspath(p) for p in paths]
+    return result
+
+
+def write_fusion(result, path, coverage_path=None):
+    """Write the fused volume (and optionally the coverage mask) atomically; returns the paths written."""
+    check_writable(path)
+    if coverage_path:
+        check_writable(coverage_path)
+    write_image(result.image, path)
+    written = {"volume": os.path.abspath(path)}
+    if coverage_path:
+        write_image(result.coverage, coverage_path)
+        written["coverage"] = os.path.abspath(coverage_path)
+    return written

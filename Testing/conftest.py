@@ -1,0 +1,56 @@
+"""Shared fixtures: the real scanner series of ../shared/data, extracted on demand.
+
+Each archive is extracted into its own folder of the session's temporary directory (two archives hold a
+folder of the same name, S2010). Tests that need the data skip with an explicit reason when it is absent.
+"""
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SERIES = {
+    "philips_axial_1mm": "STD BRAIN 1MM (reference, 1 mm axial)",
+    "philips_axial_5mm": "STD BRAIN 5MM (5 mm axial)",
+    "philips_tilt_minus18": "STEREOTAXIS gantry tilt -18.5 deg",
+    "philips_tilt_plus16": "STEREOTAXIS gantry tilt +16.5 deg",
+    "ge_head_tilt_gaps": "GE head, tilt +18.5 deg, irregular gaps",
+}
+
+
+def shared_data_dir():
+    """The dcm_qa_ct folder of the shared data, or None when absent."""
+    candidates = [os.environ.get("MPF_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and (Path(c) / "dcm_qa_ct").is_dir():
+            return Path(c) / "dcm_qa_ct"
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_series(tmp_path_factory):
+    """A function name -> extracted DICOM series folder (skips the test when the data is absent)."""
+    root = shared_data_dir()
+    cache = {}
+
+    def get(name):
+        if root is None:
+            pytest.skip("real data absent: ../shared/data/dcm_qa_ct not found (set MPF_SHARED_DATA to its parent)")
+        archive = root / f"{name}.tar.gz"
+        if not archive.is_file():
+            pytest.skip(f"real data absent: {archive} not found")
+        if name not in cache:
+            dest = tmp_path_factory.mktemp(name)
+            with tarfile.open(archive) as tar:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(dest, filter="data")
+                else:  # Python < 3.11.4
+                    tar.extractall(dest)
+            (series_dir,) = [p for p in dest.iterdir() if p.is_dir()]
+            cache[name] = series_dir
+        return cache[name]
+
+    return get
