@@ -171,11 +171,11 @@ def cmd_inspect(args, progress):
 
 def cmd_fuse(args, progress):
     from .pipeline import fuse_paths, write_fusion
-    from .writing import check_writable
+    from .writing import check_volume_path
 
-    check_writable(args.output)  # fail before the long work, not after
+    check_volume_path(args.output)  # fail before the long work, not after
     if args.coverage:
-        check_writable(args.coverage)
+        check_volume_path(args.coverage)
     result = fuse_paths(args.stacks, fuse_options_from_args(args), progress)
     written = write_fusion(result, args.output, args.coverage)
     if not args.quiet:

@@ -17,7 +17,7 @@ from .grid import Grid, grid_for_stacks
 from .progress import Monitor
 from .reading import read_stacks
 from .reconstruction.average import default_background, fuse_average
-from .writing import check_writable, write_image
+from .writing import check_volume_path, write_image
 
 log = logging.getLogger("MultiPlaneFusionLib")
 
@@ -206,9 +206,9 @@ def fuse_paths(paths, options=None, progress=None, cancel=None):
 
 def write_fusion(result, path, coverage_path=None):
     """Write the fused volume (and optionally the coverage mask) atomically; returns the paths written."""
-    check_writable(path)
+    check_volume_path(path)
     if coverage_path:
-        check_writable(coverage_path)
+        check_volume_path(coverage_path)
     write_image(result.image, path)
     written = {"volume": os.path.abspath(path)}
     if coverage_path:

@@ -63,13 +63,19 @@ def _remove(p):
 VOLUME_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
 
+def check_volume_path(path):
+    """Raise OutputError unless ``path`` names a writable single-file volume format."""
+    lower = os.fspath(path).lower()
+    if lower.endswith((".nhdr", ".mhd")):
+        raise OutputError(f"'{path}': detached-header formats are not supported, use .nrrd, .nii.gz or .mha")
+    if not lower.endswith(VOLUME_EXTENSIONS):
+        raise OutputError(f"unsupported volume format '{path}': use .nrrd, .nii, .nii.gz or .mha")
+    check_writable(path)
+
+
 def write_image(image, path, compress=True):
     """Write a SimpleITK image (format from the extension: .nrrd, .nii(.gz), .mha) atomically."""
-    lower = os.fspath(path).lower()
-    if not lower.endswith(VOLUME_EXTENSIONS):
-        raise OutputError(f"unsupported volume format for '{path}': use one of {', '.join(VOLUME_EXTENSIONS)}")
-    if lower.endswith((".nhdr", ".mhd")):
-        raise OutputError(f"'{path}': detached-header formats are not supported, use .nrrd or .mha")
+    check_volume_path(path)
     with atomic_path(path) as tmp:
         try:
             sitk.WriteImage(image, tmp, useCompression=compress)
