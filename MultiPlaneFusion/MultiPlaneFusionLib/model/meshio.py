@@ -1,0 +1,317 @@
+"""Model files (STL, OBJ, PLY, VTP) and the mesh report.
+
+Meshes in memory are LPS millimetres. ``ras=True`` flips x and y on the way out (and back in), which
+keeps the triangle winding (the flip is a rotation by 180 degrees about z), so normals stay outward.
+Every file says its coordinate system the way 3D Slicer reads it: ``SPACE=LPS`` / ``SPACE=RAS`` in the
+STL header, an OBJ/PLY comment, or a VTP field-data string.
+"""
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+from ..errors import InputError, OutputError
+from ..metrics import transform_polydata
+from ..writing import atomic_path
+
+MODEL_EXTENSIONS = (".stl", ".obj", ".ply", ".vtp")
+_LPS_TO_RAS = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def model_format(path):
+    """'stl', 'obj', 'ply' or 'vtp' from the extension; OutputError otherwise."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in MODEL_EXTENSIONS:
+        raise OutputError(
+            f"unsupported model format '{ext or os.path.basename(os.fspath(path))}': "
+            f"use one of {', '.join(MODEL_EXTENSIONS)}"
+        )
+    return ext[1:]
+
+
+# ------------------------------------------------------------------------------------------ arrays
+def triangles(poly):
+    """Triangle vertex ids of a vtkPolyData, int64 array of shape (n, 3).
+
+    Raises ValueError when the polys are not all triangles (run vtkTriangleFilter first).
+    """
+    cells = poly.GetPolys()
+    n = cells.GetNumberOfCells()
+    if n == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    offsets = numpy_support.vtk_to_numpy(cells.GetOffsetsArray())
+    if not np.all(np.diff(offsets) == 3):
+        raise ValueError("mesh has non-triangle polygons")
+    return numpy_support.vtk_to_numpy(cells.GetConnectivityArray()).astype(np.int64).reshape(-1, 3)
+
+
+def points(poly):
+    """Vertex coordinates, float64 array of shape (n, 3) (zero rows for an empty mesh)."""
+    if poly.GetNumberOfPoints() == 0:
+        return np.zeros((0, 3))
+    return numpy_support.vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)
+
+
+def set_triangles(poly, tris):
+    """Replace the polys of ``poly`` (in place) by the triangles of an (n, 3) id array."""
+    tris = np.ascontiguousarray(tris, dtype=np.int64)
+    cells = vtk.vtkCellArray()
+    offsets = numpy_support.numpy_to_vtk(np.arange(0, 3 * len(tris) + 1, 3, dtype=np.int64), deep=True)
+    conn = numpy_support.numpy_to_vtk(tris.ravel(), deep=True)
+    cells.SetData(offsets, conn)
+    poly.SetPolys(cells)
+    return poly
+
+
+def volume_and_area(pts, tris):
+    """(signed enclosed volume in mm^3, total area in mm^2) of a triangle mesh.
+
+    The volume (divergence theorem) is positive when a closed mesh's triangles wind counter-clockwise
+    seen from outside. Coordinates are centred first: far from the origin the large, cancelling terms
+    would lose digits.
+    """
+    if len(tris) == 0:
+        return 0.0, 0.0
+    p = pts - pts.mean(axis=0)
+    x, y, z = (np.ascontiguousarray(p[:, d]) for d in range(3))
+    i, j, k = tris[:, 0], tris[:, 1], tris[:, 2]
+    xa, ya, za = x[i], y[i], z[i]
+    xb, yb, zb = x[j], y[j], z[j]
+    xc, yc, zc = x[k], y[k], z[k]
+    volume = float(np.sum(xa * (yb * zc - zb * yc) + ya * (zb * xc - xb * zc) + za * (xb * yc - yb * xc))) / 6.0
+    # Edge vectors from corner a, reusing the gathered coordinates.
+    ux, uy, uz = xb - xa, yb - ya, zb - za
+    vx, vy, vz = xc - xa, yc - ya, zc - za
+    cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
+    area = 0.5 * float(np.sum(np.sqrt(cx * cx + cy * cy + cz * cz)))
+    return volume, area
+
+
+def signed_volume_mm3(pts, tris):
+    """Signed enclosed volume; positive when a closed mesh's normals point out."""
+    return volume_and_area(pts, tris)[0]
+
+
+def edge_counts(tris, n_points):
+    """(boundary_edges, non_manifold_edges, consistently_oriented) of a triangle mesh.
+
+    An edge used by one triangle is a boundary edge, by more than two a non-manifold edge. A mesh is
+    consistently oriented when no directed edge is used twice (neighbours traverse their shared edge
+    in opposite directions). One sort of the edges, each coded as (undirected edge, direction bit).
+    """
+    if len(tris) == 0:
+        return 0, 0, True
+    a = tris.ravel()
+    b = np.roll(tris, -1, axis=1).ravel()
+    n = np.int64(max(n_points, 1))
+    codes = (np.minimum(a, b) * n + np.maximum(a, b)) * 2 + (a > b)
+    codes.sort()
+    consistent = not bool(np.any(codes[1:] == codes[:-1]))
+    edge = codes >> 1
+    starts = np.flatnonzero(np.concatenate(([True], edge[1:] != edge[:-1])))
+    counts = np.diff(np.append(starts, len(edge)))
+    return int(np.count_nonzero(counts == 1)), int(np.count_nonzero(counts > 2)), consistent
+
+
+def count_components(poly):
+    """Number of connected pieces of a mesh (sharing vertices)."""
+    if poly.GetNumberOfCells() == 0:
+        return 0
+    f = vtk.vtkPolyDataConnectivityFilter()
+    f.SetInputData(poly)
+    f.SetExtractionModeToAllRegions()
+    f.Update()
+    return int(f.GetNumberOfExtractedRegions())
+
+
+def mesh_facts(polydata):
+    """The geometric and topological facts of :func:`mesh_report` that need a pass over the edges.
+
+    Returns
+    -------
+    dict
+        boundary_edges, non_manifold_edges, consistently_oriented, signed_volume_mm3, area_mm2,
+        triangles, vertices.
+    """
+    tris = triangles(polydata)
+    pts = points(polydata)
+    boundary, non_manifold, consistent = edge_counts(tris, len(pts))
+    volume, area = volume_and_area(pts, tris)
+    return {
+        "triangles": int(len(tris)),
+        "vertices": int(len(pts)),
+        "boundary_edges": boundary,
+        "non_manifold_edges": non_manifold,
+        "consistently_oriented": consistent,
+        "signed_volume_mm3": volume,
+        "area_mm2": area,
+    }
+
+
+def mesh_report(polydata, facts=None):
+    """Facts about a triangle mesh, for the log and ``--json``.
+
+    Parameters
+    ----------
+    polydata : vtkPolyData
+        Triangle mesh (mm).
+    facts : dict, optional
+        :func:`mesh_facts` of the same geometry, when the caller already has them.
+
+    Returns
+    -------
+    dict
+        triangles, vertices, closed (no boundary and no non-manifold edge), boundary_edges,
+        non_manifold_edges, consistently_oriented, outward (consistent and positive enclosed volume),
+        components, volume_mm3 (enclosed volume; meaningful when closed), area_mm2.
+    """
+    f = mesh_facts(polydata) if facts is None else facts
+    volume = f["signed_volume_mm3"]
+    return {
+        "triangles": f["triangles"],
+        "vertices": f["vertices"],
+        "closed": bool(f["triangles"] > 0 and f["boundary_edges"] == 0 and f["non_manifold_edges"] == 0),
+        "boundary_edges": f["boundary_edges"],
+        "non_manifold_edges": f["non_manifold_edges"],
+        "consistently_oriented": f["consistently_oriented"],
+        "outward": bool(f["consistently_oriented"] and volume > 0),
+        "components": count_components(polydata),
+        "volume_mm3": abs(volume),
+        "area_mm2": f["area_mm2"],
+    }
+
+
+def add_normals(poly):
+    """Point normals from the triangles' own (outward) winding; no splitting, so vertices stay shared."""
+    f = vtk.vtkPolyDataNormals()
+    f.SetInputData(poly)
+    f.SplittingOff()
+    f.ConsistencyOff()
+    f.AutoOrientNormalsOff()
+    f.ComputePointNormalsOn()
+    f.ComputeCellNormalsOff()
+    f.Update()
+    out = vtk.vtkPolyData()
+    out.ShallowCopy(f.GetOutput())
+    return out
+
+
+def _prepend_line(path, line):
+    """Put one text line in front of a file (through a temporary file in the same folder)."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".header.", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            out.write(line.encode("ascii") + b"\n")
+            shutil.copyfileobj(src, out, 1 << 20)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write(poly, tmp, fmt, space):
+    if fmt == "stl":
+        w = vtk.vtkSTLWriter()
+        w.SetFileTypeToBinary()
+        w.SetHeader(f"SPACE={space} MultiPlaneFusion model, mm")
+    elif fmt == "obj":
+        w = vtk.vtkOBJWriter()
+    elif fmt == "ply":
+        w = vtk.vtkPLYWriter()
+        w.SetFileTypeToBinary()
+        w.AddComment(f"SPACE={space}")
+    else:
+        w = vtk.vtkXMLPolyDataWriter()
+        w.SetDataModeToAppended()
+        w.SetCompressorTypeToZLib()
+        w.EncodeAppendedDataOff()
+        tag = vtk.vtkStringArray()
+        tag.SetName("SPACE")
+        tag.InsertNextValue(space)
+        poly.GetFieldData().AddArray(tag)
+    w.SetFileName(tmp)
+    w.SetInputData(poly)
+    if not w.Write():
+        raise OutputError(f"the {fmt.upper()} writer failed on '{tmp}'")
+    if fmt == "obj":
+        _prepend_line(tmp, f"# SPACE={space} MultiPlaneFusion model, mm")
+
+
+def write_model(polydata, path, ras=False):
+    """Write a closed LPS mesh to ``path`` atomically (format from the extension).
+
+    Parameters
+    ----------
+    polydata : vtkPolyData
+        Triangle mesh in LPS mm.
+    path : str or PathLike
+        ``.stl`` (binary), ``.obj``, ``.ply`` (binary) or ``.vtp``.
+    ras : bool
+        Write RAS coordinates (x and y negated) instead of LPS.
+
+    Returns
+    -------
+    dict
+        :func:`mesh_report` of the written mesh plus path, format, space and bytes.
+
+    Raises
+    ------
+    OutputError
+        Unsupported extension, unwritable location or a failing writer (nothing is left behind).
+    """
+    fmt = model_format(path)
+    space = "RAS" if ras else "LPS"
+    out = transform_polydata(polydata, _LPS_TO_RAS, (0.0, 0.0, 0.0)) if ras else _shallow(polydata)
+    if fmt != "stl" and out.GetPointData().GetNormals() is None:
+        out = add_normals(out)
+    with atomic_path(path) as tmp:
+        _write(out, tmp, fmt, space)
+    report = mesh_report(polydata)
+    report.update(path=os.path.abspath(os.fspath(path)), format=fmt, space=space, bytes=os.path.getsize(path))
+    return report
+
+
+def _shallow(poly):
+    out = vtk.vtkPolyData()
+    out.ShallowCopy(poly)
+    # Field data is shared by a shallow copy; give the copy its own so tags added for a file stay there.
+    out.SetFieldData(vtk.vtkFieldData())
+    return out
+
+
+# ----------------------------------------------------------------------------------------- reading
+def read_model(path, ras=False):
+    """Read a model file back as an LPS triangle mesh.
+
+    ``ras=True`` says the file holds RAS coordinates; they are flipped back to LPS. STL vertices are
+    merged (STL stores every triangle's corners separately), so a closed mesh reads back closed.
+    """
+    fmt = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    if not os.path.isfile(path):
+        raise InputError(f"model file '{path}' does not exist")
+    if fmt == "stl":
+        r = vtk.vtkSTLReader()
+        r.MergingOn()
+    elif fmt == "obj":
+        r = vtk.vtkOBJReader()
+    elif fmt == "ply":
+        r = vtk.vtkPLYReader()
+    elif fmt == "vtp":
+        r = vtk.vtkXMLPolyDataReader()
+    else:
+        raise InputError(f"unsupported model format '.{fmt}': use one of {', '.join(MODEL_EXTENSIONS)}")
+    r.SetFileName(os.fspath(path))
+    r.Update()
+    poly = vtk.vtkPolyData()
+    poly.DeepCopy(r.GetOutput())
+    if poly.GetNumberOfCells() == 0:
+        raise InputError(f"model file '{path}' holds no triangles")
+    if ras:
+        poly = transform_polydata(poly, _LPS_TO_RAS, (0.0, 0.0, 0.0))
+    return poly

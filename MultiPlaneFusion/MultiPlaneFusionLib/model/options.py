@@ -1,0 +1,210 @@
+"""Options of the bone-model step, and their command-line form (shared by ``model`` and ``run``)."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+from ..errors import InputError
+from .thresholds import PRESETS, canonical_preset
+
+SURFACE_METHODS = ("iso", "labelmap")
+ISLAND_MODES = ("largest", "all")
+
+
+@dataclass
+class ModelOptions:
+    """Settings of :func:`~MultiPlaneFusionLib.model.build_model`.
+
+    Attributes
+    ----------
+    preset : str
+        CT threshold preset (see ``PRESETS``); used when ``threshold`` is None and ``auto_threshold``
+        is off. Default 'bone' (226..3071 HU).
+    threshold : (lo, hi) or None
+        Custom inclusive intensity range; overrides the preset.
+    auto_threshold : bool
+        Otsu on the foreground (for MR, where there are no HU); reported as automatic.
+    islands : 'largest' or 'all'
+        Keep only the largest connected piece, or every piece of at least ``min_island_mm3``.
+    min_island_mm3 : float
+        With ``islands='all'``: drop pieces smaller than this volume (mm^3); 0 keeps everything.
+    fill_cavities : bool
+        Fill background regions enclosed by the mask (not connected to the volume's border).
+    remove_thin_mm : float
+        Radius (mm) of the opening that detaches thin structures (scanner table, head holder) from the
+        main body; 0 = off. See :func:`~MultiPlaneFusionLib.model.segmentation.remove_thin`.
+    surface_method : 'iso' or 'labelmap'
+        'iso': sub-voxel isosurface of the grey levels restricted to the cleaned mask (default);
+        'labelmap': Slicer's closed-surface recipe on the binary mask (parity with the Segment Editor).
+    smoothing : float in [0, 1]
+        Slicer's smoothing factor s: windowed sinc with pass band 10^(-4 s) and 20 + 40 s iterations;
+        0 = no smoothing.
+    decimate : None, float in (0, 1) or int >= 1
+        None: keep every triangle; a float: fraction of triangles to remove; an int: target count.
+    ras : bool
+        Coordinate system of EXPORTED files (RAS flips x and y); meshes in memory are always LPS.
+    """
+
+    preset: str = "bone"
+    threshold: Optional[Tuple[float, float]] = None
+    auto_threshold: bool = False
+    islands: str = "largest"
+    min_island_mm3: float = 0.0
+    fill_cavities: bool = False
+    remove_thin_mm: float = 0.0
+    surface_method: str = "iso"
+    smoothing: float = 0.5
+    decimate: Optional[Union[float, int]] = None
+    ras: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise InputError (one line) for any setting out of range; normalise spellings."""
+        self.preset = canonical_preset(self.preset)
+        if self.threshold is not None:
+            if len(self.threshold) != 2:
+                raise InputError(f"threshold needs two values LO HI, got {self.threshold}")
+            lo, hi = (float(v) for v in self.threshold)
+            if math.isnan(lo) or math.isnan(hi):
+                raise InputError("threshold values must be numbers")
+            if hi < lo:
+                raise InputError(f"threshold range is empty: upper {hi:g} is below lower {lo:g}")
+            self.threshold = (lo, hi)
+        if self.islands not in ISLAND_MODES:
+            raise InputError(f"islands must be one of {', '.join(ISLAND_MODES)}, not '{self.islands}'")
+        self.min_island_mm3 = float(self.min_island_mm3)
+        if not self.min_island_mm3 >= 0:
+            raise InputError(f"minimum island volume must be >= 0 mm^3, got {self.min_island_mm3:g}")
+        self.remove_thin_mm = float(self.remove_thin_mm)
+        if not self.remove_thin_mm >= 0:
+            raise InputError(f"--remove-thin-mm must be >= 0, got {self.remove_thin_mm:g}")
+        if self.surface_method not in SURFACE_METHODS:
+            raise InputError(
+                f"surface method must be one of {', '.join(SURFACE_METHODS)}, not '{self.surface_method}'"
+            )
+        self.smoothing = float(self.smoothing)
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise InputError(f"smoothing must be between 0 and 1, got {self.smoothing:g}")
+        self.decimate = parse_decimate(self.decimate)
+        return self
+
+
+def parse_decimate(value):
+    """None, a fraction to remove in (0, 1), or an int target triangle count (>= 1).
+
+    Strings are accepted ('0.5', '200000'); a whole number >= 1 means a count.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    if isinstance(value, bool):
+        raise InputError("decimate must be a fraction in (0, 1) or a triangle count")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"decimate must be a fraction in (0, 1) or a triangle count, got '{value}'") from None
+    if x == 0:
+        return None
+    if 0 < x < 1:
+        return x
+    if x >= 1 and float(x).is_integer():
+        return int(x)
+    raise InputError(f"decimate must be a fraction in (0, 1) or a whole triangle count, got '{value}'")
+
+
+def add_model_arguments(parser):
+    """Add the model options to an argparse (sub)parser (the CLI owns -o, --json and --quiet)."""
+    g = parser.add_argument_group("bone model")
+    g.add_argument(
+        "--threshold",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="intensity range of the bone (inclusive; HU for CT); overrides --preset",
+    )
+    g.add_argument(
+        "--preset",
+        default="bone",
+        metavar="NAME",
+        help="CT threshold preset: " + ", ".join(f"'{k}' {lo:g}..{hi:g}" for k, (lo, hi) in PRESETS.items())
+        + " HU (default: bone)",
+    )
+    g.add_argument(
+        "--auto-threshold",
+        action="store_true",
+        help="automatic threshold (Otsu on the foreground), for MR where HU presets do not apply",
+    )
+    g.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="surface smoothing 0..1, Slicer's factor: windowed sinc, pass band 10^(-4 S), 20+40 S "
+        "iterations (default 0.5; 0 = off)",
+    )
+    g.add_argument("--ras", action="store_true", help="write the model in RAS (Slicer's view) instead of LPS")
+    g.add_argument(
+        "--surface-method",
+        choices=SURFACE_METHODS,
+        default="iso",
+        help="iso: sub-voxel grey-level isosurface inside the cleaned mask (default); "
+        "labelmap: Slicer's binary-labelmap surface",
+    )
+    g.add_argument(
+        "--decimate",
+        default=None,
+        metavar="X",
+        help="reduce triangles: a fraction to remove (0..1) or a target triangle count (default: off)",
+    )
+    g.add_argument(
+        "--keep",
+        choices=ISLAND_MODES,
+        default=None,
+        help="keep the largest connected piece (default) or all pieces",
+    )
+    g.add_argument(
+        "--min-island-mm3",
+        type=float,
+        default=None,
+        metavar="V",
+        help="keep every piece of at least V mm^3 (implies --keep all)",
+    )
+    g.add_argument(
+        "--fill-cavities",
+        action="store_true",
+        help="fill cavities enclosed by the bone (background not connected to the volume border)",
+    )
+    g.add_argument(
+        "--remove-thin-mm",
+        type=float,
+        default=0.0,
+        metavar="D",
+        help="detach and drop thin structures far from the main body (scanner table, head holder): "
+        "opening radius in mm (default 0 = off)",
+    )
+    return parser
+
+
+def options_from_args(args):
+    """ModelOptions from parsed arguments (attributes missing from ``args`` take their defaults)."""
+    keep = getattr(args, "keep", None)
+    min_island = getattr(args, "min_island_mm3", None)
+    if min_island is not None and keep == "largest":
+        raise InputError("--min-island-mm3 keeps several pieces: it cannot be combined with --keep largest")
+    if keep is None:
+        keep = "all" if min_island is not None else "largest"
+    threshold = getattr(args, "threshold", None)
+    return ModelOptions(
+        preset=getattr(args, "preset", None) or "bone",
+        threshold=tuple(threshold) if threshold is not None else None,
+        auto_threshold=bool(getattr(args, "auto_threshold", False)),
+        islands=keep,
+        min_island_mm3=min_island or 0.0,
+        fill_cavities=bool(getattr(args, "fill_cavities", False)),
+        remove_thin_mm=getattr(args, "remove_thin_mm", 0.0) or 0.0,
+        surface_method=getattr(args, "surface_method", None) or "iso",
+        smoothing=0.5 if getattr(args, "smoothing", None) is None else args.smoothing,
+        decimate=getattr(args, "decimate", None),
+        ras=bool(getattr(args, "ras", False)),
+    )
