@@ -1,0 +1,485 @@
+"""Rigid (6 degrees of freedom) registration of stacks to a target, with SimpleITK.
+
+Directions, precisely
+---------------------
+``Stack.transform`` (call it T) maps the stack's *scanner* coordinates to *patient* (reconstruction)
+coordinates: pixel ``(k, j, i)`` lies at ``T @ index_to_scanner(k, j, i)``. SimpleITK's registration returns
+a transform R that maps points of the FIXED image to points of the MOVING image. Here the fixed image lives
+in patient space (the reference stack, or the current reconstruction) and the moving image is the stack in
+its own scanner space, so ``R = T^-1`` and the stack receives ``T = R^-1``. The ``.tfm`` files written by
+:func:`write_transforms` hold R (fixed -> moving, the resampling direction ITK and Slicer expect).
+
+How the stacks' anisotropy is handled
+-------------------------------------
+The two images are compared on isotropic grids at a common spacing ``h`` (about half the thinner slice), each
+carrying *both* point-spread functions, so neither side is sharper than the other in any direction:
+
+- fixed  = target resampled onto a grid aligned with the moving stack's axes, then blurred by the moving
+  stack's PSF (Gaussian, FWHM 1.2 x pixel in-plane, slice thickness through-plane);
+- moving = the moving stack (scanner space, shear and gaps honoured by :func:`resample_stack`) resampled onto
+  a grid aligned with the target's axes, then blurred by the target's PSF.
+
+Gaussians commute, so both images show ``B_target * B_moving * object`` (exactly so for the translation part,
+to within the small rotation for the axes). Sources finer than ``h`` are low-passed first (no aliasing).
+For refinement against a reconstruction the target PSF is zero: the fixed image is then the reconstruction
+seen through the stack's own forward model (PSF), sampled on a lattice rather than at the pixel centres.
+
+Masks: the fixed mask is the largest connected foreground component (CT above -500 HU, else Otsu), dilated a
+few mm so the outer edge counts, inside the target's coverage; the moving mask is the stack's coverage. Both
+are eroded by the blur radius so no fill value leaks into the metric. Air and a separate table do not count.
+"""
+
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import CancelledError, InputError, OutputError
+from ..grid import Grid, _orthonormal_frame
+from ..progress import Monitor
+from ..reconstruction.resample import resample_stack
+from ..stack import copy_stack
+from ..writing import atomic_path
+from .options import RegistrationOptions
+from .report import describe_motion
+
+log = logging.getLogger("MultiPlaneFusionLib")
+
+STAGE = "register"
+# FWHM of a Gaussian in units of its sigma.
+_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
+# In-plane PSF FWHM as a multiple of the pixel spacing (the NiftyMIC/SVRTK convention).
+_INPLANE_FWHM_PIXELS = 1.2
+# Default CT foreground threshold (HU): everything denser than lung/air.
+_CT_FOREGROUND_HU = -500.0
+# Dilation of the foreground mask (mm): the outer edge of the body carries much of the signal.
+_MASK_DILATION_MM = 4.0
+
+
+# ------------------------------------------------------------------------------------------- geometry
+def stack_psf_sigmas_mm(stack):
+    """Gaussian PSF sigmas (mm) of a stack along its row, column and normal directions, shape (3,)."""
+    di, dj = stack.pixel_spacing_mm
+    return np.array([_INPLANE_FWHM_PIXELS * di, _INPLANE_FWHM_PIXELS * dj, stack.thickness_mm]) / _FWHM
+
+
+def stack_centre_mm(stack):
+    """Scanner-space centre of a stack's sampled region (mean of its 8 corners), shape (3,)."""
+    return stack.with_transform(np.eye(4)).corners_mm().mean(axis=0)
+
+
+def _box(frame, corner_sets):
+    """(lo, hi) along the columns of ``frame`` of the intersection of the corner sets' boxes."""
+    lo = np.max([np.min(c @ frame, axis=0) for c in corner_sets], axis=0)
+    hi = np.min([np.max(c @ frame, axis=0) for c in corner_sets], axis=0)
+    return lo, hi
+
+
+def _box_grid(frame, lo, hi, spacing_mm):
+    """An isotropic grid with axes ``frame`` (columns, LPS) spanning [lo, hi] (frame coordinates)."""
+    n = np.maximum(2, np.floor((hi - lo) / spacing_mm + 1e-6).astype(int) + 1)
+    origin = frame @ (0.5 * (lo + hi) - 0.5 * (n - 1) * spacing_mm)
+    return Grid(
+        shape=(int(n[2]), int(n[1]), int(n[0])),
+        spacing_mm=(spacing_mm,) * 3,
+        origin_mm=tuple(float(v) for v in origin),
+        direction=tuple(float(v) for v in frame.ravel()),
+    )
+
+
+def matrix_from_sitk(transform):
+    """The 4x4 matrix of an affine-like SimpleITK transform (found by mapping the origin and unit vectors)."""
+    o = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    cols = [np.array(transform.TransformPoint(tuple(float(v) for v in e))) - o for e in np.eye(3)]
+    m = np.eye(4)
+    m[:3, :3] = np.stack(cols, axis=1)
+    m[:3, 3] = o
+    return m
+
+
+def _euler(matrix, centre_mm):
+    """A SimpleITK Euler3DTransform equal to the rigid 4x4 ``matrix``, rotating about ``centre_mm``."""
+    a = np.asarray(matrix, dtype=float)[:3, :3]
+    b = np.asarray(matrix, dtype=float)[:3, 3]
+    c = np.asarray(centre_mm, dtype=float)
+    e = sitk.Euler3DTransform()
+    e.SetCenter([float(v) for v in c])
+    # Re-orthonormalise: products of float matrices drift away from SO(3) by ~1e-15 per step.
+    u, _, vt = np.linalg.svd(a)
+    e.SetMatrix([float(v) for v in (u @ vt).ravel()], 1e-4)
+    e.SetTranslation([float(v) for v in b - c + a @ c])
+    return e
+
+
+def sitk_transform(matrix):
+    """A SimpleITK AffineTransform holding a 4x4 matrix."""
+    m = np.asarray(matrix, dtype=float)
+    t = sitk.AffineTransform(3)
+    t.SetMatrix([float(v) for v in m[:3, :3].ravel()])
+    t.SetTranslation([float(v) for v in m[:3, 3]])
+    return t
+
+
+# ---------------------------------------------------------------------------------------- images
+def _low_passed(stack, spacing_mm):
+    """The stack with each pixel axis finer than ``spacing_mm`` low-passed, so resampling at it does not alias."""
+    di, dj = stack.pixel_spacing_mm
+    steps = (di, dj, stack.slice_step_mm)
+    variances = [max(0.0, (0.5 * spacing_mm) ** 2 - (0.5 * d) ** 2) for d in steps]
+    if max(variances) == 0:
+        return stack
+    img = sitk.GetImageFromArray(stack.pixels)
+    img.SetSpacing([float(v) for v in steps])
+    out = sitk.DiscreteGaussian(img, variances, 32, 0.01, True)
+    return copy_stack(stack, pixels=sitk.GetArrayFromImage(out))
+
+
+def _sampled(source, grid, sigmas_mm):
+    """(image, coverage image) of ``source`` resampled onto ``grid`` and blurred by ``sigmas_mm`` (grid axes).
+
+    Uncovered voxels are filled with a low percentile (air) before blurring; the coverage is eroded by two
+    sigmas along each axis so the fill never reaches a voxel the metric may use.
+    """
+    values, covered = resample_stack(source, grid, "linear")
+    fill = float(np.percentile(values[covered], 1)) if covered.any() else 0.0
+    values[~covered] = fill
+    image = grid.image(values)
+    coverage = grid.image(covered.astype(np.uint8), dtype=np.uint8)
+    sig = np.asarray(sigmas_mm, dtype=float)
+    if np.any(sig > 0):
+        image = sitk.DiscreteGaussian(image, [float(v) ** 2 for v in sig], 64, 0.01, True)
+    radius = [int(math.ceil(2.0 * s / grid.spacing_mm[0])) for s in sig]
+    if max(radius) > 0:
+        coverage = sitk.BinaryErode(coverage, radius)
+    return image, coverage
+
+
+def _foreground_mask(image, coverage, modality, threshold, spacing_mm):
+    """Dilated largest foreground component inside ``coverage`` (uint8 image)."""
+    if threshold is None:
+        if modality == "CT":
+            threshold = _CT_FOREGROUND_HU
+        else:
+            otsu = sitk.OtsuThresholdImageFilter()
+            otsu.SetInsideValue(0)
+            otsu.SetOutsideValue(1)
+            otsu.Execute(image, coverage)
+            threshold = otsu.GetThreshold()
+    fg = sitk.And(sitk.Cast(image > float(threshold), sitk.sitkUInt8), coverage)
+    if int(sitk.GetArrayViewFromImage(fg).sum()) < 64:
+        return coverage
+    largest = sitk.Cast(sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True) == 1, sitk.sitkUInt8)
+    radius = max(1, int(round(_MASK_DILATION_MM / spacing_mm)))
+    return sitk.And(sitk.BinaryDilate(largest, [radius] * 3), coverage)
+
+
+def _mask_centroid_mm(mask):
+    """LPS centroid of a uint8 mask image's voxels."""
+    arr = sitk.GetArrayViewFromImage(mask)
+    k, j, i = np.nonzero(arr)
+    if len(k) == 0:
+        size = mask.GetSize()
+        return np.array(mask.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in size]))
+    idx = [float(i.mean()), float(j.mean()), float(k.mean())]
+    return np.array(mask.TransformContinuousIndexToPhysicalPoint(idx))
+
+
+@dataclass
+class _Pair:
+    """Everything one registration needs: images, masks, centre of rotation, grid spacing."""
+
+    fixed: sitk.Image
+    fixed_mask: sitk.Image
+    moving: sitk.Image
+    moving_mask: sitk.Image
+    centre_mm: np.ndarray
+    spacing_mm: float
+
+
+def _choose_spacing(options, target, moving, fixed_extent_mm, moving_extent_mm):
+    """Registration grid spacing: half the thinner slice, no finer than the pixels, within the voxel budget."""
+    if options.spacing_mm is not None:
+        return float(options.spacing_mm)
+    finest = min(min(target.pixel_spacing_mm), min(moving.pixel_spacing_mm))
+    h = max(finest, 0.5 * min(target.thickness_mm, moving.thickness_mm))
+    biggest = max(float(np.prod(np.maximum(fixed_extent_mm, h))), float(np.prod(np.maximum(moving_extent_mm, h))))
+    return max(h, (biggest / options.max_voxels) ** (1.0 / 3.0))
+
+
+def _prepare_pair(target, target_sigmas_mm, moving, r_init, options):
+    """Fixed and moving images (see the module docstring) for ``moving`` placed by ``inv(r_init)``."""
+    scanner = moving.with_transform(np.eye(4))
+    placed = moving.with_transform(np.linalg.inv(r_init))
+    frame_f = _orthonormal_frame(placed)
+    lo_f, hi_f = _box(frame_f, [target.corners_mm(), placed.corners_mm()])
+    if np.any(hi_f - lo_f <= 0):
+        raise InputError(
+            f"'{moving.description}' does not overlap the registration target '{target.description}'"
+        )
+    # The target's axes as seen in the moving stack's scanner space.
+    frame_m = np.asarray(r_init, dtype=float)[:3, :3] @ _orthonormal_frame(target)
+    lo_m, hi_m = _box(frame_m, [scanner.corners_mm()])
+    h = _choose_spacing(options, target, moving, hi_f - lo_f, hi_m - lo_m)
+    grid_f = _box_grid(frame_f, lo_f, hi_f, h)
+    grid_m = _box_grid(frame_m, lo_m, hi_m, h)
+    fixed, fixed_cov = _sampled(_low_passed(target, h), grid_f, stack_psf_sigmas_mm(moving))
+    moving_img, moving_cov = _sampled(_low_passed(scanner, h), grid_m, target_sigmas_mm)
+    fixed_mask = _foreground_mask(fixed, fixed_cov, target.modality, options.foreground_hu, h)
+    return _Pair(fixed, fixed_mask, moving_img, moving_cov, _mask_centroid_mm(fixed_mask), h)
+
+
+# ----------------------------------------------------------------------------------- registration
+def _method(options, pair, levels=True):
+    reg = sitk.ImageRegistrationMethod()
+    if options.metric == "mattes":
+        reg.SetMetricAsMattesMutualInformation(options.histogram_bins)
+    else:
+        reg.SetMetricAsCorrelation()
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(float(options.sampling), int(options.seed))
+    reg.SetMetricFixedMask(pair.fixed_mask)
+    reg.SetMetricMovingMask(pair.moving_mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    if levels:
+        reg.SetShrinkFactorsPerLevel([int(v) for v in options.shrink_factors])
+        reg.SetSmoothingSigmasPerLevel([float(v) * pair.spacing_mm for v in options.smoothing_sigmas])
+        reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
+    # Steps are in mm of physical shift (scales from physical shift): start at one grid voxel, stop at 1/100.
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=pair.spacing_mm,
+        minStep=0.01 * pair.spacing_mm,
+        numberOfIterations=int(options.iterations),
+        relaxationFactor=0.5,
+        gradientMagnitudeTolerance=1e-8,
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    return reg
+
+
+def _metric_at(options, pair, r_matrix):
+    """The metric (lower is better) at ``r_matrix``, full resolution, fixed random samples; inf if undefined."""
+    reg = _method(options, pair, levels=False)
+    reg.SetInitialTransform(_euler(r_matrix, pair.centre_mm))
+    try:
+        return float(reg.MetricEvaluate(pair.fixed, pair.moving))
+    except RuntimeError:  # e.g. all samples map outside the moving image
+        return float("inf")
+
+
+def _moments_initialisation(target, moving, options):
+    """R (patient -> moving scanner) translating the target's foreground centroid onto the stack's."""
+    scanner = moving.with_transform(np.eye(4))
+    masks = []
+    for s in (target, scanner):
+        frame = _orthonormal_frame(s)
+        lo, hi = _box(frame, [s.corners_mm()])
+        h = max(min(s.pixel_spacing_mm), (float(np.prod(np.maximum(hi - lo, 1.0))) / 250_000) ** (1.0 / 3.0))
+        grid = _box_grid(frame, lo, hi, h)
+        img, cov = _sampled(_low_passed(s, h), grid, np.zeros(3))
+        masks.append(sitk.Cast(_foreground_mask(img, cov, s.modality, options.foreground_hu, h), sitk.sitkFloat32))
+    init = sitk.CenteredTransformInitializer(
+        masks[0], masks[1], sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+    )
+    return matrix_from_sitk(init)
+
+
+def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, monitor, span=(0.0, 1.0)):
+    """Register one stack to a target; the building block of :func:`register_stacks` and refinement.
+
+    Parameters
+    ----------
+    target : Stack
+        In patient space (its own transform applied).
+    target_sigmas_mm : array (3,)
+        PSF sigmas of the target along its row, column and normal axes (zeros for a reconstruction).
+    moving : Stack
+        Its pixels and scanner geometry are used; its transform is ignored (``r_start``/``r_init`` say where
+        it is).
+    r_start, r_init : ndarray (4, 4)
+        Patient -> moving-scanner maps: the geometry to fall back to (and to beat), and the optimiser's start.
+    options : RegistrationOptions
+    monitor : Monitor
+        Reports stage "register" over ``span``; cancellation stops the optimiser and raises CancelledError.
+
+    Returns
+    -------
+    r_final : ndarray (4, 4)
+        Patient -> moving-scanner map to use (``r_start`` when the result was rejected).
+    info : dict
+        initial_metric, final_metric, iterations, accepted, warning, spacing_mm, seconds.
+    """
+    t0 = time.perf_counter()
+    pair = _prepare_pair(target, target_sigmas_mm, moving, r_init, options)
+    reg = _method(options, pair)
+    reg.SetInitialTransform(_euler(r_init, pair.centre_mm), inPlace=False)
+    total = int(options.iterations) * len(options.shrink_factors)
+    state = {"iterations": 0, "cancelled": False}
+
+    def on_iteration():
+        state["iterations"] += 1
+        try:
+            monitor.report(STAGE, span[0] + (span[1] - span[0]) * min(1.0, state["iterations"] / total))
+        except CancelledError:
+            state["cancelled"] = True
+            reg.StopRegistration()
+
+    reg.AddCommand(sitk.sitkIterationEvent, on_iteration)
+    result = reg.Execute(pair.fixed, pair.moving)
+    if state["cancelled"]:
+        raise CancelledError("cancelled by the user; nothing was written")
+    r_final = matrix_from_sitk(result)
+    initial_metric = _metric_at(options, pair, r_start)
+    final_metric = _metric_at(options, pair, r_final)
+
+    # Guards, relative to the optimiser's start: how far the stack's centre moved, and by what angle.
+    centre = stack_centre_mm(moving)
+    change = describe_motion(np.linalg.inv(r_final) @ r_init, centre)
+    shift = float(np.linalg.norm(change["translation_mm"]))
+    warning = None
+    if not np.isfinite(final_metric):
+        warning = "registration left no overlap with the target"
+    elif shift > options.max_translation_mm:
+        warning = f"registration moved the stack by {shift:.1f} mm (> {options.max_translation_mm:g} mm)"
+    elif change["rotation_angle_deg"] > options.max_rotation_deg:
+        warning = (
+            f"registration rotated the stack by {change['rotation_angle_deg']:.1f} degrees "
+            f"(> {options.max_rotation_deg:g} degrees)"
+        )
+    elif final_metric > initial_metric:
+        warning = f"registration made the metric worse ({initial_metric:.4f} -> {final_metric:.4f})"
+    accepted = warning is None
+    if not accepted:
+        warning += "; kept the starting geometry"
+    info = {
+        "initial_metric": initial_metric,
+        "final_metric": final_metric if accepted else initial_metric,
+        "result_metric": final_metric,
+        "iterations": int(state["iterations"]),
+        "accepted": accepted,
+        "warning": warning,
+        "spacing_mm": pair.spacing_mm,
+        "stop": reg.GetOptimizerStopConditionDescription(),
+        "seconds": time.perf_counter() - t0,
+    }
+    return (r_final if accepted else np.asarray(r_start, dtype=float)), info
+
+
+def _stack_report(n, stack, initialisation, info, options):
+    """A JSON-ready report of a stack's registration (motion relative to its scanner geometry)."""
+    report = {"index": n, "description": stack.description, "reference": False, "metric": options.metric,
+              "initialisation": initialisation}
+    report.update(describe_motion(stack.transform, stack_centre_mm(stack)))
+    report.update(info)
+    report["transform"] = [[float(v) for v in row] for row in stack.transform]
+    return report
+
+
+def _log_report(report, target_name):
+    t = report["translation_mm"]
+    log.info(
+        "registered '%s' to %s: translation (%.2f, %.2f, %.2f) mm, rotation %.2f deg, metric %.4f -> %.4f, "
+        "%d iterations, %.1f s",
+        report["description"], target_name, t[0], t[1], t[2], report["rotation_angle_deg"],
+        report["initial_metric"], report["final_metric"], report["iterations"], report["seconds"],
+    )
+    if report["warning"]:
+        log.warning("registration of '%s': %s", report["description"], report["warning"])
+
+
+def reference_report(n, stack):
+    """The report entry of the reference stack (it is not moved)."""
+    report = {"index": n, "description": stack.description, "reference": True, "initialisation": "reference",
+              "iterations": 0, "accepted": True, "warning": None, "initial_metric": None, "final_metric": None}
+    report.update(describe_motion(stack.transform, stack_centre_mm(stack)))
+    report["transform"] = [[float(v) for v in row] for row in stack.transform]
+    return report
+
+
+def register_stacks(stacks, reference=0, options=None, monitor=None):
+    """Rigidly register every stack to the reference stack.
+
+    Parameters
+    ----------
+    stacks : sequence of Stack
+    reference : int
+        Index of the reference stack; it keeps its transform (the identity, normally).
+    options : RegistrationOptions or None
+    monitor : Monitor or None
+        Stage "register"; raises CancelledError when cancelled.
+
+    Returns
+    -------
+    stacks : list of Stack
+        Copies (sharing pixels) with ``transform`` set: scanner -> patient (see the module docstring).
+    reports : list of dict
+        One per stack, in order: translation_mm (3, displacement of the stack's centre), rotation_deg
+        (rotation vector, degrees), rotation_angle_deg, initial_metric and final_metric (lower is better),
+        iterations, accepted, warning (None or a sentence), initialisation ("scanner geometry" when the
+        FrameOfReferenceUIDs match, else "moments centring"), transform (4x4), seconds.
+
+    The stacks' transforms are not written to disk here; call :func:`write_transforms` with the final
+    stacks (after any refinement) when ``options.transforms_out`` is set.
+    """
+    options = options or RegistrationOptions()
+    monitor = Monitor.wrap(monitor)
+    stacks = list(stacks)
+    if not stacks:
+        raise InputError("no stacks to register")
+    if not 0 <= reference < len(stacks):
+        raise InputError(f"reference stack {reference} does not exist (there are {len(stacks)} stacks)")
+    if not options.enabled or len(stacks) < 2:
+        return stacks, []
+    target = stacks[reference]
+    target_sigmas = stack_psf_sigmas_mm(target)
+    others = [n for n in range(len(stacks)) if n != reference]
+    out, reports = list(stacks), []
+    monitor.report(STAGE, 0.0)
+    for done, n in enumerate(others):
+        s = stacks[n]
+        r_start = np.linalg.inv(s.transform)
+        same_frame = bool(s.frame_of_reference_uid) and s.frame_of_reference_uid == target.frame_of_reference_uid
+        if same_frame:
+            initialisation, r_init = "scanner geometry", r_start
+        else:
+            initialisation, r_init = "moments centring", _moments_initialisation(target, s, options)
+        span = (done / len(others), (done + 1) / len(others))
+        r_final, info = register_pair(target, target_sigmas, s, r_start, r_init, options, monitor, span)
+        out[n] = s.with_transform(np.linalg.inv(r_final))
+        reports.append(_stack_report(n, out[n], initialisation, info, options))
+        _log_report(reports[-1], f"reference '{target.description}'")
+    reports = sorted(reports + [reference_report(reference, target)], key=lambda r: r["index"])
+    monitor.report(STAGE, 1.0)
+    return out, reports
+
+
+# --------------------------------------------------------------------------------------- writing
+def _slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "_", text or "").strip("_")[:40] or "stack"
+
+
+def write_transforms(stacks, folder):
+    """Write each stack's registration as an ITK ``.tfm`` file (LPS) in ``folder``; return the paths.
+
+    Each file holds the *resampling* transform fixed -> moving, i.e. ``inv(stack.transform)``: it maps
+    patient (reference) points to the stack's scanner points, as SimpleITK's registration returns it.
+    Slicer reads such a file (LPS -> RAS and resampling -> modelling conversions are its own), so setting the
+    loaded transform as the parent of the series volume as read from disk moves it onto the reference.
+    Files are named ``stackNN_<description>.tfm`` (NN = position in ``stacks``) and written atomically.
+    """
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create transforms folder '{folder}': {e.strerror or e}") from None
+    paths = []
+    for n, s in enumerate(stacks):
+        path = os.path.join(folder, f"stack{n:02d}_{_slug(s.description)}.tfm")
+        with atomic_path(path) as tmp:
+            sitk.WriteTransform(sitk_transform(np.linalg.inv(s.transform)), tmp)
+        paths.append(os.path.abspath(path))
+    return paths
