@@ -234,6 +234,25 @@ def test_auto_slice_axis_finds_thick_axis():
     assert sb.stack_from_volume(arr, ijk_to_ras_of(img)).shape == arr.shape
 
 
+def test_stack_to_volume_round_trip():
+    arr, slices, origins, row, col, _ = tilted_series()
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = row * 0.6, col * 0.9, origins[1] - origins[0], origins[0]
+    stack = sb.stack_from_volume(arr, sb.flip_index_matrix(m), thickness_mm=3.0)
+    pixels, ijk_to_ras = sb.volume_from_stack(stack)
+    assert np.allclose(ijk_to_ras, sb.flip_index_matrix(m))
+    back = sb.stack_from_volume(pixels, ijk_to_ras, thickness_mm=stack.thickness_mm)
+    assert np.array_equal(back.pixels, stack.pixels)
+    assert np.allclose(back.slice_origins_mm, stack.slice_origins_mm)
+    assert_stack_matches_slices(back, slices)
+    # A stack with a gap has no single IJKToRAS.
+    gappy = sb.stack_from_volume(arr, sb.flip_index_matrix(m),
+                                 world_from_ras=lambda p: p + (p[:, 2:3] > 60.0) * np.array([0.0, 0.0, 2.0]))
+    assert gappy.has_gaps
+    with pytest.raises(InputError):
+        sb.volume_from_stack(gappy)
+
+
 # -------------------------------------------------------------------------------- grid -> volume node
 def test_grid_to_ijk_to_ras_matches_simpleitk():
     grid = Grid(shape=(5, 6, 7), spacing_mm=(0.5, 0.6, 0.7), origin_mm=(10.0, -4.0, 33.0),

@@ -89,27 +89,13 @@ def flip_polydata(polydata):
     """A copy of a vtkPolyData with its points (and normals) converted LPS <-> RAS.
 
     Negating x and y is a rotation by 180 degrees about z (determinant +1), so triangle winding and
-    therefore outward orientation are kept; normals are rotated with the points. Imports vtk lazily so
-    the rest of this module needs numpy only.
+    therefore outward orientation are kept; normals are rotated with the points. Imports vtk lazily
+    (through :func:`~MultiPlaneFusionLib.metrics.transform_polydata`) so the rest of this module needs
+    numpy only.
     """
-    import vtk
-    from vtk.util import numpy_support
+    from .metrics import transform_polydata
 
-    out = vtk.vtkPolyData()
-    out.DeepCopy(polydata)
-    pts = out.GetPoints()
-    if pts is not None and pts.GetNumberOfPoints():
-        arr = numpy_support.vtk_to_numpy(pts.GetData())  # a view: edit in place
-        arr[:, :2] *= -1.0
-        pts.Modified()
-    for data in (out.GetPointData(), out.GetCellData()):
-        normals = data.GetNormals()
-        if normals is not None and normals.GetNumberOfTuples():
-            n = numpy_support.vtk_to_numpy(normals)
-            n[:, :2] *= -1.0
-            normals.Modified()
-    out.Modified()
-    return out
+    return transform_polydata(polydata, LPS_RAS_4X4[:3, :3], (0.0, 0.0, 0.0))
 
 
 # ----------------------------------------------------------------------------- volume -> stack
@@ -281,6 +267,26 @@ def stack_from_slice_corners(pixels_kji, corners_lps, thickness_mm=None, **stack
         thickness_mm = float(np.median(np.abs(np.diff(offsets)))) if nk > 1 else min(di, dj)
     # Stack raises InputError for repeated positions; the rest of its checks apply as usual.
     return Stack(pixels, origins, row_dir, col_dir, (di, dj), thickness_mm, **stack_kwargs)
+
+
+# ----------------------------------------------------------------------------- stack -> volume node
+def volume_from_stack(stack):
+    """The voxel array and IJKToRAS of a volume node holding ``stack`` (the inverse of
+    :func:`stack_from_volume` for regular stacks).
+
+    A sheared (gantry-tilted) stack gets a non-orthogonal IJKToRAS, which MRML volume nodes store as
+    they are. The stack's registration ``transform`` is folded in.
+
+    Returns
+    -------
+    (ndarray float32 (nk, nj, ni), ndarray (4, 4))
+
+    Raises
+    ------
+    InputError
+        For a stack with irregular slice gaps: no single matrix places its slices.
+    """
+    return stack.pixels, flip_index_matrix(stack.ijk_to_lps_affine())
 
 
 # ------------------------------------------------------------------------------ grid -> volume node

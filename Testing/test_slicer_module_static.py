@@ -1,0 +1,643 @@
+"""Checks of the Slicer extension that run without Slicer (issue 6, point 7).
+
+- Python 3.9 compatibility of every .py under MultiPlaneFusion/ (vermin; Slicer 5.8 ships Python 3.9);
+- the module imports only what Slicer bundles (plus its own library);
+- every ``self.ui.<name>`` in the module exists in the .ui with a widget class that supports how it is used;
+- every .ui widget bound with ``SlicerParameterName`` names a field of the parameter node wrapper, with a
+  widget class and annotations that Slicer's parameterNodeWrapper GUI connectors accept (5.8 and later);
+- every file listed in the CMake files exists and every library file is listed (or globbed);
+- the catalog entry validates against the extension index schema v1.0.1; the icons are 128x128 PNG.
+
+The module and its library are read as text (ast, XML, regular expressions): nothing is imported.
+"""
+
+import ast
+import fnmatch
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zlib
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULE_DIR = os.path.join(ROOT, "MultiPlaneFusion")
+MODULE_PY = os.path.join(MODULE_DIR, "MultiPlaneFusion.py")
+UI_FILE = os.path.join(MODULE_DIR, "Resources", "UI", "MultiPlaneFusion.ui")
+LIB_DIR = os.path.join(MODULE_DIR, "MultiPlaneFusionLib")
+CATALOG = os.path.join(ROOT, "MultiPlaneFusion.json")
+
+# What Slicer 5.8..5.12 bundles and the module may import, and the standard-library modules it uses.
+SLICER_PROVIDED = {"numpy", "vtk", "qt", "ctk", "slicer", "SimpleITK", "sitkUtils", "SampleData", "MultiPlaneFusionLib"}
+STDLIB_ALLOWED = {"logging", "os", "pathlib", "threading", "time", "typing", "traceback", "json", "enum",
+                  "dataclasses", "queue", "tempfile", "shutil", "unittest", "math", "collections", "functools"}
+
+# Extension-index categories accepted by the ExtensionsIndex checks (and Slicer's module categories).
+ACCEPTED_CATEGORIES = {
+    "Surface Models", "Segmentation", "Registration", "Filtering", "Quantification", "Utilities",
+    "Converters", "Printing", "Shape Analysis", "IGT", "Informatics", "Examples",
+}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def python_files(folder):
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.endswith(".egg-info")]
+        out += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(out)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def module_tree():
+    return ast.parse(read(MODULE_PY), MODULE_PY)
+
+
+def module_constants(tree):
+    """Module-level NAME = <literal> assignments (lists of choices and the like)."""
+    consts = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                consts[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return consts
+
+
+def parameter_fields(tree):
+    """{name: (base type name, {annotation name: [args]})} of the @parameterNodeWrapper class."""
+    consts = module_constants(tree)
+    classes = [
+        n for n in tree.body
+        if isinstance(n, ast.ClassDef)
+        and any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in n.decorator_list)
+    ]
+    assert len(classes) == 1, "the module needs exactly one @parameterNodeWrapper class"
+    fields = {}
+    for item in classes[0].body:
+        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+            continue
+        ann = item.annotation
+        extras = {}
+        if isinstance(ann, ast.Subscript) and ast.unparse(ann.value) == "Annotated":
+            elts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+            base = ast.unparse(elts[0])
+            for e in elts[1:]:
+                if isinstance(e, ast.Call):
+                    args = []
+                    for a in e.args:
+                        if isinstance(a, ast.Name) and a.id in consts:
+                            args.append(consts[a.id])
+                        else:
+                            try:
+                                args.append(ast.literal_eval(a))
+                            except ValueError:
+                                args.append(ast.unparse(a))
+                    extras[ast.unparse(e.func)] = args
+        else:
+            base = ast.unparse(ann)
+        fields[item.target.id] = (base, extras, item.value)
+    return fields, classes[0]
+
+
+def ui_widgets():
+    """{objectName: (class, {property: value}, SlicerParameterName or None)} and the root widget name."""
+    root = ET.parse(UI_FILE).getroot()
+    top = root.find("widget")
+    widgets = {}
+    for w in root.iter("widget"):
+        props, param = {}, None
+        for p in w.findall("property"):
+            value = p[0] if len(p) else None
+            text = None
+            if value is not None:
+                if value.tag == "stringlist":
+                    text = [s.text or "" for s in value.findall("string")]
+                else:
+                    text = value.text or ""
+            if p.get("name") == "SlicerParameterName":
+                param = text
+            props[p.get("name")] = text
+        widgets[w.get("name")] = (w.get("class"), props, param)
+    connections = [
+        (c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+        for c in root.iter("connection")
+    ]
+    return widgets, top.get("name"), connections
+
+
+def cmake_commands(path):
+    """[(command lower-case, [arguments])] of a CMake file (comments stripped, quotes kept as tokens)."""
+    text = re.sub(r"(?m)#.*$", "", read(path))
+    cmds = []
+    for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(((?:[^()]|\([^()]*\))*)\)", text):
+        args = re.findall(r'"[^"]*"|[^\s"]+', m.group(2))
+        cmds.append((m.group(1).lower(), [a.strip('"') for a in args]))
+    return cmds
+
+
+# ------------------------------------------------------------------------------- Python 3.9 syntax
+def test_every_python_file_is_python39_compatible():
+    files = python_files(MODULE_DIR)
+    assert MODULE_PY in files and any(f.startswith(LIB_DIR) for f in files)
+    proc = subprocess.run(
+        # vermin has no __main__; call its entry point (it reads sys.argv) in the test's interpreter.
+        [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())",
+         "-t=3.9-", "--no-tips", "--violations", "--eval-annotations", *files],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"vermin found code that needs Python > 3.9:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_module_imports_only_what_slicer_provides():
+    tree = module_tree()
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top not in STDLIB_ALLOWED and top not in SLICER_PROVIDED:
+                bad.append(f"line {node.lineno}: {name}")
+    assert not bad, "the module imports packages Slicer does not bundle: " + ", ".join(bad)
+
+
+def test_module_classes_follow_the_template():
+    tree = module_tree()
+    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["MultiPlaneFusion"]
+    assert "ScriptedLoadableModuleWidget" in classes["MultiPlaneFusionWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes["MultiPlaneFusionLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["MultiPlaneFusionTest"]
+    text = read(MODULE_PY)
+    assert re.search(r'title = _\("Multi-Plane Fusion"\)', text)
+    assert re.search(r'categories = \[translate\("qSlicerAbstractCoreModule", "Surface Models"\)\]', text)
+    assert re.search(r'loadUI\(self\.resourcePath\("UI/MultiPlaneFusion\.ui"\)\)', text)
+    # The Logic's console entry point takes the three planes and the output in this order.
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiPlaneFusionLogic")
+    process = next(f for f in logic.body if isinstance(f, ast.FunctionDef) and f.name == "process")
+    assert [a.arg for a in process.args.args[:5]] == [
+        "self", "axialVolumeNode", "coronalVolumeNode", "sagittalVolumeNode", "outputVolumeNode"]
+    test_methods = [f.name for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "MultiPlaneFusionTest"
+                    for f in c.body if isinstance(f, ast.FunctionDef)]
+    assert sum(name.startswith("test_") for name in test_methods) >= 2
+
+
+# ------------------------------------------------------------------------------------- .ui and GUI
+# How the module uses a widget -> the Qt/CTK/MRML classes that support that use.
+BUTTONS = {"QPushButton", "QToolButton", "QCheckBox", "ctkCheckBox", "QRadioButton", "ctkCheckablePushButton"}
+NODE_COMBOS = {"qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox", "qMRMLSubjectHierarchyComboBox"}
+USAGE_CLASSES = {
+    "currentNode": NODE_COMBOS,
+    "setCurrentNode": NODE_COMBOS,
+    "nodeCount": NODE_COMBOS,
+    "nodeFromIndex": NODE_COMBOS,
+    "checkedNodes": {"qMRMLCheckableNodeComboBox"},
+    "checkState": {"qMRMLCheckableNodeComboBox"},
+    "setCheckState": {"qMRMLCheckableNodeComboBox"},
+    "checked": BUTTONS,
+    "collapsed": {"ctkCollapsibleButton", "ctkCollapsibleGroupBox"},
+    "currentPath": {"ctkPathLineEdit"},
+    "minimumValue": {"ctkRangeWidget", "ctkDoubleRangeSlider", "qMRMLRangeWidget"},
+    "maximumValue": {"ctkRangeWidget", "ctkDoubleRangeSlider", "qMRMLRangeWidget"},
+    "value": {"QProgressBar", "QSpinBox", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "QSlider"},
+    "text": {"QLabel", "QLineEdit", "QPushButton", "QToolButton", "QCheckBox", "ctkCollapsibleButton",
+             "QRadioButton"},
+    "wordWrap": {"QLabel"},
+}
+SIGNAL_CLASSES = {
+    "clicked": BUTTONS | {"ctkCollapsibleButton"},
+    "toggled": BUTTONS | {"ctkCollapsibleButton"},
+    "checkedNodesChanged": {"qMRMLCheckableNodeComboBox"},
+    "currentNodeChanged": NODE_COMBOS,
+    "valueChanged": {"QSpinBox", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox", "QSlider"},
+    "currentIndexChanged": {"QComboBox", "ctkComboBox"},
+    "currentPathChanged": {"ctkPathLineEdit"},
+}
+
+
+def ui_usages(tree):
+    """[(widget name, attribute or signal used or None, line)] for every ``self.ui.<name>`` in the module."""
+    uses = []
+    parents = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"):
+            parent = parents.get(node)
+            used = None
+            if isinstance(parent, ast.Attribute) and parent.value is node:
+                used = parent.attr
+                call = parents.get(parent)
+                if used == "connect" and isinstance(call, ast.Call) and call.args:
+                    sig = call.args[0]
+                    if isinstance(sig, ast.Constant) and isinstance(sig.value, str):
+                        used = "signal:" + sig.value.split("(")[0]
+            uses.append((node.attr, used, node.lineno))
+    return uses
+
+
+def test_every_ui_widget_used_by_the_module_exists_with_a_suitable_class():
+    widgets, _, _ = ui_widgets()
+    uses = ui_usages(module_tree())
+    assert uses, "the module never uses self.ui"
+    problems = []
+    for name, used, line in uses:
+        if name not in widgets:
+            problems.append(f"line {line}: self.ui.{name} is not in MultiPlaneFusion.ui")
+            continue
+        cls = widgets[name][0]
+        if used and used.startswith("signal:"):
+            allowed = SIGNAL_CLASSES.get(used[7:])
+        else:
+            allowed = USAGE_CLASSES.get(used)
+        if allowed is not None and cls not in allowed:
+            problems.append(f"line {line}: self.ui.{name}.{used} needs one of {sorted(allowed)}, the .ui has {cls}")
+    assert not problems, "\n".join(problems)
+
+
+# Widgets the issue asks for: name -> (class, bound parameter or None).
+REQUIRED_WIDGETS = {
+    "axialVolumeSelector": ("qMRMLNodeComboBox", "axialVolume"),
+    "coronalVolumeSelector": ("qMRMLNodeComboBox", "coronalVolume"),
+    "sagittalVolumeSelector": ("qMRMLNodeComboBox", "sagittalVolume"),
+    "extraVolumesSelector": ("qMRMLCheckableNodeComboBox", None),
+    "outputVolumeSelector": ("qMRMLNodeComboBox", "outputVolume"),
+    "outputSegmentationSelector": ("qMRMLNodeComboBox", "outputSegmentation"),
+    "outputModelSelector": ("qMRMLNodeComboBox", "outputModel"),
+    "applyButton": ("QPushButton", None),
+    "progressBar": ("QProgressBar", None),
+    "statusLabel": ("QLabel", None),
+    "exportButton": ("QPushButton", None),
+}
+
+
+def test_ui_has_the_widgets_the_issue_asks_for():
+    widgets, top, connections = ui_widgets()
+    assert widgets[top][0] == "qMRMLWidget"
+    for name, (cls, param) in REQUIRED_WIDGETS.items():
+        assert name in widgets, f"{name} is missing from the .ui"
+        assert widgets[name][0] == cls, f"{name} is a {widgets[name][0]}, expected {cls}"
+        assert widgets[name][2] == param, f"{name} is bound to {widgets[name][2]!r}, expected {param!r}"
+    # "create new" output volume.
+    out = widgets["outputVolumeSelector"][1]
+    assert out.get("addEnabled") == "true" and out.get("noneEnabled") == "true"
+    # Inputs list scalar volumes only (no labelmaps).
+    for name in ("axialVolumeSelector", "coronalVolumeSelector", "sagittalVolumeSelector", "extraVolumesSelector"):
+        assert widgets[name][1].get("nodeTypes") == ["vtkMRMLScalarVolumeNode"], name
+        assert widgets[name][1].get("showChildNodeTypes") == "false", name
+    titles = {props.get("text") for cls, props, _ in widgets.values() if cls == "ctkCollapsibleButton"}
+    assert {"Reconstruction", "Bone model", "Export"} <= titles, titles
+    # Every MRML widget gets the scene from the top-level widget, or it stays empty in Slicer.
+    fed = {r for s, sig, r, slot in connections
+           if s == top and sig == "mrmlSceneChanged(vtkMRMLScene*)" and slot == "setMRMLScene(vtkMRMLScene*)"}
+    mrml = {n for n, (cls, _, _) in widgets.items() if cls.startswith("qMRML") and n != top}
+    assert mrml <= fed, f"no mrmlSceneChanged -> setMRMLScene connection for {sorted(mrml - fed)}"
+    assert all(r in widgets for _, _, r, _ in connections), "a .ui connection names a widget that does not exist"
+
+
+# parameterNodeWrapper's GUI connectors (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, v5.8.1
+# and main): widget class -> the parameter base types it can show.
+CONNECTORS = {
+    "QCheckBox": {"bool"}, "ctkCheckBox": {"bool"}, "QPushButton": {"bool"}, "ctkCheckablePushButton": {"bool"},
+    "QSpinBox": {"int"}, "QSlider": {"int"},
+    # 5.8 connects these to float only (int came later).
+    "QDoubleSpinBox": {"float"}, "ctkSliderWidget": {"float"}, "qMRMLSliderWidget": {"float"},
+    "ctkDoubleSlider": {"float"}, "ctkDoubleSpinBox": {"float"}, "qMRMLSpinBox": {"float"},
+    "QComboBox": {"str", "int", "float", "bool", "enum"}, "ctkComboBox": {"str", "int", "float", "bool", "enum"},
+    "QLineEdit": {"str"}, "QLabel": {"str"}, "QTextEdit": {"str"},
+    "ctkRangeWidget": {"FloatRange"}, "ctkDoubleRangeSlider": {"FloatRange"}, "qMRMLRangeWidget": {"FloatRange"},
+    "ctkPathLineEdit": {"path"}, "ctkDirectoryButton": {"path"},
+    "qMRMLNodeComboBox": {"node"},
+}
+RESERVED = {"allParameters", "default", "isCached", "dataType", "getValue", "setValue", "connectGui",
+            "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
+            "RemoveObserver", "Modified", "parameterNode"}
+
+
+def base_kind(base):
+    if base in ("bool", "int", "float", "str", "FloatRange"):
+        return base
+    if base.startswith("pathlib.") or base in ("Path", "PurePath"):
+        return "path"
+    if re.fullmatch(r"(slicer\.)?vtkMRML\w+Node", base):
+        return "node"
+    if base.startswith(("list[", "List[")):
+        return "list"
+    return base
+
+
+def test_bound_widgets_name_real_parameters_with_working_connectors():
+    fields, _ = parameter_fields(module_tree())
+    widgets, _, _ = ui_widgets()
+    problems = []
+    bound = {}
+    for name, (cls, _, param) in widgets.items():
+        if param is None:
+            continue
+        if param in bound:
+            problems.append(f"{name} and {bound[param]} are both bound to '{param}'")
+        bound[param] = name
+        if param not in fields:
+            problems.append(f"{name} is bound to '{param}', which is not a parameter of the wrapper")
+            continue
+        base, extras, _ = fields[param]
+        kind = base_kind(base)
+        if kind not in CONNECTORS.get(cls, set()):
+            problems.append(f"{name} ({cls}) cannot show parameter '{param}' of type {base}")
+        if cls in ("QComboBox", "ctkComboBox") and kind != "enum" and "Choice" not in extras:
+            problems.append(f"'{param}' is shown in a combo box: it needs a Choice([...]) annotation")
+        if cls in ("ctkSliderWidget", "qMRMLSliderWidget") and not (
+                "WithinRange" in extras or ("Minimum" in extras and "Maximum" in extras)):
+            problems.append(f"'{param}' is shown in a slider: it needs WithinRange (or Minimum and Maximum)")
+        if kind == "FloatRange" and "RangeBounds" not in extras:
+            problems.append(f"'{param}' is a FloatRange shown in a range widget: it needs RangeBounds")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_parameter_reaches_the_gui_and_names_are_allowed():
+    tree = module_tree()
+    fields, _ = parameter_fields(tree)
+    widgets, _, _ = ui_widgets()
+    bound = {param for _, _, param in widgets.values() if param}
+    widget_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiPlaneFusionWidget")
+    used_by_widget = {n.attr for n in ast.walk(widget_cls) if isinstance(n, ast.Attribute)}
+    assert not set(fields) & RESERVED, f"reserved parameter names: {set(fields) & RESERVED}"
+    orphans = [p for p in fields if p not in bound and p not in used_by_widget]
+    assert not orphans, f"parameters neither bound in the .ui nor handled by the widget: {orphans}"
+    # The issue's parameters are all there.
+    for needed in ("axialVolume", "coronalVolume", "sagittalVolume", "spacingMm", "method", "register",
+                   "regularization", "thresholdPreset", "thresholdRange", "smoothing", "decimation",
+                   "surfaceMethod", "exportFormat", "exportPath", "exportCoordinates", "outputVolume",
+                   "outputSegmentation", "outputModel"):
+        assert needed in fields, needed
+
+
+def test_parameter_choices_match_the_library():
+    fields, _ = parameter_fields(module_tree())
+    presets = None
+    tree = ast.parse(read(os.path.join(LIB_DIR, "model", "thresholds.py")))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in node.targets):
+            presets = list(ast.literal_eval(node.value))
+    assert presets, "PRESETS not found in the library"
+    choices = fields["thresholdPreset"][1]["Choice"][0]
+    assert choices[: len(presets)] == presets, "the module's threshold presets differ from the library's"
+    assert set(choices[len(presets):]) == {"custom", "automatic"}
+    lib_options = read(os.path.join(LIB_DIR, "model", "options.py"))
+    surfaces = ast.literal_eval(re.search(r"SURFACE_METHODS\s*=\s*(\(.*?\))", lib_options).group(1))
+    assert tuple(fields["surfaceMethod"][1]["Choice"][0]) == tuple(surfaces)
+    islands = ast.literal_eval(re.search(r"ISLAND_MODES\s*=\s*(\(.*?\))", lib_options).group(1))
+    assert tuple(fields["islands"][1]["Choice"][0]) == tuple(islands)
+    pipeline = read(os.path.join(LIB_DIR, "pipeline.py"))
+    methods = ast.literal_eval(re.search(r"METHODS\s*=\s*(\(.*?\))", pipeline).group(1))
+    assert tuple(fields["method"][1]["Choice"][0]) == tuple(methods)
+    # Defaults lie within their ranges and choices.
+    for name, (_, extras, default) in fields.items():
+        if default is None:
+            continue
+        try:
+            value = ast.literal_eval(default)
+        except ValueError:
+            continue
+        if "Choice" in extras:
+            assert value in extras["Choice"][0], f"default of {name} is not one of its choices"
+        if "WithinRange" in extras:
+            lo, hi = extras["WithinRange"]
+            assert lo <= value <= hi, f"default of {name} is outside its range"
+
+
+# ------------------------------------------------------------------------------------------ CMake
+def cmake_variables(cmds, extra=None):
+    """Variables set() in a CMake file (lists), with ${VAR} references expanded."""
+    vars_ = dict(extra or {})
+
+    def expand(token):
+        return re.sub(r"\$\{(\w+)\}", lambda m: " ".join(vars_.get(m.group(1), [m.group(0)])), token)
+
+    globs = []
+    for cmd, args in cmds:
+        if cmd == "set" and args:
+            vars_[args[0]] = [v for a in args[1:] for v in expand(a).split()]
+        elif cmd == "file" and args and args[0] in ("GLOB", "GLOB_RECURSE"):
+            patterns = [expand(a) for a in args[2:] if "*" in a]
+            globs.append((args[1], args[0] == "GLOB_RECURSE", patterns))
+            vars_[args[1]] = ["<glob:" + args[1] + ">"]
+    return vars_, globs, expand
+
+
+def glob_matches(pattern, recurse, base):
+    """Files (relative to ``base``) a CMake file(GLOB[_RECURSE]) pattern selects."""
+    pattern = pattern.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "")
+    folder, mask = os.path.split(pattern)
+    hits = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(base, folder)):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for f in filenames:
+            if fnmatch.fnmatch(f, mask):
+                hits.append(os.path.relpath(os.path.join(dirpath, f), base))
+        if not recurse:
+            break
+    return sorted(hits)
+
+
+def module_cmake_files():
+    """(files the module CMakeLists.txt lists explicitly, files its globs select, parsed commands)."""
+    cmds = cmake_commands(os.path.join(MODULE_DIR, "CMakeLists.txt"))
+    vars_, globs, expand = cmake_variables(cmds)
+    build = [args for cmd, args in cmds if cmd == "slicermacrobuildscriptedmodule"]
+    assert len(build) == 1, "slicerMacroBuildScriptedModule must be called once"
+    args = build[0]
+    listed, globbed, section = [], [], None
+    for a in args:
+        if a in ("NAME", "SCRIPTS", "RESOURCES"):
+            section = a
+            continue
+        if a in ("WITH_GENERIC_TESTS", "WITH_SUBDIR", "VERBOSE"):
+            section = None
+            continue
+        if section in ("SCRIPTS", "RESOURCES"):
+            for v in expand(a).split():
+                if v.startswith("<glob:"):
+                    name = v[6:-1]
+                    for gname, recurse, patterns in globs:
+                        if gname == name:
+                            for p in patterns:
+                                hits = glob_matches(p, recurse, MODULE_DIR)
+                                assert hits, f"CMake glob '{p}' matches no file"
+                                globbed += hits
+                else:
+                    listed.append(v)
+    return listed, globbed, cmds, args
+
+
+def test_cmake_lists_exist_and_cover_every_library_file():
+    listed, globbed, cmds, build_args = module_cmake_files()
+    def exists(f):  # CMake accepts a script named without its .py
+        return os.path.exists(os.path.join(MODULE_DIR, f)) or os.path.exists(os.path.join(MODULE_DIR, f + ".py"))
+
+    missing = [f for f in listed if not exists(f)]
+    assert not missing, f"listed in MultiPlaneFusion/CMakeLists.txt but missing: {missing}"
+    covered = {os.path.normpath(f if f.endswith((".py", ".png", ".ui", ".svg", ".json", ".txt")) or
+                                os.path.exists(os.path.join(MODULE_DIR, f)) else f + ".py")
+               for f in listed + globbed}
+    needed = [os.path.relpath(f, MODULE_DIR) for f in python_files(MODULE_DIR)]
+    for dirpath, dirnames, filenames in os.walk(LIB_DIR):  # data files the library may read at run time
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        needed += [os.path.relpath(os.path.join(dirpath, f), MODULE_DIR) for f in filenames
+                   if not f.endswith((".py", ".pyc"))]
+    for sub in ("Icons", "UI"):
+        folder = os.path.join(MODULE_DIR, "Resources", sub)
+        needed += [os.path.relpath(os.path.join(folder, f), MODULE_DIR) for f in os.listdir(folder)]
+    absent = sorted(set(os.path.normpath(n) for n in needed) - covered)
+    assert not absent, f"not listed (nor globbed) in MultiPlaneFusion/CMakeLists.txt: {absent}"
+    assert "WITH_GENERIC_TESTS" in build_args
+    tests = [args for cmd, args in cmds if cmd == "slicer_add_python_unittest"]
+    assert any(a[:2] == ["SCRIPT", "${MODULE_NAME}.py"] or a[:2] == ["SCRIPT", "MultiPlaneFusion.py"]
+               for a in tests), "the self-test is not registered with slicer_add_python_unittest"
+
+
+def top_cmake():
+    cmds = cmake_commands(os.path.join(ROOT, "CMakeLists.txt"))
+    vars_, _, _ = cmake_variables(cmds)
+    return cmds, {k: " ".join(v) for k, v in vars_.items()}
+
+
+def test_top_level_cmake_follows_the_extension_template():
+    cmds, vars_ = top_cmake()
+    names = [c for c, _ in cmds]
+    assert names[0] == "cmake_minimum_required"
+    project = [a for c, a in cmds if c == "project"]
+    assert project and project[0][0] == "MultiPlaneFusion"
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert vars_.get(key), f"{key} is not set"
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/Slicer[\w.-]+", vars_["EXTENSION_HOMEPAGE"])
+    for url in (vars_["EXTENSION_ICONURL"], *vars_["EXTENSION_SCREENSHOTURLS"].split()):
+        assert url.startswith("https://") and url.endswith((".png", ".jpg", ".jpeg", ".gif")), url
+        # The URLs point into this repository: the file must exist at that path.
+        m = re.match(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[^/]+/(.+)", url)
+        assert m and os.path.isfile(os.path.join(ROOT, m.group(1))), f"{url} names no file of the repository"
+    assert ("find_package", ["Slicer", "REQUIRED"]) in cmds
+    assert ("include", ["${Slicer_USE_FILE}"]) in cmds
+    assert ("include", ["${Slicer_EXTENSION_GENERATE_CONFIG}"]) in cmds
+    assert ("include", ["${Slicer_EXTENSION_CPACK}"]) in cmds
+    subdirs = [a[0] for c, a in cmds if c == "add_subdirectory"]
+    assert "MultiPlaneFusion" in subdirs
+    for d in subdirs:
+        assert os.path.isfile(os.path.join(ROOT, d, "CMakeLists.txt")), f"add_subdirectory({d}) has no CMakeLists.txt"
+
+
+# ---------------------------------------------------------------------------------- catalog entry
+# The extension index schema v1.0.1 (Slicer/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json):
+# required keys, allowed keys with their JSON types, and the constraints it sets.
+SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
+SCHEMA_REQUIRED = ("$schema", "category", "scm_url")
+SCHEMA_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+
+
+def validate_catalog_entry(entry):
+    """Problems of a catalog entry against schema v1.0.1 (empty list when valid)."""
+    if not isinstance(entry, dict):
+        return ["the entry must be a JSON object"]
+    problems = [f"missing required key '{k}'" for k in SCHEMA_REQUIRED if k not in entry]
+    for key, value in entry.items():
+        if key not in SCHEMA_TYPES:
+            problems.append(f"key '{key}' is not allowed (additionalProperties is false)")
+        elif not isinstance(value, SCHEMA_TYPES[key]) or (SCHEMA_TYPES[key] is int and isinstance(value, bool)):
+            problems.append(f"'{key}' must be a {SCHEMA_TYPES[key].__name__}")
+    if "scm_type" in entry and entry["scm_type"] not in ("git", "local"):
+        problems.append("scm_type must be 'git' or 'local'")
+    if isinstance(entry.get("tier"), int) and not 1 <= entry["tier"] <= 5:
+        problems.append("tier must be 1..5")
+    if isinstance(entry.get("build_dependencies"), list) and not all(
+            isinstance(d, str) for d in entry["build_dependencies"]):
+        problems.append("build_dependencies must be strings")
+    return problems
+
+
+def test_catalog_entry_validates_and_agrees_with_cmake():
+    with open(CATALOG, encoding="utf-8") as f:
+        entry = json.load(f)
+    assert validate_catalog_entry(entry) == []
+    assert entry["$schema"] == SCHEMA_URL
+    assert entry["category"] in ACCEPTED_CATEGORIES
+    cmds, vars_ = top_cmake()
+    # The ExtensionsIndex checks: file name == project name; repository name starts with "Slicer".
+    project = [a for c, a in cmds if c == "project"][0][0]
+    assert os.path.splitext(os.path.basename(CATALOG))[0] == project
+    assert not project.startswith("Slicer")
+    assert entry["scm_url"].rstrip("/").removesuffix(".git") == vars_["EXTENSION_HOMEPAGE"].rstrip("/")
+    if "EXTENSION_CATEGORY" in vars_:
+        assert vars_["EXTENSION_CATEGORY"] == entry["category"]
+    deps = vars_.get("EXTENSION_DEPENDS", "NA")
+    assert sorted(entry.get("build_dependencies", [])) == ([] if deps == "NA" else sorted(deps.split()))
+    # The module's category agrees with the catalog's.
+    assert f'translate("qSlicerAbstractCoreModule", "{entry["category"]}")' in read(MODULE_PY)
+
+
+def test_catalog_validator_rejects_broken_entries():
+    good = {"$schema": SCHEMA_URL, "category": "Surface Models", "scm_url": "https://x/SlicerY.git"}
+    assert validate_catalog_entry(good) == []
+    assert validate_catalog_entry({k: v for k, v in good.items() if k != "scm_url"})
+    assert validate_catalog_entry({**good, "homepage": "x"})
+    assert validate_catalog_entry({**good, "tier": 7})
+    assert validate_catalog_entry({**good, "tier": True})
+    assert validate_catalog_entry({**good, "scm_type": "svn"})
+    assert validate_catalog_entry({**good, "enabled": "yes"})
+
+
+def test_license_is_bsd3():
+    text = read(os.path.join(ROOT, "LICENSE"))
+    assert "BSD 3-Clause" in text and "MultiPlaneFusion contributors" in text
+    assert "Neither the name of the copyright holder" in text
+
+
+# ------------------------------------------------------------------------------------------- icons
+def png_size(path):
+    """(width, height) of a valid PNG: signature, chunk CRCs, IHDR first, IEND last, decodable IDAT."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    pos, chunks, idat = 8, [], b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc, f"{path}: bad CRC in {kind!r}"
+        chunks.append(kind)
+        if kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND", f"{path}: malformed chunk order"
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    raw = zlib.decompress(idat)
+    assert len(raw) == height * (1 + width * channels * depth // 8), f"{path}: pixel data has the wrong size"
+    return width, height
+
+
+@pytest.mark.parametrize("path", [
+    os.path.join(ROOT, "MultiPlaneFusion.png"),
+    os.path.join(MODULE_DIR, "Resources", "Icons", "MultiPlaneFusion.png"),
+])
+def test_icons_are_128_png(path):
+    assert png_size(path) == (128, 128)
