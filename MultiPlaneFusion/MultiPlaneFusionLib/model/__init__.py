@@ -24,6 +24,7 @@ from .meshio import (
     points,
     read_model,
     signed_volume_mm3,
+    staircase_fraction,
     triangles,
     write_model,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "read_model",
     "resolve_threshold",
     "smoothing_parameters",
+    "staircase_fraction",
     "write_model",
 ]
 

@@ -67,7 +67,7 @@ def set_triangles(poly, tris):
     return poly
 
 
-def volume_and_area(pts, tris):
+def volume_and_area(pts, tris, with_area=True):
     """(signed enclosed volume in mm^3, total area in mm^2) of a triangle mesh.
 
     The volume (divergence theorem) is positive when a closed mesh's triangles wind counter-clockwise
@@ -83,6 +83,8 @@ def volume_and_area(pts, tris):
     xb, yb, zb = x[j], y[j], z[j]
     xc, yc, zc = x[k], y[k], z[k]
     volume = float(np.sum(xa * (yb * zc - zb * yc) + ya * (zb * xc - xb * zc) + za * (xb * yc - yb * xc))) / 6.0
+    if not with_area:
+        return volume, None
     # Edge vectors from corner a, reusing the gathered coordinates.
     ux, uy, uz = xb - xa, yb - ya, zb - za
     vx, vy, vz = xc - xa, yc - ya, zc - za
@@ -93,7 +95,7 @@ def volume_and_area(pts, tris):
 
 def signed_volume_mm3(pts, tris):
     """Signed enclosed volume; positive when a closed mesh's normals point out."""
-    return volume_and_area(pts, tris)[0]
+    return volume_and_area(pts, tris, with_area=False)[0]
 
 
 def edge_counts(tris, n_points):
@@ -115,6 +117,38 @@ def edge_counts(tris, n_points):
     starts = np.flatnonzero(np.concatenate(([True], edge[1:] != edge[:-1])))
     counts = np.diff(np.append(starts, len(edge)))
     return int(np.count_nonzero(counts == 1)), int(np.count_nonzero(counts > 2)), consistent
+
+
+def staircase_fraction(polydata, axes=None, tolerance_deg=5.0):
+    """Fraction of the surface area whose normal lies within ``tolerance_deg`` of an axis (either sign).
+
+    A staircase (terraces and risers from thick slices or voxel faces) makes the normals cluster on
+    the acquisition axes; a smooth anatomical surface spreads them. Compare a model with the ground
+    truth's model: the excess is the staircase.
+
+    Parameters
+    ----------
+    polydata : vtkPolyData
+        Triangle mesh.
+    axes : array_like, shape (3,) or (n, 3), optional
+        Unit directions (rows), e.g. a stack's slice normal, or its row, column and normal; default
+        the three LPS axes.
+    tolerance_deg : float
+        Angle, degrees.
+    """
+    tris = triangles(polydata)
+    if len(tris) == 0:
+        return 0.0
+    pts = points(polydata)
+    a = pts[tris[:, 0]]
+    cross = np.cross(pts[tris[:, 1]] - a, pts[tris[:, 2]] - a)
+    double_area = np.linalg.norm(cross, axis=1)
+    ok = double_area > 0
+    normals = cross[ok] / double_area[ok, None]
+    ax = np.eye(3) if axes is None else np.atleast_2d(np.asarray(axes, dtype=float))
+    ax = ax / np.linalg.norm(ax, axis=1, keepdims=True)
+    aligned = np.max(np.abs(normals @ ax.T), axis=1) >= np.cos(np.radians(tolerance_deg))
+    return float(double_area[ok][aligned].sum() / double_area.sum())
 
 
 def count_components(poly):

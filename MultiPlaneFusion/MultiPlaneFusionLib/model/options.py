@@ -17,9 +17,11 @@ class ModelOptions:
 
     Attributes
     ----------
-    preset : str
-        CT threshold preset (see ``PRESETS``); used when ``threshold`` is None and ``auto_threshold``
-        is off. Default 'bone' (226..3071 HU).
+    preset : str or None
+        Threshold preset in HU (see ``PRESETS``); used when ``threshold`` is None and
+        ``auto_threshold`` is off. None means 'bone' (226..3071 HU) for CT and is an error for other
+        modalities; a preset named explicitly is honoured for any modality but MR (a volume file of
+        unknown modality may well be CT).
     threshold : (lo, hi) or None
         Custom inclusive intensity range; overrides the preset.
     auto_threshold : bool
@@ -45,7 +47,7 @@ class ModelOptions:
         Coordinate system of EXPORTED files (RAS flips x and y); meshes in memory are always LPS.
     """
 
-    preset: str = "bone"
+    preset: Optional[str] = None
     threshold: Optional[Tuple[float, float]] = None
     auto_threshold: bool = False
     islands: str = "largest"
@@ -62,7 +64,8 @@ class ModelOptions:
 
     def validate(self):
         """Raise InputError (one line) for any setting out of range; normalise spellings."""
-        self.preset = canonical_preset(self.preset)
+        if self.preset is not None:
+            self.preset = canonical_preset(self.preset)
         if self.threshold is not None:
             if len(self.threshold) != 2:
                 raise InputError(f"threshold needs two values LO HI, got {self.threshold}")
@@ -88,6 +91,8 @@ class ModelOptions:
         if not 0.0 <= self.smoothing <= 1.0:
             raise InputError(f"smoothing must be between 0 and 1, got {self.smoothing:g}")
         self.decimate = parse_decimate(self.decimate)
+        if self.threshold is not None and self.auto_threshold:
+            raise InputError("give either a threshold range or the automatic threshold, not both")
         return self
 
 
@@ -114,8 +119,12 @@ def parse_decimate(value):
 
 
 def add_model_arguments(parser):
-    """Add the model options to an argparse (sub)parser (the CLI owns -o, --json and --quiet)."""
-    g = parser.add_argument_group("bone model")
+    """Add the model options to an argparse (sub)parser or argument group.
+
+    The CLI owns -o, --json and --quiet. Given a parser, the options go into a new "bone model" group;
+    given a group, into that group. Returns ``parser``.
+    """
+    g = parser.add_argument_group("bone model") if hasattr(parser, "parse_args") else parser
     g.add_argument(
         "--threshold",
         nargs=2,
@@ -125,10 +134,10 @@ def add_model_arguments(parser):
     )
     g.add_argument(
         "--preset",
-        default="bone",
+        default=None,
         metavar="NAME",
         help="CT threshold preset: " + ", ".join(f"'{k}' {lo:g}..{hi:g}" for k, (lo, hi) in PRESETS.items())
-        + " HU (default: bone)",
+        + " HU (default: bone, for CT)",
     )
     g.add_argument(
         "--auto-threshold",
@@ -196,7 +205,7 @@ def options_from_args(args):
         keep = "all" if min_island is not None else "largest"
     threshold = getattr(args, "threshold", None)
     return ModelOptions(
-        preset=getattr(args, "preset", None) or "bone",
+        preset=getattr(args, "preset", None),
         threshold=tuple(threshold) if threshold is not None else None,
         auto_threshold=bool(getattr(args, "auto_threshold", False)),
         islands=keep,

@@ -84,13 +84,23 @@ def grey_field(values, mask, lo, hi, eps, out=None):
     if out is None:
         out = np.empty(values.shape, dtype=np.float32)
     np.subtract(values, np.float32(lo), out=out)
-    upper = np.subtract(np.float32(hi), values, dtype=np.float32)
-    np.minimum(out, upper, out=out)
-    del upper
+    if float(np.nanmax(values)) > hi:  # the upper threshold cuts something: distance to the nearer one
+        upper = np.subtract(np.float32(hi), values, dtype=np.float32)
+        np.minimum(out, upper, out=out)
+        del upper
     np.abs(out, out=out)
     np.fmax(out, np.float32(eps), out=out)  # fmax also replaces NaN by eps
     np.negative(out, out=out, where=~mask)
     return out
+
+
+def _padded(shape, pad, dtype):
+    """An array of ``shape`` + 2 on every axis whose one-voxel border holds ``pad`` (interior unset)."""
+    a = np.empty(tuple(n + 2 for n in shape), dtype=dtype)
+    a[0], a[-1] = pad, pad
+    a[:, 0], a[:, -1] = pad, pad
+    a[:, :, 0], a[:, :, -1] = pad, pad
+    return a
 
 
 def _scaled_origin(box, spacing):
@@ -107,11 +117,10 @@ def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None):
     """
     monitor = Monitor.wrap(monitor)
     crop = values[box]
-    finite = crop[np.isfinite(crop)]
-    span = float(finite.max() - finite.min()) if finite.size else 1.0
-    eps = _TIE_EPS * max(span, 1e-12)
+    span = float(np.nanmax(crop)) - float(np.nanmin(crop))
+    eps = _TIE_EPS * span if span > 0 else 1e-6
     pad = -max(max(float(lo) - float(vmin), 0.0) + 1.0, eps)
-    field = np.full(tuple(n + 2 for n in crop.shape), pad, dtype=np.float32)
+    field = _padded(crop.shape, pad, np.float32)
     grey_field(crop, mask, lo, hi, eps, out=field[1:-1, 1:-1, 1:-1])
     img = image_to_vtk(field, spacing, _scaled_origin(box, spacing))
     del field
@@ -128,7 +137,7 @@ def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None):
 def contour_labelmap(mask, box, spacing, monitor=None):
     """Slicer's labelmap surface (discrete flying edges on the padded binary mask), scaled index space."""
     monitor = Monitor.wrap(monitor)
-    lab = np.zeros(tuple(n + 2 for n in mask.shape), dtype=np.uint8)
+    lab = _padded(mask.shape, 0, np.uint8)
     lab[1:-1, 1:-1, 1:-1] = mask
     img = image_to_vtk(lab, spacing, _scaled_origin(box, spacing))
     del lab

@@ -78,8 +78,14 @@ def otsu_level(values, bins=256):
     mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
     between = w0 * w1 * (mean0 - mean1) ** 2
     # The split after bin b puts bins 0..b in the lower class; the level is the next bin's lower edge.
-    b = int(np.argmax(between[:-1]))
-    return float(edges[b + 1])
+    # Between two well-separated classes every split in the gap is optimal (a plateau of empty bins):
+    # take the middle of the plateau rather than its first bin, which would hug the lower class.
+    between = between[:-1]
+    best = np.flatnonzero(between >= between.max() * (1.0 - 1e-9))
+    first, last = int(best[0]), int(best[-1])
+    if np.all(np.diff(best) == 1):
+        return float(0.5 * (edges[first + 1] + edges[last + 1]))
+    return float(edges[first + 1])
 
 
 def automatic_threshold(array, sample=2_000_000, seed=0):
@@ -110,8 +116,9 @@ def automatic_threshold(array, sample=2_000_000, seed=0):
 def resolve_threshold(array, preset=None, threshold=None, auto=False, modality="CT"):
     """The (lo, hi) range to use and a label saying where it came from.
 
-    Priority: an explicit ``threshold``; then ``auto``; then the preset (CT only; ``None`` means
-    'bone'). For modality other than CT, a preset is refused: HU ranges mean nothing there.
+    Priority: an explicit ``threshold``; then ``auto``; then the preset. ``preset=None`` means 'bone'
+    for CT and is refused for any other modality; a named preset is refused only for MR, where HU
+    ranges mean nothing (a volume file of unknown modality may well hold HU).
 
     Returns
     -------
@@ -127,9 +134,10 @@ def resolve_threshold(array, preset=None, threshold=None, auto=False, modality="
     if auto:
         lo, hi = automatic_threshold(array)
         return lo, hi, AUTO_LABEL
-    if str(modality).upper() != "CT":
+    modality = str(modality or "OT").upper()
+    if modality == "MR" or (preset is None and modality != "CT"):
         raise InputError(
-            f"{modality} volumes have no HU preset: give --threshold LO HI or use --auto-threshold"
+            f"HU presets do not apply to this {modality} volume: give --threshold LO HI or use --auto-threshold"
         )
     name = canonical_preset(preset or "bone")
     lo, hi = PRESETS[name]
