@@ -40,6 +40,7 @@ README_URL = "https://github.com/multiplanefusion/SlicerMultiPlaneFusion#readme"
 
 METHODS = ["srr", "average"]
 EXTENTS = ["overlap", "union"]
+REGULARIZERS = ["tikhonov", "huber"]
 # The library's CT presets (MultiPlaneFusionLib/model/thresholds.py, kept in step by
 # Testing/test_slicer_module_static.py), then a user range and the automatic (Otsu) threshold.
 THRESHOLD_PRESETS = ["bone", "compact bone", "spongy bone", "teeth", "soft tissue", "skin", "custom", "automatic"]
@@ -100,7 +101,8 @@ class MultiPlaneFusionParameterNode:
     Inputs: axialVolume, coronalVolume, sagittalVolume and extraVolumes (any further series).
     Reconstruction: method ('srr' super-resolution or 'average'), spacingMm (0 = finest input pixel),
     extent ('overlap' of all series or 'union'), register (rigid alignment of the series),
-    regularization (0 = the library's default strength), memoryLimitGb.
+    regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('tikhonov' smooth
+    or 'huber' edge-preserving), memoryLimitGb.
     Bone model: buildModel, thresholdPreset (CT presets in HU, 'custom' uses thresholdRange,
     'automatic' = Otsu for MR), islands ('largest' or 'all' above minIslandMm3), fillCavities,
     removeThinMm, surfaceMethod ('iso' grey-level isosurface or 'labelmap' like Slicer), smoothing
@@ -120,6 +122,7 @@ class MultiPlaneFusionParameterNode:
     extent: Annotated[str, Choice(EXTENTS)] = "overlap"
     register: bool = True
     regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
+    regularizer: Annotated[str, Choice(REGULARIZERS)] = "tikhonov"
     memoryLimitGb: Annotated[float, WithinRange(0.5, 1024.0)] = 16.0
 
     buildModel: bool = True
@@ -351,6 +354,7 @@ class MultiPlaneFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
             return
         self.ui.regularizationSpinBox.enabled = p.method == "srr"
+        self.ui.regularizerComboBox.enabled = p.method == "srr"
         modelWidgets = (self.ui.thresholdPresetComboBox, self.ui.thresholdRangeWidget, self.ui.islandsComboBox,
                         self.ui.minIslandSpinBox, self.ui.fillCavitiesCheckBox, self.ui.removeThinSpinBox,
                         self.ui.surfaceMethodComboBox, self.ui.smoothingSliderWidget,
@@ -550,6 +554,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         extent="overlap",
         register=True,
         regularization=None,
+        regularizer="tikhonov",
         memoryLimitGb=16.0,
         buildModel=True,
         thresholdPreset="bone",
@@ -591,7 +596,9 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         register : bool
             Rigid registration of the series to the reference before (and with srr during) fusion.
         regularization : float or None
-            Strength of the srr regulariser; None or 0 = the library's default.
+            Weight alpha of the srr regulariser (mm^2, scale-invariant); None or 0 = the library's default.
+        regularizer : 'tikhonov' or 'huber'
+            Smooth (first-order Tikhonov) or edge-preserving (Huber) srr prior.
         memoryLimitGb : float
         buildModel : bool
             False stops after the fused volume.
@@ -631,8 +638,9 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         job = self.prepare(
             axialVolumeNode, coronalVolumeNode, sagittalVolumeNode, outputVolumeNode, extraVolumeNodes,
             method=method, spacingMm=spacingMm, extent=extent, register=register, regularization=regularization,
-            memoryLimitGb=memoryLimitGb, buildModel=buildModel, thresholdPreset=thresholdPreset,
-            thresholdRange=thresholdRange, islands=islands, minIslandMm3=minIslandMm3, fillCavities=fillCavities,
+            regularizer=regularizer, memoryLimitGb=memoryLimitGb, buildModel=buildModel,
+            thresholdPreset=thresholdPreset, thresholdRange=thresholdRange, islands=islands,
+            minIslandMm3=minIslandMm3, fillCavities=fillCavities,
             removeThinMm=removeThinMm, surfaceMethod=surfaceMethod, smoothing=smoothing, decimation=decimation,
             segmentationNode=segmentationNode, modelNode=modelNode, createSegmentation=createSegmentation,
             createModel=createModel, exportPath=exportPath, exportSource=exportSource, exportFormat=exportFormat,
@@ -660,7 +668,8 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         return self.prepare(
             p.axialVolume, p.coronalVolume, p.sagittalVolume, p.outputVolume, list(p.extraVolumes),
             method=p.method, spacingMm=p.spacingMm, extent=p.extent, register=p.register,
-            regularization=p.regularization, memoryLimitGb=p.memoryLimitGb, buildModel=p.buildModel,
+            regularization=p.regularization, regularizer=p.regularizer, memoryLimitGb=p.memoryLimitGb,
+            buildModel=p.buildModel,
             thresholdPreset=p.thresholdPreset,
             thresholdRange=(p.thresholdRange.minimum, p.thresholdRange.maximum),
             islands=p.islands, minIslandMm3=p.minIslandMm3, fillCavities=p.fillCavities,
@@ -710,6 +719,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         if spacing is not None and not spacing > 0:
             raise ValueError(_("The output spacing must be positive (or 0 for automatic)."))
         job.modality = "CT" if all(st.modality == "CT" for st in job.stacks) else job.stacks[0].modality
+        srr = self._srrOptions(s.get("regularization"), s.get("regularizer", "tikhonov")) if method == "srr" else None
         job.fuseOptions = FuseOptions(
             method=method,
             spacing_mm=spacing,
@@ -717,7 +727,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             reference=0,
             register=bool(s.get("register", True)) and len(job.stacks) > 1,
             memory_limit_gb=float(s.get("memoryLimitGb", 16.0)),
-            srr=self._srrOptions(s.get("regularization")) if method == "srr" else None,
+            srr=srr,
         )
         job.showResult = bool(s.get("showResult", True))
         if s.get("buildModel", True):
@@ -767,13 +777,18 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             check_writable(job.exportPath)  # fail now, not after minutes of work
 
     @staticmethod
-    def _srrOptions(regularization):
-        """The library's SRR options with the user's regularisation strength (None/0 = default)."""
-        if not regularization:
-            return None
+    def _srrOptions(regularization=None, regularizer="tikhonov"):
+        """The library's SRR options from the user's prior (None when everything is the default)."""
+        if regularizer not in REGULARIZERS:
+            raise ValueError(_("Unknown regularizer '{name}': use tikhonov or huber.").format(name=regularizer))
+        if not regularization and regularizer == "tikhonov":
+            return None  # the library's defaults
         from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
 
-        return SrrOptions(alpha=float(regularization))
+        settings = {"regularizer": regularizer}
+        if regularization:
+            settings["alpha"] = float(regularization)
+        return SrrOptions(**settings)
 
     def stackFromVolumeNode(self, volumeNode):
         """A library stack (LPS, per-slice geometry) from a scalar volume node, parent transform included.
