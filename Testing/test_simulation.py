@@ -103,6 +103,23 @@ def test_skull_thin_at_temples_thick_at_back():
     assert np.any(head_phantom_hu(np.array([[0.0, 0.0, z] for z in np.arange(-60.0, -20.0, 0.5)])) > BONE_HU)
 
 
+def test_foramina_and_sutures_cut_through_the_bone():
+    from MultiPlaneFusionLib.simulation import phantom
+
+    along = np.arange(-16.0, 6.0, 0.1)
+    for anchor, axis, radius, _ in phantom._HOLES[:6]:  # the holes through the vault
+        line = anchor + along[:, None] * axis
+        assert np.all(head_phantom_hu(line) < BONE_HU)
+        side = np.cross(axis, [0.3, 0.5, 0.8])
+        side /= np.linalg.norm(side)
+        assert np.any(head_phantom_hu(line + (radius + 1.5) * side) > BONE_HU)
+    # the sagittal suture: a ~0.9 mm soft-tissue gap in the parietal bone along x at the vertex
+    xs = np.arange(-5.0, 5.0, 0.01)
+    hu = head_phantom_hu(np.stack([xs, np.full_like(xs, 20.0), np.full_like(xs, 103.5)], axis=1))
+    gap = (hu == TISSUE_HU["soft_tissue"]).sum() * 0.01
+    assert 0.8 <= gap <= 1.0 and hu[0] > BONE_HU and hu[-1] > BONE_HU
+
+
 def test_phantom_grid_and_truth():
     grid = phantom_grid(3.0, scale=0.3, margin_mm=2.0)
     lo, hi = phantom_bounds_mm(0.3)

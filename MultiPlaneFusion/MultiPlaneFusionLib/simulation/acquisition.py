@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from ..errors import InputError
 from ..progress import Monitor
 from ..stack import Stack
-from .phantom import head_phantom_hu, phantom_bounds_mm
+from .phantom import phantom_bounds_mm, phantom_hu_xyz
 
 # Standard DICOM ImageOrientationPatient of untilted series: (row, column) direction cosines.
 ORIENTATIONS = {
@@ -136,6 +136,41 @@ def _blur_inplane(pixels, fwhm_px):
     return out
 
 
+_BOX_EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
+
+
+def _slab_box_extent(corners, centres, row, col, normal, half_mm):
+    """In-plane (i, j) extents, relative to each slice centre, of the box parts inside the slabs.
+
+    The box (8 corners ordered as binary xyz) cut by the slab ``|normal . (p - centre_k)| <= half_mm``
+    is a convex polytope; its extremes along row and column are at box corners inside the slab or
+    where box edges cross the slab faces. Returns ((i_min, i_max), (j_min, j_max)) over all slices,
+    or the whole box's extents when no slab meets it.
+    """
+    pts = []
+    level = corners @ normal  # (8,)
+    for c in centres:
+        c_level = float(c @ normal)
+        inside = np.abs(level - c_level) <= half_mm
+        cand = [corners[inside]]
+        for a, b in _BOX_EDGES:
+            da = level[b] - level[a]
+            if abs(da) < 1e-12:
+                continue
+            for face in (c_level - half_mm, c_level + half_mm):
+                t = (face - level[a]) / da
+                if 0.0 <= t <= 1.0:
+                    cand.append((corners[a] + t * (corners[b] - corners[a]))[None, :])
+        p = np.concatenate(cand, axis=0) - c
+        if len(p):
+            pts.append(np.stack([p @ row, p @ col], axis=1))
+    if not pts:
+        rel = [(corners - c) @ np.stack([row, col], axis=1) for c in centres]
+        pts = rel
+    p = np.concatenate(pts, axis=0)
+    return (p[:, 0].min(), p[:, 0].max()), (p[:, 1].min(), p[:, 1].max())
+
+
 def _rigid_inverse(motion):
     m = np.asarray(motion, dtype=float).reshape(4, 4)
     r = m[:3, :3]
@@ -200,7 +235,8 @@ def simulate_stack(
         that table line at z = offsets[k]; untilted, it is the plane at distance offsets[k] from the
         origin along the normal. Default: regular steps covering the phantom.
     fov_mm : float or (float, float), optional
-        In-plane field of view along (i, j), centred on the head. Default: the phantom bounds.
+        In-plane field of view along (i, j) in mm, centred on the table line through the phantom box
+        centre. Default: just covers the (moved) phantom box within every slice's profile.
     description : str, optional
         SeriesDescription (default e.g. 'SIM AXIAL 4MM').
     subsamples : int, optional
@@ -228,6 +264,11 @@ def simulate_stack(
     lo, hi = phantom_bounds_mm(scale)
     centre = 0.5 * (lo + hi)
     corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    # The default slice range and FOV follow the patient as positioned (moved); the table line
+    # stays through the unmoved box centre.
+    inv = np.eye(4) if motion is None else _rigid_inverse(motion)
+    moved = np.linalg.inv(inv)
+    moved_corners = corners @ moved[:3, :3].T + moved[:3, 3]
 
     # Slice positions along the step direction (mm from the LPS origin).
     cos_step = float(normal @ step_dir)
@@ -235,7 +276,7 @@ def simulate_stack(
         step = thickness_mm if slice_step_mm is None else float(slice_step_mm)
         if not step > 0:
             raise InputError(f"slice step must be positive, got {step}")
-        reach = corners @ normal
+        reach = moved_corners @ normal
         s_lo = centre @ step_dir + (reach.min() - centre @ normal) / cos_step
         s_hi = centre @ step_dir + (reach.max() - centre @ normal) / cos_step
         n = int(np.floor((s_hi - s_lo) / step + 1e-9)) + 1
@@ -247,38 +288,38 @@ def simulate_stack(
     # Image centres move with the table through the head box centre.
     centres = centre[None, :] + (positions - centre @ step_dir)[:, None] * step_dir[None, :]
 
+    n_sub = int(subsamples) if subsamples else max(8, int(np.ceil(4.0 * thickness_mm)))
+    s_mm, weights, u_px, v_px = _subsample_pattern(profile, thickness_mm, n_sub)
+
     # In-plane field of view (i along row, j along column), relative to each slice's centre.
     if fov_mm is None:
-        rel_i = (corners[None, :, :] - centres[:, None, :]) @ row
-        rel_j = (corners[None, :, :] - centres[:, None, :]) @ col
-        ni = int(np.ceil((rel_i.max() - rel_i.min()) / di)) + 1
-        nj = int(np.ceil((rel_j.max() - rel_j.min()) / dj)) + 1
-        start_i = 0.5 * (rel_i.max() + rel_i.min()) - 0.5 * (ni - 1) * di
-        start_j = 0.5 * (rel_j.max() + rel_j.min()) - 0.5 * (nj - 1) * dj
+        # The part of the (moved) phantom box each slab sees, so tilted series get no wasted FOV.
+        rel_i, rel_j = _slab_box_extent(moved_corners, centres, row, col, normal, float(np.max(np.abs(s_mm))))
+        ni = int(np.ceil((rel_i[1] - rel_i[0]) / di)) + 1
+        nj = int(np.ceil((rel_j[1] - rel_j[0]) / dj)) + 1
+        start_i = 0.5 * (rel_i[0] + rel_i[1]) - 0.5 * (ni - 1) * di
+        start_j = 0.5 * (rel_j[0] + rel_j[1]) - 0.5 * (nj - 1) * dj
     else:
         fi, fj = (float(v) for v in np.broadcast_to(np.asarray(fov_mm, dtype=float), (2,)))
         ni, nj = max(1, int(round(fi / di))), max(1, int(round(fj / dj)))
         start_i, start_j = -0.5 * (ni - 1) * di, -0.5 * (nj - 1) * dj
     origins = centres + start_i * row[None, :] + start_j * col[None, :]
-
-    n_sub = int(subsamples) if subsamples else max(8, int(np.ceil(4.0 * thickness_mm)))
-    s_mm, weights, u_px, v_px = _subsample_pattern(profile, thickness_mm, n_sub)
-    inv = np.eye(4) if motion is None else _rigid_inverse(motion)
     rot, shift = inv[:3, :3], inv[:3, 3]
 
     # Phantom-frame positions: motion^-1 applied to the in-plane lattice, the sub-sample offsets
     # and the slice origins separately (it is affine), then summed by broadcasting.
     jj, ii = np.meshgrid(np.arange(nj, dtype=float), np.arange(ni, dtype=float), indexing="ij")
     lattice = (ii[..., None] * (di * row) + jj[..., None] * (dj * col)) @ rot.T
-    lattice = lattice.astype(np.float32)
+    lattice = [lattice[..., d].astype(np.float32) for d in range(3)]  # per LPS axis, (nj, ni)
     sub_off = (u_px[:, None] * di * row + v_px[:, None] * dj * col + s_mm[:, None] * normal) @ rot.T
     origin_ph = origins @ rot.T + shift
+    w32 = weights.astype(np.float32)
 
     pixels = np.empty((len(positions), nj, ni), dtype=np.float32)
     for k in range(len(positions)):
         base = (origin_ph[k][None, :] + sub_off).astype(np.float32)  # (n_sub, 3)
-        pts = lattice[None, :, :, :] + base[:, None, None, :]
-        pixels[k] = np.tensordot(weights.astype(np.float32), head_phantom_hu(pts, scale), axes=1)
+        xyz = [lattice[d][None, :, :] + base[:, d, None, None] for d in range(3)]  # (n_sub, nj, ni)
+        pixels[k] = np.tensordot(w32, phantom_hu_xyz(*xyz, scale=scale), axes=1)
         monitor.report("simulate", (k + 1) / len(positions))
 
     pixels = _blur_inplane(pixels, _KERNEL_FWHM_PX)

@@ -250,15 +250,29 @@ def head_phantom_hu(points_lps_mm, scale=1.0):
     p = np.asarray(points_lps_mm)
     if p.shape[-1] != 3:
         raise ValueError(f"points must have shape (..., 3), got {p.shape}")
-    shape = p.shape[:-1]
     flat = p.reshape(-1, 3)
-    out = np.empty(flat.shape[0], dtype=np.float32)
-    inv_scale = 1.0 / float(scale)
-    for start in range(0, flat.shape[0], _CHUNK):
-        q = np.asarray(flat[start : start + _CHUNK], dtype=np.float32)
-        if inv_scale != 1.0:
-            q = q * np.float32(inv_scale)
-        out[start : start + _CHUNK] = _evaluate(q)
+    return phantom_hu_xyz(flat[:, 0], flat[:, 1], flat[:, 2], scale).reshape(p.shape[:-1])
+
+
+def phantom_hu_xyz(x_mm, y_mm, z_mm, scale=1.0):
+    """:func:`head_phantom_hu` for coordinates given as three broadcastable arrays (LPS mm).
+
+    Faster when the caller builds coordinates per axis: no (..., 3) packing is needed.
+
+    Returns
+    -------
+    ndarray, float32, shape of the broadcast coordinates
+    """
+    x, y, z = np.broadcast_arrays(np.asarray(x_mm), np.asarray(y_mm), np.asarray(z_mm))
+    shape = x.shape
+    x, y, z = x.reshape(-1), y.reshape(-1), z.reshape(-1)
+    out = np.empty(x.size, dtype=np.float32)
+    inv_scale = np.float32(1.0 / float(scale))
+    for start in range(0, x.size, _CHUNK):
+        part = slice(start, start + _CHUNK)
+        # Contiguous float32 copies at scale 1 (the evaluation is written for the adult size).
+        xs, ys, zs = (np.asarray(v[part], dtype=np.float32) * inv_scale for v in (x, y, z))
+        out[part] = _evaluate(xs, ys, zs)
     return out.reshape(shape)
 
 
@@ -320,20 +334,19 @@ def phantom_truth(grid, scale=1.0, supersample=2, monitor=None):
     nk, nj, ni = grid.shape
     a = grid.index_to_lps_affine
     step_i, step_j, step_k = a[:3, 0], a[:3, 1], a[:3, 2]
-    # In-slab lattice of voxel centres relative to voxel (k0, 0, 0).
+    # In-slab lattice of voxel centres relative to voxel (k0, 0, 0), one array per LPS axis.
     jj, ii = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
-    plane = (ii[..., None] * step_i + jj[..., None] * step_j).astype(np.float32)
+    plane = [(ii * step_i[d] + jj * step_j[d]).astype(np.float32) for d in range(3)]
     slab = max(1, int(_CHUNK * 4 // max(1, nj * ni)))
     out = np.empty(grid.shape, dtype=np.float32)
     offsets = [oi * step_i + oj * step_j + ok * step_k for ok in sub for oj in sub for oi in sub]
     for k0 in range(0, nk, slab):
         k1 = min(nk, k0 + slab)
-        ks = np.arange(k0, k1)
-        base = a[:3, 3] + ks[:, None] * step_k  # (nslab, 3)
+        base = a[:3, 3] + np.arange(k0, k1)[:, None] * step_k  # (nslab, 3)
         acc = np.zeros((k1 - k0, nj, ni), dtype=np.float32)
         for off in offsets:
             shift = (base + off).astype(np.float32)
-            acc += head_phantom_hu(plane[None] + shift[:, None, None, :], scale)
+            acc += phantom_hu_xyz(*(plane[d][None] + shift[:, d, None, None] for d in range(3)), scale=scale)
         out[k0:k1] = acc / len(offsets)
         monitor.report("phantom", k1 / nk)
     return out
@@ -348,12 +361,14 @@ def _quad(x, y, z, centre, semi):
 def _vault_coordinates(x, y, z):
     """Normalised ellipsoid coordinates, their norm f, and the approximate signed distance (mm,
     negative inside) to the outer skull surface: (f - 1) / |grad f|, accurate near the surface."""
-    b = np.where(y < 0, np.float32(_B_FRONT), np.float32(_B_BACK))
-    ex = x / np.float32(_A)
-    ey = y / b
-    ez = (z - np.float32(_ZC)) / np.float32(_C)
-    f = np.sqrt(ex * ex + ey * ey + ez * ez)
-    g = np.sqrt((ex / np.float32(_A)) ** 2 + (ey / b) ** 2 + (ez / np.float32(_C)) ** 2)
+    inv_b = np.where(y < 0, np.float32(1.0 / _B_FRONT), np.float32(1.0 / _B_BACK))
+    ex = x * np.float32(1.0 / _A)
+    ey = y * inv_b
+    ez = (z - np.float32(_ZC)) * np.float32(1.0 / _C)
+    ex2, ey2, ez2 = ex * ex, ey * ey, ez * ez
+    f = np.sqrt(ex2 + ey2 + ez2)
+    # f * |grad f| = |(ex / a, ey / b, ez / c)|
+    g = np.sqrt(ex2 * np.float32(1.0 / _A**2) + ey2 * (inv_b * inv_b) + ez2 * np.float32(1.0 / _C**2))
     # |grad f| = g / f lies between 1/_C and 1/_A; the floor keeps the centre finite.
     grad = np.maximum(g / np.maximum(f, np.float32(1e-6)), np.float32(1.0 / max(_A, _B_BACK, _C)))
     d = (f - 1.0) / grad
@@ -432,12 +447,10 @@ def _face_features(x, y, z):
     return out
 
 
-def _evaluate(q):
-    """HU at points q (float32, shape (n, 3), phantom coordinates at scale 1)."""
-    n = q.shape[0]
-    hu = np.full(n, AIR_HU, dtype=np.float32)
+def _evaluate(x, y, z):
+    """HU at points (x, y, z): contiguous float32 arrays of shape (n,), phantom coordinates at scale 1."""
+    hu = np.full(x.size, AIR_HU, dtype=np.float32)
     lo, hi = _HEAD_LO, _HEAD_HI
-    x, y, z = q[:, 0], q[:, 1], q[:, 2]
     inside = (x > lo[0]) & (x < hi[0]) & (y > lo[1]) & (y < hi[1]) & (z > lo[2]) & (z < hi[2])
     idx = np.flatnonzero(inside)
     if idx.size == 0:
