@@ -179,6 +179,9 @@ def test_standard_orientations(name, row, col, normal):
     np.testing.assert_allclose(s.column_direction, col, atol=1e-12)
     np.testing.assert_allclose(s.normal, normal, atol=1e-12)
     assert s.orientation == name
+    lo, hi = phantom_bounds_mm(0.3)
+    c = s.corners_mm()
+    assert np.all(c.min(axis=0) <= lo + 1e-6) and np.all(c.max(axis=0) >= hi - 1e-6)
 
 
 def test_tilted_stack_is_sheared(tilted_stack):
@@ -271,6 +274,15 @@ def test_orthogonal_stacks_share_study_and_frame():
     assert len({s.frame_of_reference_uid for s in stacks}) == 1
     assert len({s.study_uid for s in stacks}) == 1
     assert len({s.series_uid for s in stacks}) == 3
+    shift = np.eye(4)
+    shift[2, 3] = 5.0
+    moved = simulate_orthogonal_stacks(5.0, 2.5, scale=0.3, noise_hu=5.0, motions=[None, shift, None])
+    np.testing.assert_array_equal(moved[0].pixels, stacks[0].pixels)
+    # the default field of view is planned on the patient as positioned: it moved with the head
+    np.testing.assert_allclose(
+        moved[1].slice_origins_mm - stacks[1].slice_origins_mm, [[0, 0, 5.0]] * len(moved[1].pixels)
+    )
+    np.testing.assert_allclose(moved[1].pixels, stacks[1].pixels, atol=0.5)
 
 
 def test_simulation_can_be_cancelled():

@@ -346,11 +346,15 @@ def simulate_stack(
     )
 
 
-def simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, noise_hu=15.0, seed=0, **kw):
+def simulate_orthogonal_stacks(
+    thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, noise_hu=15.0, seed=0, motions=None, **kw
+):
     """Axial, coronal and sagittal thick-slice series of the phantom in one study and frame of reference.
 
-    Parameters are those of :func:`simulate_stack` (``kw`` is passed on, e.g. ``profile``, ``motion``
-    or ``monitor``); the three noise realisations use seeds ``seed``, ``seed + 1`` and ``seed + 2``.
+    Parameters are those of :func:`simulate_stack` (``kw`` is passed on, e.g. ``profile`` or
+    ``monitor``); the three noise realisations use seeds ``seed``, ``seed + 1`` and ``seed + 2``.
+    ``motions`` optionally gives one rigid patient motion (4x4 or None) per series, in the order
+    axial, coronal, sagittal (see ``motion`` in :func:`simulate_stack`).
 
     Returns
     -------
@@ -360,6 +364,10 @@ def simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0
     study = kw.pop("study_uid", None) or generate_uid()
     frame = kw.pop("frame_of_reference_uid", None) or generate_uid()
     monitor = Monitor.wrap(kw.pop("monitor", None))
+    if motions is None:
+        motions = [kw.pop("motion", None)] * 3
+    elif len(motions) != 3:
+        raise InputError(f"motions must hold one transform (or None) per series, got {len(motions)}")
     stacks = []
     for n, name in enumerate(("axial", "coronal", "sagittal")):
         stacks.append(
@@ -370,6 +378,7 @@ def simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0
                 scale=scale,
                 noise_hu=noise_hu,
                 seed=seed + n,
+                motion=motions[n],
                 study_uid=study,
                 frame_of_reference_uid=frame,
                 monitor=monitor.sub("simulate", n / 3.0, (n + 1) / 3.0),
