@@ -54,6 +54,9 @@ BONE_SEGMENT_NAME = "Bone"
 # Slicer's GenericAnatomyColors "bone" (241, 214, 145).
 BONE_COLOR = (241 / 255.0, 214 / 255.0, 145 / 255.0)
 MODEL_COLOR = (0.90, 0.88, 0.80)
+# Closed-surface conversion parameters of segmentations (vtkBinaryLabelmapToClosedSurfaceConversionRule).
+SMOOTHING_FACTOR_PARAMETER = "Smoothing factor"
+DECIMATION_FACTOR_PARAMETER = "Decimation factor"
 
 
 #
@@ -429,10 +432,7 @@ class MultiPlaneFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.logic.publish(job)
                     p = self._parameterNode
                     if p:
-                        # Keep the outputs so the next Apply updates them instead of adding new nodes.
-                        p.outputVolume = job.outputVolumeNode
-                        p.outputSegmentation = job.segmentationNode
-                        p.outputModel = job.modelNode
+                        self.logic.storeOutputs(p, job)
                     self.ui.statusLabel.text = self.logic.describeResult(job)
                     if p and p.exportAfterApply:
                         self.onExportButton()
@@ -655,10 +655,18 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         job = self.prepareFromParameterNode(parameterNode)
         self.compute(job, progressCallback or self._logProgress, cancel)
         self.publish(job)
-        parameterNode.outputVolume = job.outputVolumeNode
-        parameterNode.outputSegmentation = job.segmentationNode
-        parameterNode.outputModel = job.modelNode
+        self.storeOutputs(parameterNode, job)
         return job
+
+    @staticmethod
+    def storeOutputs(parameterNode, job):
+        """Remember the output nodes so the next run updates them instead of adding new ones (a run
+        without a model leaves the segmentation and model selections alone)."""
+        parameterNode.outputVolume = job.outputVolumeNode
+        if job.segmentationNode is not None:
+            parameterNode.outputSegmentation = job.segmentationNode
+        if job.modelNode is not None:
+            parameterNode.outputModel = job.modelNode
 
     # ------------------------------------------------------------------------------ step 1: prepare
     def prepareFromParameterNode(self, p):
@@ -977,9 +985,8 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError(_("Importing the bone mask into the segmentation failed."))
         finally:
             slicer.mrmlScene.RemoveNode(labelmap)
-        rule = slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule
-        segmentation.SetConversionParameter(rule.GetSmoothingFactorParameterName(), f"{job.smoothing:g}")
-        segmentation.SetConversionParameter(rule.GetDecimationFactorParameterName(), f"{job.decimation:g}")
+        segmentation.SetConversionParameter(SMOOTHING_FACTOR_PARAMETER, f"{job.smoothing:g}")
+        segmentation.SetConversionParameter(DECIMATION_FACTOR_PARAMETER, f"{job.decimation:g}")
         # Re-create the surface so the new labelmap and parameters are used; it shows the segment in 3D.
         seg.RemoveClosedSurfaceRepresentation()
         seg.CreateClosedSurfaceRepresentation()
@@ -1127,6 +1134,8 @@ class _ProgressMapper:
         "segment": _("Segmenting bone"),
         "surface": _("Building the surface"),
     }
+    # Translated here, in the main thread: the callbacks run in the worker, which must not call Qt.
+    DONE = _("Done")
 
     def __init__(self, callback, register, withModel):
         self._callback = callback
@@ -1154,7 +1163,7 @@ class _ProgressMapper:
 
     def done(self):
         if self._callback is not None:
-            self._callback(_("Done"), 1.0)
+            self._callback(self.DONE, 1.0)
 
 
 #
@@ -1259,9 +1268,7 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
         boneVoxels = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentId, fused)
         self.assertEqual(boneVoxels.shape, fusedArray.shape)
         self.assertGreater(int(boneVoxels.sum()), 0)
-        rule = slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule
-        self.assertAlmostEqual(
-            float(seg.GetSegmentation().GetConversionParameter(rule.GetSmoothingFactorParameterName())), 0.5)
+        self.assertAlmostEqual(float(seg.GetSegmentation().GetConversionParameter(SMOOTHING_FACTOR_PARAMETER)), 0.5)
         self.assertTrue(seg.GetSegmentation().ContainsRepresentation(
             slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()))
 
