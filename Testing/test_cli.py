@@ -117,4 +117,4 @@ def test_console_script_error_has_no_traceback(tmp_path):
     p = subprocess.run(cmd + ["fuse", str(tmp_path / "missing"), "-o", str(tmp_path / "x.nrrd")],
                        capture_output=True, text=True)
     assert p.returncode == 1
-    assert p.stderr.strip().startswith("multiplanefusion: error:") and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("multiplanefusion: error:") and "Traceback" not in p.stderr

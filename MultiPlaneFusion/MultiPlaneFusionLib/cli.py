@@ -71,14 +71,14 @@ def _optional_stage_arguments(p):
     from .reconstruction.srr import add_srr_arguments
     from .registration import add_registration_arguments
 
-    add_srr_arguments(p.add_argument_group("super-resolution"))
+    add_srr_arguments(p)  # makes its own argument group
     add_registration_arguments(p.add_argument_group("registration"))
 
 
 def _add_model_arguments(p):
     from .model import add_model_arguments
 
-    add_model_arguments(p.add_argument_group("bone model"))
+    add_model_arguments(p)  # makes its own argument group
 
 
 def build_parser():
