@@ -148,6 +148,30 @@ def test_profile_samples_integrate_the_profile():
         profile_samples("triangle", 4.0, 8)
 
 
+@pytest.mark.parametrize("profile", ["gaussian", "box"])
+@pytest.mark.parametrize("n", [8, 15, 40])
+def test_subsample_pattern_neither_shifts_nor_shears(profile, n):
+    from MultiPlaneFusionLib.simulation.acquisition import _subsample_pattern
+
+    s, w, u, v = _subsample_pattern(profile, 4.0, n)
+    assert len(s) == n + n % 2 and w.sum() == pytest.approx(1.0)
+    for offset in (u, v):
+        assert np.all(np.abs(offset) <= 0.5)
+        assert (w * offset).sum() == pytest.approx(0.0, abs=1e-12)  # no sub-pixel shift
+        assert (w * s * offset).sum() == pytest.approx(0.0, abs=1e-12)  # no shear of the PSF
+        assert (w * offset**2).sum() == pytest.approx(1.0 / 12.0, rel=0.05)  # pixel-box variance
+
+
+@pytest.mark.parametrize("profile", ["gaussian", "box"])
+def test_stack_and_truth_hold_the_same_amount_of_head(profile):
+    # Integration check: sum of (HU + 1000) x voxel volume over a stack equals that over the truth.
+    s = simulate_stack("sagittal", 3.0, pixel_spacing_mm=1.5, scale=0.4, noise_hu=0.0, profile=profile)
+    truth = phantom_truth(phantom_grid(1.5, scale=0.4), scale=0.4)
+    stack_mass = float(np.sum(s.pixels + 1000.0, dtype=np.float64)) * 1.5 * 1.5 * s.slice_step_mm
+    truth_mass = float(np.sum(truth + 1000.0, dtype=np.float64)) * 1.5**3
+    assert stack_mass == pytest.approx(truth_mass, rel=0.01)
+
+
 def test_axial_stack_geometry():
     s = simulate_stack("axial", 4.0, pixel_spacing_mm=1.5, scale=0.5, noise_hu=0.0)
     np.testing.assert_allclose(s.row_direction, [1, 0, 0])

@@ -99,19 +99,33 @@ def profile_samples(profile, thickness_mm, n):
 
 
 def _subsample_pattern(profile, thickness_mm, n):
-    """(s_mm, weight, u_px, v_px) of n sub-samples: s stratified along the profile, (u, v) in the pixel
-    from a 2-D low-discrepancy sequence. One point per sub-plane integrates pixel area and profile
-    jointly (a 3-D stratified sample) at the cost of n phantom evaluations per pixel."""
+    """Sub-sample offsets ``(s_mm, weight, u_px, v_px)``, one per sub-plane: ``s`` across the profile,
+    ``(u, v)`` inside the pixel, so ``n`` evaluations integrate pixel area and profile jointly.
+
+    ``n`` is rounded up to even. The sub-planes at ``s`` and ``-s`` (equal weights) get opposite
+    in-plane offsets, so the weighted mean offset is exactly zero (no sub-pixel shift of the image);
+    the heaviest pairs take the first points of a 2-D low-discrepancy (R2) sequence, a small
+    least-norm correction makes the weighted correlation of ``s`` with ``u`` and ``v`` exactly zero
+    (the sampled point-spread function is not sheared) and a gain matches the weighted in-plane
+    variance to the pixel box's 1/12 px^2 where the offsets stay inside the pixel.
+    """
+    n += n % 2
     s, w = profile_samples(profile, thickness_mm, n)
-    m = np.arange(n)
-    # A coprime stride decorrelates the in-plane position from the (sorted) profile offset.
-    stride = max(1, int(round(n * 0.618)))
-    while np.gcd(stride, n) != 1:
-        stride += 1
-    order = (m * stride) % n
-    u = np.mod(0.5 + order / _PLASTIC, 1.0) - 0.5
-    v = np.mod(0.5 + order / _PLASTIC**2, 1.0) - 0.5
-    return s, w, u, v
+    half = n // 2
+    lower = np.arange(half)[::-1]  # lower-side member of each pair, heaviest (innermost) first
+    seq = np.arange(1, half + 1)  # (the sequence's point 0 is the pixel centre: skip it)
+    a = np.stack([np.mod(0.5 + seq / _PLASTIC, 1.0) - 0.5, np.mod(0.5 + seq / _PLASTIC**2, 1.0) - 0.5], axis=1)
+    ws = w[lower] * s[lower]
+    if np.any(ws):
+        a -= np.outer(ws, ws @ a) / float(ws @ ws)
+    # Match the weighted second moment of the pixel box (1/12 px^2) where the pixel allows it.
+    var = 2 * (w[lower][:, None] * a**2).sum(axis=0)
+    gain = np.sqrt(np.divide(1.0 / 12.0, var, out=np.ones(2), where=var > 0))
+    a *= np.minimum(gain, 0.5 / np.maximum(np.abs(a).max(axis=0), 1e-12))
+    uv = np.zeros((n, 2))
+    uv[lower] = a
+    uv[n - 1 - lower] = -a
+    return s, w, uv[:, 0], uv[:, 1]
 
 
 def _blur_inplane(pixels, fwhm_px):
