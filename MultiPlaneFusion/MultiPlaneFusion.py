@@ -750,8 +750,8 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
                 threshold = (float(rng[0]), float(rng[1]))
             elif preset != "automatic" and job.modality != "CT":
                 raise ValueError(
-                    _("The inputs are {modality}, not CT: HU presets do not apply. Choose the 'custom' or "
-                      "'automatic' threshold.").format(modality=job.modality))
+                    _("The inputs are not CT (modality {modality}): HU presets do not apply. Choose the 'custom' "
+                      "or 'automatic' threshold.").format(modality=job.modality))
             job.smoothing = float(s.get("smoothing", 0.5))
             job.decimation = float(s.get("decimation", 0.0) or 0.0)
             job.modelOptions = ModelOptions(
@@ -1125,7 +1125,8 @@ class _ProgressMapper:
     """Maps the library's (stage, fraction) reports onto one overall fraction and a readable text.
 
     The fusion takes the first 85 % when a model follows (registration its first 30 % when on), the
-    model the rest. Called from the worker thread; it only forwards numbers and strings.
+    model the rest (segmentation 40 %, surface 60 %). The overall fraction never decreases. Called from
+    the worker thread; it only forwards numbers and strings.
     """
 
     LABELS = {
@@ -1134,6 +1135,8 @@ class _ProgressMapper:
         "segment": _("Segmenting bone"),
         "surface": _("Building the surface"),
     }
+    # Parts of the model step taken by the library's stages (build_model reports "segment", then "surface").
+    MODEL_SPANS = {"segment": (0.0, 0.4), "surface": (0.4, 1.0)}
     # Translated here, in the main thread: the callbacks run in the worker, which must not call Qt.
     DONE = _("Done")
 
@@ -1159,7 +1162,8 @@ class _ProgressMapper:
         self._emit(stage, self._fuseEnd * (start + (stop - start) * fraction))
 
     def model(self, stage, fraction):
-        self._emit(stage, self._fuseEnd + (1.0 - self._fuseEnd) * fraction)
+        start, stop = self.MODEL_SPANS.get(stage, (0.0, 1.0))
+        self._emit(stage, self._fuseEnd + (1.0 - self._fuseEnd) * (start + (stop - start) * fraction))
 
     def done(self):
         if self._callback is not None:

@@ -641,3 +641,174 @@ def png_size(path):
 ])
 def test_icons_are_128_png(path):
     assert png_size(path) == (128, 128)
+
+
+# ------------------------------------------------------------------- Logic wiring, Slicer stubbed out
+# The Logic's prepare/compute steps touch only a volume node's array and matrices, so with a few stand-ins
+# for Slicer's Python modules they run here against the real library: a renamed library option or a
+# broken conversion fails CI instead of the first user. (MRML output nodes need the real Slicer: the
+# self-test MultiPlaneFusionTest covers publish and export there.)
+class _Annotation:
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+
+class _FloatRange:
+    def __init__(self, minimum=0.0, maximum=0.0):
+        self.minimum, self.maximum = minimum, maximum
+
+
+class _FakeVolumeNode:
+    """The part of vtkMRMLScalarVolumeNode the Logic reads when converting an input."""
+
+    def __init__(self, array, ijk_to_ras, name, parent_to_world=None):
+        self.array, self.ijk_to_ras, self.name, self.parent = array, ijk_to_ras, name, parent_to_world
+
+    def GetID(self):
+        return "vtkMRMLScalarVolumeNode_" + self.name
+
+    def GetName(self):
+        return self.name
+
+    def IsA(self, cls):
+        return cls == "vtkMRMLScalarVolumeNode"
+
+    def GetImageData(self):
+        return object()
+
+    def GetAttribute(self, name):
+        return None
+
+    def GetIJKToRASMatrix(self, m):
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(self.ijk_to_ras[r, c]))
+
+    def GetParentTransformNode(self):
+        return self.parent
+
+
+class _FakeLinearTransformNode:
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def IsTransformToWorldLinear(self):
+        return True
+
+    def GetMatrixTransformToWorld(self, m):
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(self.matrix[r, c]))
+
+
+@pytest.fixture
+def stubbed_module(monkeypatch):
+    """MultiPlaneFusion.py imported with stand-ins for slicer and qt (sys.modules restored afterwards)."""
+    import importlib.util
+    import types
+
+    import numpy as np
+
+    slicer = types.ModuleType("slicer")
+    for name in ("vtkMRMLModelNode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"):
+        setattr(slicer, name, type(name, (), {}))
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls: cls
+    pnw.Choice = pnw.RangeBounds = pnw.WithinRange = _Annotation
+    pnw.FloatRange = _FloatRange
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
+                 "ScriptedLoadableModuleWidget"):
+        setattr(slm, name, type(name, (), {"__init__": lambda self, *args: None}))
+    util = types.ModuleType("slicer.util")
+    util.VTKObservationMixin = type("VTKObservationMixin", (), {})
+    util.arrayFromVolume = lambda node: node.array
+    util.arrayFromVTKMatrix = lambda m: np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    slicer.util = util
+    for name, module in {"slicer": slicer, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
+                         "slicer.ScriptedLoadableModule": slm, "slicer.util": util,
+                         "qt": types.ModuleType("qt")}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("MultiPlaneFusion_stubbed", MODULE_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def phantom_series():
+    from MultiPlaneFusionLib import slicer_boundary as sb
+    from MultiPlaneFusionLib.simulation import simulate_orthogonal_stacks
+
+    stacks = simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=1.5, scale=0.4, noise_hu=10.0, seed=0)
+    return {s.orientation: sb.volume_from_stack(s) for s in stacks}
+
+
+def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, phantom_series):
+    import numpy as np
+    from MultiPlaneFusionLib import slicer_boundary as sb
+
+    nodes = {k: _FakeVolumeNode(px, m, k) for k, (px, m) in phantom_series.items()}
+    logic = stubbed_module.MultiPlaneFusionLogic()
+    # A rigid parent transform on one input is composed, not ignored: the coronal series moved away and
+    # put back by its transform gives the same stack as the original.
+    shift = np.eye(4)
+    shift[:3, 3] = (5.0, -3.0, 2.0)
+    px, m = phantom_series["coronal"]
+    moved = _FakeVolumeNode(px, np.linalg.inv(shift) @ m, "moved", _FakeLinearTransformNode(shift))
+    assert np.allclose(logic.stackFromVolumeNode(moved).slice_origins_mm,
+                       logic.stackFromVolumeNode(nodes["coronal"]).slice_origins_mm)
+
+    reports = []
+    job = logic.prepare(nodes["axial"], nodes["coronal"], nodes["sagittal"], None, method="srr", spacingMm=2.0,
+                        register=False, smoothing=0.3)
+    logic.compute(job, lambda text, fraction: reports.append(fraction), None)
+    assert reports[-1] == 1.0 and all(b >= a for a, b in zip(reports, reports[1:]))
+    assert job.fusion.grid.spacing_mm == pytest.approx((2.0, 2.0, 2.0))
+    assert job.model.report["closed"] and job.model.report["triangles"] > 100
+    # The output volume's IJKToRAS (what publish sets) puts the fused voxels where the library put them.
+    from MultiPlaneFusionLib.grid import grid_from_image
+
+    ijk_to_ras = sb.ijk_to_ras_from_grid(grid_from_image(job.fusion.image))
+    origin_lps = np.array(job.fusion.image.GetOrigin())
+    assert np.allclose(sb.flip_points(ijk_to_ras[:3, 3]), origin_lps)
+    assert "Fused 3 series (srr)" in logic.describeResult(job)
+
+
+def test_logic_refuses_bad_input_with_value_error(stubbed_module, phantom_series):
+    import numpy as np
+    from MultiPlaneFusionLib.errors import CancelledError
+
+    px, m = phantom_series["axial"]
+    axial = _FakeVolumeNode(px, m, "axial")
+    logic = stubbed_module.MultiPlaneFusionLogic()
+    bad = [
+        dict(),  # no input at all (axial None below)
+        dict(method="magic"),
+        dict(thresholdPreset="custom", thresholdRange=(500.0, 100.0)),
+        dict(regularizer="tv"),
+        dict(spacingMm=-1.0),
+        dict(exportPath=os.path.join(ROOT, "no such folder", "bone.stl")),
+        dict(exportPath="bone.ply"),
+        dict(exportSource="everything"),
+    ]
+    for n, kwargs in enumerate(bad):
+        with pytest.raises(ValueError):
+            logic.prepare(None if n == 0 else axial, None, None, None, **kwargs)
+    with pytest.raises(ValueError, match="twice"):
+        logic.prepare(axial, axial)
+    with pytest.raises(ValueError, match="output"):
+        logic.prepare(axial, None, None, axial)
+    mr = _FakeVolumeNode(np.abs(px) + 1.0, m, "mr")  # no air at -1000 HU: not CT
+    with pytest.raises(ValueError, match="not CT"):
+        logic.prepare(mr)
+    logic.prepare(mr, thresholdPreset="automatic")  # the MR route is accepted
+    job = logic.prepare(axial, None, None, None, method="average", spacingMm=3.0, buildModel=False)
+    with pytest.raises(CancelledError):
+        logic.compute(job, None, lambda: True)
+    assert job.fusion is None
+    assert logic.exportFilePath("/tmp/x", "STL") == "/tmp/x.stl"
+    assert logic.exportFilePath("/tmp/x.stl", "OBJ") == "/tmp/x.obj"
