@@ -54,3 +54,26 @@ def real_series(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def real_stack(real_series):
+    """A function name -> the Stack read from that series (read once per session)."""
+    from MultiPlaneFusionLib.reading import read_stacks
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            (cache[name],) = read_stacks([real_series(name)])
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_grid(real_series):
+    """The grid of the 1 mm Philips series (512 x 512 x 140 at 0.45 x 0.45 x 1 mm)."""
+    from MultiPlaneFusionLib.reading import read_grid_source
+
+    return read_grid_source(real_series("philips_axial_1mm"))

@@ -5,10 +5,9 @@ import logging
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.metrics import correlation
-from MultiPlaneFusionLib.reading import read_grid_source, read_stacks, stack_from_image
+from MultiPlaneFusionLib.reading import read_stacks, stack_from_image
 from MultiPlaneFusionLib.reconstruction import fuse_average, resample_stack
 from MultiPlaneFusionLib.stack import Stack
 
@@ -67,10 +66,10 @@ def naive_stack(s):
 
 
 @pytest.mark.parametrize("name", ["philips_tilt_minus18", "philips_tilt_plus16"])
-def test_tilted_series_resampled_onto_reference(real_series, name):
-    grid = read_grid_source(real_series("philips_axial_1mm"))
-    (ref,) = read_stacks([real_series("philips_axial_1mm")])
-    (s,) = read_stacks([real_series(name)])
+def test_tilted_series_resampled_onto_reference(real_stack, reference_grid, name):
+    grid = reference_grid
+    ref = real_stack("philips_axial_1mm")
+    s = real_stack(name)
     inside = ref.pixels > -500
     values, covered = resample_stack(s, grid)
     exact = correlation(values, ref.pixels, inside & covered)
@@ -81,11 +80,10 @@ def test_tilted_series_resampled_onto_reference(real_series, name):
     assert correlation(naive, ref.pixels, inside & ncov) < 0.2 < exact - 0.5
 
 
-def test_average_of_three_meets_baseline(real_series):
-    grid = read_grid_source(real_series("philips_axial_1mm"))
-    (ref,) = read_stacks([real_series("philips_axial_1mm")])
-    stacks = read_stacks([real_series(n) for n in ("philips_axial_5mm", "philips_tilt_minus18", "philips_tilt_plus16")])
-    result = fuse_average(stacks, grid)
+def test_average_of_three_meets_baseline(real_stack, reference_grid):
+    ref = real_stack("philips_axial_1mm")
+    stacks = [real_stack(n) for n in ("philips_axial_5mm", "philips_tilt_minus18", "philips_tilt_plus16")]
+    result = fuse_average(stacks, reference_grid)
     inside = (ref.pixels > -500) & (result.coverage > 0)
     assert correlation(result.volume, ref.pixels, inside) >= 0.84
 

@@ -89,7 +89,7 @@ def transform_polydata(poly, matrix3, offset):
         m.SetElement(r, 3, float(offset[r]))
     t = vtk.vtkTransform()
     t.SetMatrix(m)
-    f = vtk.vtkTransformPolyDataFilter()
+    f = vtk.vtkTransformFilter()  # vtkTransformPolyDataFilter is deprecated from VTK 9.7
     f.SetInputData(poly)
     f.SetTransform(t)
     f.Update()
