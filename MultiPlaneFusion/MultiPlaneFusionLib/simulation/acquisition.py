@@ -128,24 +128,26 @@ def _subsample_pattern(profile, thickness_mm, n):
     return s, w, uv[:, 0], uv[:, 1]
 
 
-def _blur_inplane(pixels, fwhm_px):
-    """Separable Gaussian blur of every slice along j and i (edges replicated)."""
+def _gaussian_taps(fwhm_px):
+    """Normalised 1-D Gaussian kernel (float32) of the given FWHM in pixels, +-3 sigma."""
     sigma = fwhm_px / _FWHM_PER_SIGMA
     r = max(1, int(np.ceil(3 * sigma)))
-    taps = np.arange(-r, r + 1)
-    w = np.exp(-0.5 * (taps / sigma) ** 2)
-    w = (w / w.sum()).astype(np.float32)
-    out = pixels
-    for axis in (1, 2):
-        pad = [(0, 0)] * 3
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    return (w / w.sum()).astype(np.float32)
+
+
+def _blur_slice(image, taps):
+    """Separable blur of one 2-D slice along j and i with edges replicated."""
+    r = len(taps) // 2
+    out = image
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
         pad[axis] = (r, r)
         p = np.pad(out, pad, mode="edge")
         n = out.shape[axis]
         acc = np.zeros_like(out)
-        for t, wt in zip(taps, w):
-            sl = [slice(None)] * 3
-            sl[axis] = slice(r + t, r + t + n)
-            acc += wt * p[tuple(sl)]
+        for t, wt in enumerate(taps):
+            acc += wt * (p[t : t + n] if axis == 0 else p[:, t : t + n])
         out = acc
     return out
 
@@ -329,17 +331,18 @@ def simulate_stack(
     origin_ph = origins @ rot.T + shift
     w32 = weights.astype(np.float32)
 
+    taps = _gaussian_taps(_KERNEL_FWHM_PX)
+    rng = np.random.default_rng(seed)
     pixels = np.empty((len(positions), nj, ni), dtype=np.float32)
     for k in range(len(positions)):
         base = (origin_ph[k][None, :] + sub_off).astype(np.float32)  # (n_sub, 3)
         xyz = [lattice[d][None, :, :] + base[:, d, None, None] for d in range(3)]  # (n_sub, nj, ni)
-        pixels[k] = np.tensordot(w32, phantom_hu_xyz(*xyz, scale=scale), axes=1)
+        image = _blur_slice(np.tensordot(w32, phantom_hu_xyz(*xyz, scale=scale), axes=1), taps)
+        if noise_hu:
+            # White noise after the kernel blur, drawn slice by slice (float32 keeps memory low).
+            image += np.float32(noise_hu) * rng.standard_normal((nj, ni), dtype=np.float32)
+        pixels[k] = image
         monitor.report("simulate", (k + 1) / len(positions))
-
-    pixels = _blur_inplane(pixels, _KERNEL_FWHM_PX)
-    if noise_hu:
-        rng = np.random.default_rng(seed)
-        pixels += rng.normal(0.0, float(noise_hu), size=pixels.shape).astype(np.float32)
 
     if description is None:
         name = orientation.upper() if isinstance(orientation, str) else "OBLIQUE"
