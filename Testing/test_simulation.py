@@ -354,6 +354,16 @@ def test_dicom_round_trip(tmp_path, tilted_stack):
         assert np.max(np.abs(_hu(ds) - s.pixels[k])) <= 0.5 * slope + 1e-3
 
 
+def test_dicom_gantry_tilt_sign_follows_philips(tmp_path):
+    # Philips writes GantryDetectorTilt -18.5 with ImageOrientationPatient [1, 0, 0, 0, 0.948, -0.317]
+    s = simulate_stack("axial", 5.0, pixel_spacing_mm=3.0, scale=0.3, tilt_deg=-18.5, slice_offsets_mm=[0.0, 2.5, 5.0])
+    ds = pydicom.dcmread(write_dicom_series(s, tmp_path)[0])
+    assert float(ds.GantryDetectorTilt) == pytest.approx(-18.5)
+    np.testing.assert_allclose(
+        [float(v) for v in ds.ImageOrientationPatient], [1, 0, 0, 0, 0.9483237, -0.3173047], atol=1e-6
+    )
+
+
 def test_dicom_regular_spacing_only_when_regular(tmp_path):
     s = simulate_stack("sagittal", 4.0, pixel_spacing_mm=3.0, scale=0.3, slice_offsets_mm=[-10.0, -6.0, 5.0, 9.0])
     ds = pydicom.dcmread(write_dicom_series(s, tmp_path)[0])

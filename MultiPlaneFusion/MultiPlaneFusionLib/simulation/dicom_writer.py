@@ -68,8 +68,8 @@ def _signed_tilt_deg(stack):
     tilt about the L-R axis, else the unsigned angle between slice step and normal."""
     tilt = stack.tilt_deg
     row, col = stack.row_direction, stack.column_direction
-    if abs(abs(row[0]) - 1.0) < 1e-6:
-        return float(np.degrees(np.arctan2(col[2], col[1]))) if abs(col[1]) > 1e-6 else tilt
+    if abs(abs(row[0]) - 1.0) < 1e-6 and abs(col[1]) > abs(col[2]):  # an axial series tilted about x
+        return float(np.degrees(np.arctan2(col[2] * np.sign(col[1]), abs(col[1]))))
     return tilt
 
 
