@@ -398,7 +398,8 @@ def _in_holes(x, y, z):
     """True where a point lies inside a foramen (bone there is replaced by soft tissue)."""
     hit = np.zeros(x.shape, dtype=bool)
     for p, axis, r, half in _HOLES:
-        dx, dy, dz = x - np.float32(p[0]), y - np.float32(p[1]), z - np.float32(p[2])
+        p, axis = p.astype(np.float32), axis.astype(np.float32)  # keep the arithmetic in float32
+        dx, dy, dz = x - p[0], y - p[1], z - p[2]
         along = dx * axis[0] + dy * axis[1] + dz * axis[2]
         perp2 = dx * dx + dy * dy + dz * dz - along * along
         hit |= (perp2 < r * r) & (np.abs(along) < half)
@@ -409,14 +410,15 @@ def _wave(v):
     return np.float32(_SUTURE_WAVE_MM) * np.sin(v * np.float32(2 * np.pi / _SUTURE_PERIOD_MM))
 
 
+def _plane_offset(y, z, anchor, normal):
+    """Signed distance (mm) to a plane containing the x axis direction (normal has no x part)."""
+    return (y - np.float32(anchor[1])) * np.float32(normal[1]) + (z - np.float32(anchor[2])) * np.float32(normal[2])
+
+
 def _in_sutures(x, y, z):
     """True inside the sagittal, coronal or lambdoid suture gaps (to be applied to bone points)."""
-    s_cor = (y - np.float32(_BREGMA[1])) * np.float32(_CORONAL_NORMAL[1]) + (z - np.float32(_BREGMA[2])) * np.float32(
-        _CORONAL_NORMAL[2]
-    )
-    s_lam = (y - np.float32(_LAMBDA[1])) * np.float32(_LAMBDOID_NORMAL[1]) + (z - np.float32(_LAMBDA[2])) * np.float32(
-        _LAMBDOID_NORMAL[2]
-    )
+    s_cor = _plane_offset(y, z, _BREGMA, _CORONAL_NORMAL)
+    s_lam = _plane_offset(y, z, _LAMBDA, _LAMBDOID_NORMAL)
     hit = (np.abs(s_cor + _wave(x)) < _SUTURE_HALF_MM) & (z > _CORONAL_END_Z)
     hit |= (np.abs(s_lam + _wave(x)) < _SUTURE_HALF_MM) & (z > _LAMBDOID_END_Z)
     hit |= (np.abs(x + _wave(y)) < _SUTURE_HALF_MM) & (s_cor > 0) & (s_lam < 0) & (z > _SAGITTAL_MIN_Z)
