@@ -32,7 +32,10 @@ class RegistrationOptions:
     smoothing_sigmas : tuple of float
         Gaussian smoothing per level, in voxels of the registration grid.
     sampling : float
-        Fraction of the masked voxels of the fixed image drawn at random (fixed ``seed``) for the metric.
+        Fraction of the masked voxels of the fixed image drawn at random (fixed ``seed``) for the metric, at
+        every level of the pyramid ...
+    max_samples : int
+        ... but never more than this many points per level.
     iterations : int
         Maximum optimiser iterations per level.
     spacing_mm : float or None
@@ -58,6 +61,7 @@ class RegistrationOptions:
     shrink_factors: Tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas: Tuple[float, ...] = (2.0, 1.0, 0.0)
     sampling: float = 0.1
+    max_samples: int = 20_000
     iterations: int = 100
     spacing_mm: Optional[float] = None
     max_voxels: int = 2_000_000
@@ -82,6 +86,8 @@ class RegistrationOptions:
             raise InputError("registration shrink factors must be 1 or more")
         if not 0 < self.sampling <= 1:
             raise InputError(f"registration sampling must be in (0, 1], got {self.sampling}")
+        if int(self.max_samples) < 100:
+            raise InputError(f"registration needs at least 100 samples per level, got {self.max_samples}")
         if int(self.iterations) < 1:
             raise InputError("registration needs at least one iteration per level")
         if self.spacing_mm is not None and not self.spacing_mm > 0:
