@@ -13,7 +13,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from MultiPlaneFusionLib.errors import CancelledError, InputError
 from MultiPlaneFusionLib.grid import Grid
 from MultiPlaneFusionLib.metrics import correlation
@@ -151,9 +150,8 @@ def test_refinement_against_a_reconstruction_converges():
     rng = np.random.default_rng(7)
     motions = [np.eye(4), random_motion(rng, centre), random_motion(rng, centre)]
     stacks = [simulate(o, n, m) for n, (o, m) in enumerate(zip(("axial", "coronal", "sagittal"), motions))]
-    start = [stacks[0]] + [
-        s.with_transform(np.linalg.inv(m) @ random_motion(rng, centre, 2.0, 2.0)) for s, m in zip(stacks[1:], motions[1:])
-    ]
+    offsets = [random_motion(rng, centre, 2.0, 2.0) for _ in motions[1:]]
+    start = [stacks[0]] + [s.with_transform(np.linalg.inv(m) @ o) for s, m, o in zip(stacks[1:], motions[1:], offsets)]
     grid = phantom_grid(1.5, SCALE)
     volume = phantom_truth(grid, SCALE)
     out, reports = refine_registration(start, volume, grid, RegistrationOptions())
