@@ -1,0 +1,378 @@
+"""Super-resolution reconstruction (SRR): one sharp volume from thick-slice stacks in several planes.
+
+Every stack k is modelled as ``y_k = A_k x`` (:mod:`.operators`: registration, slice-profile PSF,
+sampling at the pixel centres) and the volume is
+
+    x = argmin  sum_k c_k ||A_k x - y_k||^2 + alpha R(x)
+
+with c_k = (stack voxel volume) / (grid voxel volume), so that every stack weighs the same per unit of
+volume whatever its resolution and both terms approximate integrals over the volume: alpha is then a
+squared length (mm^2) and does not change with the grid spacing. Intensities are normalised internally
+((value - background) / robust range), which makes alpha and the Huber delta scale-invariant. R is
+first-order Tikhonov (default; conjugate gradients on the normal equations, started from the average
+fusion) or Huber on the gradient magnitude (edge-preserving, IRLS); see :mod:`.solvers`.
+
+Use :func:`reconstruct_srr`; :class:`SrrOptions` holds the settings, :func:`add_srr_arguments` and
+:func:`srr_options_from_args` connect them to the command line.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import numpy as np
+
+from ..errors import InputError
+from ..progress import Monitor
+from .intensity import compare_stacks
+from .operators import make_operator
+from .solvers import NormalEquations, blas_threads, solve_huber, solve_tikhonov
+
+LOGGER = logging.getLogger("MultiPlaneFusionLib")
+
+# Defaults chosen with benchmarks/bench_srr.py (see its README section): alpha in mm^2 on normalised
+# intensities.
+DEFAULT_ALPHA = 0.03
+DEFAULT_HUBER_DELTA = 0.05
+
+
+@dataclass
+class SrrOptions:
+    """Settings of :func:`reconstruct_srr`.
+
+    Attributes
+    ----------
+    alpha : float
+        Regularisation weight, mm^2 (squared smoothing length per unit data weight). Scale-invariant:
+        intensities are normalised internally. Larger is smoother.
+    regularizer : {"tikhonov", "huber"}
+        First-order Tikhonov (gradient, default) or Huber on the gradient magnitude (edge-preserving).
+    psf : {"gaussian", "box"}
+        Through-plane slice profile: Gaussian with FWHM = slice thickness (default), or a box of the
+        slice thickness (slab-averaged MPR reformats). In-plane: Gaussian, FWHM 1.2 x pixel spacing.
+    max_iterations : int
+        Cap on conjugate-gradient iterations (Huber: in total over the outer iterations).
+    tolerance : float
+        Stop when the relative residual ``||b - H x|| / ||b||`` of the normal equations falls below it.
+    intensity_matching : bool or None
+        Per-stack linear intensity matching against stack 0. None (auto): off when every stack is CT
+        (Hounsfield units are calibrated, a fit between differently blurred series would only add
+        bias), on otherwise (MR intensities are arbitrary per series).
+    huber_delta : float
+        Huber threshold on the gradient magnitude, normalised intensity per mm: gradients above it
+        (edges) are penalised linearly instead of quadratically.
+    outer_iterations : int
+        Huber: number of reweightings.
+    background_value : float or None
+        Value of voxels no stack covers; None: -1024 for CT, else 0.
+    disagreement_threshold : float
+        Stacks whose best low-resolution correlation with any other stack is below this are reported
+        as disagreeing (info["disagreeing_stacks"]) with a warning.
+    exclude_disagreeing : bool
+        Leave disagreeing stacks out of the reconstruction (default). Stack 0, the reference, is never
+        left out. False: use them anyway (still reported).
+    clip_to_input_range : bool
+        Clip the result to the range of the input intensities (removes faint overshoot at edges).
+    """
+
+    alpha: float = DEFAULT_ALPHA
+    regularizer: str = "tikhonov"
+    psf: str = "gaussian"
+    max_iterations: int = 30
+    tolerance: float = 3e-4
+    intensity_matching: Optional[bool] = None
+    huber_delta: float = DEFAULT_HUBER_DELTA
+    outer_iterations: int = 4
+    background_value: Optional[float] = None
+    disagreement_threshold: float = 0.6
+    exclude_disagreeing: bool = True
+    clip_to_input_range: bool = True
+
+    def validate(self):
+        if not (self.alpha >= 0 and np.isfinite(self.alpha)):
+            raise InputError(f"alpha must be a non-negative number, got {self.alpha}")
+        if self.regularizer not in ("tikhonov", "huber"):
+            raise InputError(f"unknown regularizer '{self.regularizer}' (use tikhonov or huber)")
+        if self.psf not in ("gaussian", "box"):
+            raise InputError(f"unknown PSF '{self.psf}' (use gaussian or box)")
+        if int(self.max_iterations) < 0:
+            raise InputError(f"iterations must be >= 0, got {self.max_iterations}")
+        if not self.tolerance > 0:
+            raise InputError(f"tolerance must be positive, got {self.tolerance}")
+        if not self.huber_delta > 0:
+            raise InputError(f"huber delta must be positive, got {self.huber_delta}")
+        if int(self.outer_iterations) < 1:
+            raise InputError(f"outer iterations must be >= 1, got {self.outer_iterations}")
+
+
+@dataclass
+class SrrResult:
+    """``volume``: float32 [k, j, i] on the grid in input units (background where no stack covers);
+    ``coverage``: uint8 count of the stacks used that cover each voxel; ``info``: a JSON-able summary."""
+
+    volume: np.ndarray
+    coverage: np.ndarray
+    info: dict
+
+
+def _default_background(stacks):
+    from .average import default_background
+
+    return default_background(stacks)
+
+
+def _robust_range(stacks, offset, max_samples=500_000):
+    """Robust intensity span of the inputs above ``offset`` (99.5th percentile), for normalisation."""
+    rng = np.random.default_rng(0)
+    parts = []
+    total = sum(s.pixels.size for s in stacks)
+    for s in stacks:
+        flat = s.pixels.reshape(-1)
+        take = max(1, int(max_samples * flat.size / max(total, 1)))
+        parts.append(flat[rng.integers(0, flat.size, take)] if flat.size > take else flat)
+    v = np.concatenate(parts).astype(np.float64)
+    hi = float(np.percentile(v, 99.5))
+    lo = float(np.percentile(v, 0.5))
+    span = max(hi - offset, hi - lo)
+    return span if span > 0 else 1.0
+
+
+def _sample_volume_mm3(stack):
+    di, dj = stack.pixel_spacing_mm
+    step = stack.slice_step_mm if stack.shape[0] > 1 else stack.thickness_mm
+    return di * dj * step
+
+
+def reconstruct_srr(stacks, grid, options=None, initial=None, coverage=None, monitor=None):
+    """Super-resolution reconstruction of ``stacks`` on ``grid``.
+
+    Parameters
+    ----------
+    stacks : list of Stack
+        Any number (>= 1) in any orientation, with their registration ``transform``.
+    grid : Grid
+    options : SrrOptions, optional
+    initial : ndarray, float32, shape grid.shape, optional
+        Start of the iterations in input units, normally the average fusion. When not given, the
+        PSF-weighted average of the stacks is used (free: it falls out of the right-hand side).
+    coverage : ndarray, uint8, shape grid.shape, optional
+        Stacks covering each voxel (comes with ``initial`` from the average fusion); computed from the
+        stacks' geometry when not given or when a stack was left out.
+    monitor : progress.Monitor, optional
+        ``report("reconstruct", fraction)`` every iteration; raises CancelledError when cancelled.
+
+    Returns
+    -------
+    SrrResult
+    """
+    with blas_threads(1):
+        return _reconstruct(stacks, grid, options, initial, coverage, monitor)
+
+
+def _reconstruct(stacks, grid, options, initial, coverage, monitor):
+    options = options or SrrOptions()
+    options.validate()
+    monitor = Monitor.wrap(monitor)
+    stacks = list(stacks)
+    if not stacks:
+        raise InputError("no stacks to reconstruct")
+    timings = {}
+    t_all = time.perf_counter()
+    background = options.background_value
+    if background is None:
+        background = _default_background(stacks)
+    all_ct = all(s.modality == "CT" for s in stacks)
+    match = (not all_ct) if options.intensity_matching is None else bool(options.intensity_matching)
+    monitor.report("reconstruct", 0.0)
+
+    # 1. Agreement between stacks, intensity matching.
+    t0 = time.perf_counter()
+    rep = compare_stacks(stacks, grid, match, options.disagreement_threshold, options.psf, 0, monitor)
+    timings["intensity_s"] = time.perf_counter() - t0
+    used = list(range(len(stacks)))
+    if rep.disagreeing:
+        names = ", ".join(f"{k} ('{stacks[k].description}', r={rep.correlation[k]:.2f})" for k in rep.disagreeing)
+        action = "left out" if options.exclude_disagreeing else "used anyway"
+        LOGGER.warning("stacks disagreeing with the others after intensity matching: %s; %s", names, action)
+        if options.exclude_disagreeing:
+            used = [k for k in used if k == 0 or k not in rep.disagreeing]
+    work = []
+    for k in used:
+        s = stacks[k]
+        if match and (rep.scale[k] != 1.0 or rep.offset[k] != 0.0):
+            px = s.pixels * np.float32(rep.scale[k]) + np.float32(rep.offset[k])
+            s = replace(s, pixels=px)
+        work.append(s)
+    monitor.report("reconstruct", 0.02)
+
+    # 2. Operators.
+    t0 = time.perf_counter()
+    ops = []
+    for s in work:
+        ops.append(make_operator(s, grid, options.psf))
+        monitor.check()
+    timings["operators_s"] = time.perf_counter() - t0
+    for s, op in zip(work, ops):
+        LOGGER.info("SRR operator for '%s': %s path", s.description, op.path)
+    monitor.report("reconstruct", 0.05)
+
+    # 3. Normalised data, right-hand side b = sum c_k A_k^T y_k and row sums sum c_k A_k^T 1.
+    t0 = time.perf_counter()
+    offset = float(background)
+    scale = _robust_range(work, offset)
+    inv = np.float32(1.0 / scale)
+    grid_voxel = float(np.prod(grid.spacing_mm))
+    c = [_sample_volume_mm3(s) / grid_voxel for s in work]
+    b = np.zeros(grid.shape, dtype=np.float32)
+    row_sums = np.zeros(grid.shape, dtype=np.float32)
+    for s, op, ck in zip(work, ops, c):
+        y = np.subtract(s.pixels, np.float32(offset))
+        y *= inv
+        y[~op.valid] = 0.0
+        t = op.adjoint(y)
+        del y
+        t *= np.float32(ck)
+        b += t
+        t = op.adjoint_ones()
+        t *= np.float32(ck)
+        row_sums += t
+        del t
+        monitor.check()
+    timings["setup_s"] = time.perf_counter() - t0
+    monitor.report("reconstruct", 0.08)
+
+    # 4. Coverage and start.
+    t0 = time.perf_counter()
+    if coverage is None or len(used) != len(stacks):
+        coverage = np.zeros(grid.shape, dtype=np.uint8)
+        for op in ops:
+            coverage += op.coverage()
+    coverage = np.asarray(coverage, dtype=np.uint8)
+    if coverage.shape != tuple(grid.shape):
+        raise InputError(f"coverage has shape {coverage.shape}, the grid {tuple(grid.shape)}")
+    if not coverage.any():
+        raise InputError("no stack covers the reconstruction grid")
+    if initial is not None:
+        x = np.array(initial, dtype=np.float32, copy=True)
+        if x.shape != tuple(grid.shape):
+            raise InputError(f"initial volume has shape {x.shape}, the grid {tuple(grid.shape)}")
+        x -= np.float32(offset)
+        x *= inv
+        start = "given"
+    else:
+        # The PSF-weighted average of the stacks (normalised back-projection, the "Gaussian
+        # reconstruction" of SVRTK): an average fusion at no extra cost; CG converges from it as fast
+        # as from the linear-interpolation average (measured by benchmarks/bench_srr.py).
+        x = np.divide(b, np.maximum(row_sums, np.float32(1e-6)))
+        start = "psf-weighted average"
+    x[coverage == 0] = 0.0
+    timings["initial_s"] = time.perf_counter() - t0
+    monitor.report("reconstruct", 0.1)
+
+    # 5. Solve.
+    t0 = time.perf_counter()
+    spacing_kji = tuple(float(v) for v in grid.spacing_mm[::-1])
+    system = NormalEquations(ops, c, options.alpha, spacing_kji, row_sums)
+    n_iter = max(1, int(options.max_iterations))
+
+    def report(it, rel):
+        monitor.report("reconstruct", 0.1 + 0.85 * min(1.0, it / n_iter))
+
+    if options.regularizer == "huber":
+        solve_info = solve_huber(
+            system, b, x, options.huber_delta, options.outer_iterations, options.max_iterations,
+            options.tolerance, report,
+        )
+    else:
+        solve_info = solve_tikhonov(system, b, x, options.max_iterations, options.tolerance, report)
+    del system, b, row_sums
+    timings["solve_s"] = time.perf_counter() - t0
+
+    # 6. Back to input units.
+    x *= np.float32(scale)
+    x += np.float32(offset)
+    if options.clip_to_input_range:
+        lo = min(float(s.pixels.min()) for s in work)
+        hi = max(float(s.pixels.max()) for s in work)
+        np.clip(x, lo, hi, out=x)
+    x[coverage == 0] = np.float32(background)
+    monitor.report("reconstruct", 1.0)
+    timings["total_s"] = time.perf_counter() - t_all
+    info = {
+        "method": "srr",
+        "iterations": int(solve_info["iterations"]),
+        "relative_residual": float(solve_info["relative_residual"]),
+        "initial_relative_residual": float(solve_info["initial_relative_residual"]),
+        "residual_history": [float(v) for v in solve_info["history"]],
+        "alpha": float(options.alpha),
+        "regularizer": options.regularizer,
+        "psf": options.psf,
+        "huber_delta": float(options.huber_delta) if options.regularizer == "huber" else None,
+        "background_value": float(background),
+        "initial": start,
+        "normalisation": {"offset": offset, "scale": float(scale)},
+        "operator_paths": [None] * len(stacks),
+        "data_weights": [None] * len(stacks),
+        "intensity_matching": bool(match),
+        "intensity_scale": [float(v) for v in rep.scale],
+        "intensity_offset": [float(v) for v in rep.offset],
+        "stack_correlation": [None if v is None else round(float(v), 4) for v in rep.correlation],
+        "disagreeing_stacks": [int(k) for k in rep.disagreeing],
+        "stacks_used": [int(k) for k in used],
+        "options": asdict(options),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    for k, op, ck in zip(used, ops, c):
+        info["operator_paths"][k] = op.path
+        info["data_weights"][k] = round(float(ck), 6)
+    LOGGER.info(
+        "SRR done: %d iterations, relative residual %.3g, %.1f s", info["iterations"], info["relative_residual"],
+        timings["total_s"],
+    )
+    return SrrResult(volume=x, coverage=coverage, info=info)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def add_srr_arguments(parser):
+    """Add the SRR options to an argparse parser (``fuse``/``run``); see :func:`srr_options_from_args`."""
+    g = parser.add_argument_group("super-resolution (--method srr)")
+    g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help=f"regularisation weight in mm^2 on normalised intensities; larger is smoother "
+                        f"(default {DEFAULT_ALPHA})")
+    g.add_argument("--regularizer", choices=("tikhonov", "huber"), default="tikhonov",
+                   help="tikhonov (gradient, default) or huber (edge-preserving)")
+    g.add_argument("--psf", choices=("gaussian", "box"), default="gaussian",
+                   help="through-plane slice profile: gaussian FWHM = thickness (default) or box (slab MPR)")
+    g.add_argument("--iterations", type=int, default=SrrOptions.max_iterations,
+                   help=f"maximum conjugate-gradient iterations (default {SrrOptions.max_iterations})")
+    g.add_argument("--tolerance", type=float, default=SrrOptions.tolerance,
+                   help=f"stop at this relative residual of the normal equations (default {SrrOptions.tolerance:g})")
+    g.add_argument("--intensity-matching", choices=("auto", "on", "off"), default="auto",
+                   help="per-stack linear intensity matching to the first stack: auto = off for CT, on otherwise")
+    g.add_argument("--huber-delta", type=float, default=DEFAULT_HUBER_DELTA,
+                   help=f"huber threshold on the gradient, normalised intensity per mm (default {DEFAULT_HUBER_DELTA})")
+    g.add_argument("--keep-disagreeing", action="store_true",
+                   help="use stacks that disagree with the others (they are left out by default)")
+    return parser
+
+
+def srr_options_from_args(args):
+    """SrrOptions from parsed arguments (missing attributes keep their defaults)."""
+    d = SrrOptions()
+    matching = {"auto": None, "on": True, "off": False}[getattr(args, "intensity_matching", "auto") or "auto"]
+    opts = SrrOptions(
+        alpha=getattr(args, "alpha", d.alpha),
+        regularizer=getattr(args, "regularizer", d.regularizer),
+        psf=getattr(args, "psf", d.psf),
+        max_iterations=getattr(args, "iterations", d.max_iterations),
+        tolerance=getattr(args, "tolerance", d.tolerance),
+        intensity_matching=matching,
+        huber_delta=getattr(args, "huber_delta", d.huber_delta),
+        exclude_disagreeing=not getattr(args, "keep_disagreeing", False),
+    )
+    opts.validate()
+    return opts
+
+
+__all__ = ["SrrOptions", "SrrResult", "add_srr_arguments", "reconstruct_srr", "srr_options_from_args"]
