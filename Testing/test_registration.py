@@ -19,6 +19,7 @@ from MultiPlaneFusionLib.metrics import correlation
 from MultiPlaneFusionLib.progress import Monitor
 from MultiPlaneFusionLib.reading import read_stacks
 from MultiPlaneFusionLib.reconstruction import fuse_average, resample_stack
+from MultiPlaneFusionLib.reconstruction.operators import psf_sigma_mm
 from MultiPlaneFusionLib.registration import (
     RegistrationOptions,
     add_registration_arguments,
@@ -30,7 +31,7 @@ from MultiPlaneFusionLib.registration import (
     write_transforms,
 )
 from MultiPlaneFusionLib.registration.report import apply, box_corners, describe_motion, rotation_vector_deg
-from MultiPlaneFusionLib.registration.rigid import register_pair, stack_psf_sigmas_mm
+from MultiPlaneFusionLib.registration.rigid import register_pair
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_grid, phantom_truth, simulate_stack
 
 SCALE = 0.5  # a small head keeps every synthetic case to about a second
@@ -126,7 +127,7 @@ def test_a_result_worse_than_the_start_is_rejected():
     ref, moving = simulate("axial", 0), simulate("sagittal", 1)
     far = np.linalg.inv(rigid_matrix((0, 0, 0), (15.0, 0.0, 0.0), centre))
     options = RegistrationOptions(iterations=1, shrink_factors=(1,), smoothing_sigmas=(0.0,))
-    r, info = register_pair(ref, stack_psf_sigmas_mm(ref), moving, np.eye(4), far, options, Monitor())
+    r, info = register_pair(ref, psf_sigma_mm(ref), moving, np.eye(4), far, options, Monitor())
     assert not info["accepted"]
     assert "worse" in info["warning"]
     assert info["result_metric"] > info["initial_metric"]

@@ -42,6 +42,7 @@ import SimpleITK as sitk
 from ..errors import CancelledError, InputError, OutputError
 from ..grid import Grid, _orthonormal_frame
 from ..progress import Monitor
+from ..reconstruction.operators import psf_sigma_mm
 from ..reconstruction.resample import resample_stack
 from ..writing import atomic_path
 from .options import RegistrationOptions
@@ -50,10 +51,6 @@ from .report import describe_motion
 log = logging.getLogger("MultiPlaneFusionLib")
 
 STAGE = "register"
-# FWHM of a Gaussian in units of its sigma.
-_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
-# In-plane PSF FWHM as a multiple of the pixel spacing (the NiftyMIC/SVRTK convention).
-_INPLANE_FWHM_PIXELS = 1.2
 # Default CT foreground threshold (HU): everything denser than lung/air.
 _CT_FOREGROUND_HU = -500.0
 # Dilation of the foreground mask (mm): the outer edge of the body carries much of the signal.
@@ -61,12 +58,6 @@ _MASK_DILATION_MM = 4.0
 
 
 # ------------------------------------------------------------------------------------------- geometry
-def stack_psf_sigmas_mm(stack):
-    """Gaussian PSF sigmas (mm) of a stack along its row, column and normal directions, shape (3,)."""
-    di, dj = stack.pixel_spacing_mm
-    return np.array([_INPLANE_FWHM_PIXELS * di, _INPLANE_FWHM_PIXELS * dj, stack.thickness_mm]) / _FWHM
-
-
 def stack_centre_mm(stack):
     """Scanner-space centre of a stack's sampled region (mean of its 8 corners), shape (3,)."""
     return stack.with_transform(np.eye(4)).corners_mm().mean(axis=0)
@@ -245,7 +236,7 @@ def _prepare_pair(target, target_sigmas_mm, moving, r_init, options):
     h = _choose_spacing(options, target, moving, hi_f - lo_f, hi_m - lo_m)
     grid_f = _box_grid(frame_f, lo_f, hi_f, h)
     grid_m = _box_grid(frame_m, lo_m, hi_m, h)
-    fixed, fixed_cov = _sampled(_low_passed(target, h), grid_f, stack_psf_sigmas_mm(moving))
+    fixed, fixed_cov = _sampled(_low_passed(target, h), grid_f, psf_sigma_mm(moving))
     moving_img, moving_cov = _sampled(_low_passed(scanner, h), grid_m, target_sigmas_mm)
     fixed_mask = _foreground_mask(fixed, fixed_cov, target.modality, options.foreground_hu, h)
     return _Pair(
@@ -499,7 +490,7 @@ def register_stacks(stacks, reference=0, options=None, monitor=None):
     if not options.enabled or len(stacks) < 2:
         return stacks, []
     target = stacks[reference]
-    target_sigmas = stack_psf_sigmas_mm(target)
+    target_sigmas = psf_sigma_mm(target)
     others = [n for n in range(len(stacks)) if n != reference]
     out, reports = list(stacks), []
     monitor.report(STAGE, 0.0)
