@@ -98,6 +98,19 @@ def signed_volume_mm3(pts, tris):
     return volume_and_area(pts, tris, with_area=False)[0]
 
 
+def _edge_groups(tris, n_points):
+    """Sorted edge codes (undirected edge * 2 + direction bit), group starts and group sizes."""
+    a = tris.ravel()
+    b = np.roll(tris, -1, axis=1).ravel()
+    n = np.int64(max(n_points, 1))
+    codes = (np.minimum(a, b) * n + np.maximum(a, b)) * 2 + (a > b)
+    codes.sort()
+    edge = codes >> 1
+    starts = np.flatnonzero(np.concatenate(([True], edge[1:] != edge[:-1])))
+    counts = np.diff(np.append(starts, len(edge)))
+    return codes, starts, counts
+
+
 def edge_counts(tris, n_points):
     """(boundary_edges, non_manifold_edges, consistently_oriented) of a triangle mesh.
 
@@ -107,16 +120,21 @@ def edge_counts(tris, n_points):
     """
     if len(tris) == 0:
         return 0, 0, True
-    a = tris.ravel()
-    b = np.roll(tris, -1, axis=1).ravel()
-    n = np.int64(max(n_points, 1))
-    codes = (np.minimum(a, b) * n + np.maximum(a, b)) * 2 + (a > b)
-    codes.sort()
+    codes, _, counts = _edge_groups(tris, n_points)
     consistent = not bool(np.any(codes[1:] == codes[:-1]))
-    edge = codes >> 1
-    starts = np.flatnonzero(np.concatenate(([True], edge[1:] != edge[:-1])))
-    counts = np.diff(np.append(starts, len(edge)))
     return int(np.count_nonzero(counts == 1)), int(np.count_nonzero(counts > 2)), consistent
+
+
+def defect_vertices(tris, n_points):
+    """Ids of the vertices on a boundary, non-manifold or inconsistently oriented edge (sorted)."""
+    if len(tris) == 0:
+        return np.zeros(0, dtype=np.int64)
+    codes, starts, counts = _edge_groups(tris, n_points)
+    bad = codes[starts[counts != 2]] >> 1
+    twice = codes[1:][codes[1:] == codes[:-1]] >> 1
+    edges = np.concatenate([bad, twice])
+    n = np.int64(max(n_points, 1))
+    return np.unique(np.concatenate([edges // n, edges % n]))
 
 
 def staircase_fraction(polydata, axes=None, tolerance_deg=5.0):

@@ -1,0 +1,364 @@
+"""Benchmark of the bone-model step: speed, memory, closedness, fidelity and staircase.
+
+Cases
+-----
+- ``phantom``: the analytic head phantom's ideal image on an isotropic grid (about 20 M voxels at the
+  default 0.75 mm), CT bone preset.
+- ``philips_1mm``: the real 1 mm axial Philips series of ../shared/data (0.45 x 0.45 x 1 mm, 37 M
+  voxels), 300 HU (the plastic skull).
+- ``staircase``: models of the phantom from thick-slice stacks (axial 4 mm: native grid, resampled to
+  the truth grid; the average of axial, coronal and sagittal 4 mm stacks) against the ground-truth model.
+
+Measured per case: time of one flying-edges pass over the whole volume (``metrics.iso_surface``, which
+is also the exact isosurface the model is compared with) and of the whole model path, their ratio,
+the peak memory of the model path, triangles, closedness, the symmetric vertex-to-surface distance
+to the exact isosurface (mean / p95, on up to ``--max-points`` vertices per side), the volume change
+caused by smoothing, and the staircase fraction (area whose normal is within 5 degrees of an axis).
+
+Usage::
+
+    python benchmarks/bench_model.py [--json PATH] [--spacing 0.75] [--skip-real] [--smp STDThread]
+
+Prints a table and writes the JSON (default benchmarks/results/bench_model.json).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+from MultiPlaneFusionLib.grid import grid_from_image
+from MultiPlaneFusionLib.metrics import iso_surface
+from MultiPlaneFusionLib.model import ModelOptions, build_model, staircase_fraction
+from MultiPlaneFusionLib.model.meshio import points, triangles
+from vtk.util import numpy_support
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _reset_peak():
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_mb(key):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _peak_mb():
+    v = _status_mb("VmHWM")
+    if v is None:
+        v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return v
+
+
+def timed_model(image, options, modality="CT"):
+    """build_model with wall time and the peak RSS reached while it ran (MB; above the baseline)."""
+    before = _status_mb("VmRSS")
+    exact_peak = _reset_peak()
+    t = time.perf_counter()
+    res = build_model(image, options, modality=modality)
+    seconds = time.perf_counter() - t
+    peak = _peak_mb()
+    return res, seconds, {
+        "rss_before_mb": before,
+        "peak_mb": peak,
+        "peak_above_input_mb": (peak - before) if (exact_peak and before is not None) else None,
+    }
+
+
+def timed_flying_edges(image, level):
+    values = sitk.GetArrayViewFromImage(image)
+    t = time.perf_counter()
+    poly = iso_surface(values, level, grid_from_image(image))
+    return poly, time.perf_counter() - t
+
+
+def one_way_distances(src, target, max_points, seed=0):
+    """|distance| from (a random subset of) the vertices of ``src`` to the surface ``target`` (mm)."""
+    p = points(src)
+    if len(p) > max_points:
+        p = p[np.random.default_rng(seed).choice(len(p), max_points, replace=False)]
+    f = vtk.vtkImplicitPolyDataDistance()
+    f.SetInput(target)
+    out = vtk.vtkDoubleArray()
+    f.FunctionValue(numpy_support.numpy_to_vtk(np.ascontiguousarray(p), deep=True), out)
+    return np.abs(numpy_support.vtk_to_numpy(out))
+
+
+def symmetric_distance(a, b, max_points):
+    d = np.concatenate([one_way_distances(a, b, max_points), one_way_distances(b, a, max_points)])
+    return {"mean_mm": float(d.mean()), "p95_mm": float(np.percentile(d, 95)), "max_mm": float(d.max()),
+            "n": int(d.size)}
+
+
+def normal_angle_deg(test, reference, n=20000, seed=0):
+    """Mean angle (degrees) between the test's point normals and the reference's face normal at the
+    closest point, on ``n`` random test vertices: the staircase shows up as tilted normals."""
+    p = points(test)
+    normals = test.GetPointData().GetNormals()
+    if normals is None or len(p) == 0:
+        return None
+    nv = numpy_support.vtk_to_numpy(normals).astype(float)
+    idx = np.random.default_rng(seed).choice(len(p), min(n, len(p)), replace=False)
+    rp, rt = points(reference), triangles(reference)
+    face = np.cross(rp[rt[:, 1]] - rp[rt[:, 0]], rp[rt[:, 2]] - rp[rt[:, 0]])
+    face /= np.maximum(np.linalg.norm(face, axis=1, keepdims=True), 1e-30)
+    loc = vtk.vtkStaticCellLocator()
+    loc.SetDataSet(reference)
+    loc.BuildLocator()
+    closest = [0.0, 0.0, 0.0]
+    cell, sub, d2 = vtk.reference(0), vtk.reference(0), vtk.reference(0.0)
+    cos = np.empty(len(idx))
+    for m, i in enumerate(idx):
+        loc.FindClosestPoint(p[i].tolist(), closest, cell, sub, d2)
+        cos[m] = float(nv[i] @ face[int(cell)])
+    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).mean())
+
+
+def model_row(name, image, options, level, max_points, modality="CT", exact=None, fe_s=None, compare=True):
+    """Time and measure one model; ``exact`` (and its time) may be shared between rows."""
+    if exact is None:
+        exact, fe_s = timed_flying_edges(image, level)
+    res, seconds, mem = timed_model(image, options, modality)
+    rep = res.report
+    row = {
+        "case": name,
+        "voxels": int(np.prod(image.GetSize())),
+        "spacing_mm": [round(v, 4) for v in image.GetSpacing()],
+        "method": rep["method"],
+        "smoothing": rep["smoothing"],
+        "islands": options.islands,
+        "flying_edges_s": fe_s,
+        "model_s": seconds,
+        "ratio": seconds / fe_s if fe_s else None,
+        "timings": rep["timings"],
+        "memory": mem,
+        "triangles": rep["triangles"],
+        "closed": rep["closed"],
+        "outward": rep["outward"],
+        "components": rep["components"],
+        "volume_mm3": rep["volume_mm3"],
+        "smoothing_volume_change_percent": rep["smoothing_volume_change_percent"],
+        "staircase_fraction_xyz": staircase_fraction(res.polydata),
+    }
+    if compare:
+        row["distance_to_exact"] = symmetric_distance(res.polydata, exact, max_points)
+    return row, res, exact, fe_s
+
+
+# ------------------------------------------------------------------------------------------ cases
+def phantom_cases(spacing_mm, scale, max_points):
+    from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth
+
+    grid = phantom_grid(spacing_mm, scale=scale)
+    t = time.perf_counter()
+    image = grid.image(phantom_truth(grid, scale=scale))
+    print(f"phantom: {grid.shape} voxels at {spacing_mm} mm, built in {time.perf_counter() - t:.1f} s", flush=True)
+    rows = []
+    row, _, exact, fe_s = model_row("phantom", image, ModelOptions(islands="all"), 226.0, max_points)
+    rows.append(row)
+    default, _, _, _ = model_row("phantom (largest island)", image, ModelOptions(), 226.0, max_points,
+                                 exact=exact, fe_s=fe_s, compare=False)
+    rows.append(default)
+    for s in (0.0, 0.25, 1.0):
+        r, _, _, _ = model_row(f"phantom s={s:g}", image, ModelOptions(islands="all", smoothing=s), 226.0,
+                               max_points, exact=exact, fe_s=fe_s)
+        rows.append(r)
+    r, _, _, _ = model_row("phantom labelmap", image, ModelOptions(islands="all", surface_method="labelmap"),
+                           226.0, max_points, exact=exact, fe_s=fe_s)
+    rows.append(r)
+    return rows, grid, image
+
+
+def staircase_cases(grid, truth_image, scale, thickness_mm, max_points):
+    """Models from thick-slice stacks against the ground-truth model (all on the truth grid)."""
+    from MultiPlaneFusionLib.reading import stack_to_image
+    from MultiPlaneFusionLib.reconstruction.resample import resample_stack
+    from MultiPlaneFusionLib.simulation import simulate_orthogonal_stacks
+
+    pixel = float(grid.spacing_mm[0])
+    stacks = simulate_orthogonal_stacks(thickness_mm=thickness_mm, pixel_spacing_mm=pixel, scale=scale,
+                                        noise_hu=0.0)
+    axial = stacks[0]
+    truth = build_model(truth_image, ModelOptions())
+    axes = np.stack([axial.row_direction, axial.column_direction, axial.normal])
+    ref_fraction = staircase_fraction(truth.polydata, axial.normal)
+    rows = [{
+        "case": "staircase: ground truth", "method": "iso", "triangles": truth.report["triangles"],
+        "closed": truth.report["closed"], "staircase_fraction_normal": ref_fraction,
+        "staircase_fraction_axes": staircase_fraction(truth.polydata, axes),
+    }]
+
+    def add(name, image, options):
+        res = build_model(image, options)
+        d = symmetric_distance(res.polydata, truth.polydata, max_points)
+        rows.append({
+            "case": f"staircase: {name}", "method": options.surface_method, "triangles": res.report["triangles"],
+            "closed": res.report["closed"], "distance_to_truth_model": d,
+            "staircase_fraction_normal": staircase_fraction(res.polydata, axial.normal),
+            "staircase_fraction_axes": staircase_fraction(res.polydata, axes),
+            "excess_over_truth": staircase_fraction(res.polydata, axial.normal) - ref_fraction,
+            "normal_angle_to_truth_deg": normal_angle_deg(res.polydata, truth.polydata),
+        })
+
+    add(f"axial {thickness_mm:g} mm native, labelmap s=0", stack_to_image(axial),
+        ModelOptions(surface_method="labelmap", smoothing=0))
+    add(f"axial {thickness_mm:g} mm native, labelmap", stack_to_image(axial), ModelOptions(surface_method="labelmap"))
+    add(f"axial {thickness_mm:g} mm native, iso", stack_to_image(axial), ModelOptions())
+    values, covered = resample_stack(axial, grid)
+    values[~covered] = -1000.0
+    add(f"axial {thickness_mm:g} mm linear to truth grid, iso", grid.image(values), ModelOptions())
+    try:
+        from MultiPlaneFusionLib.reconstruction.average import fuse_average
+
+        fused = fuse_average(stacks, grid).volume
+        add("average of ax+cor+sag, iso", grid.image(np.asarray(fused, dtype=np.float32)), ModelOptions())
+    except Exception as e:  # the fusion API belongs to another module; report rather than fail
+        rows.append({"case": "staircase: average of ax+cor+sag", "error": str(e).splitlines()[0]})
+    add("ground truth itself, labelmap", truth_image, ModelOptions(surface_method="labelmap"))
+    return rows
+
+
+def philips_cases(max_points):
+    from MultiPlaneFusionLib.reading import read_volume
+
+    root = None
+    for c in (os.environ.get("MPF_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+        if c and (Path(c) / "dcm_qa_ct" / "philips_axial_1mm.tar.gz").is_file():
+            root = Path(c) / "dcm_qa_ct"
+            break
+    if root is None:
+        print("real data absent: skipping the Philips 1 mm case", flush=True)
+        return []
+    tmp = tempfile.mkdtemp(prefix="bench_model_")
+    try:
+        with tarfile.open(root / "philips_axial_1mm.tar.gz") as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")
+            else:
+                tar.extractall(tmp)
+        (series,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
+        image = sitk.Cast(read_volume(series), sitk.sitkFloat32)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    level = 300.0
+    rows = []
+    row, _, exact, fe_s = model_row("philips 1 mm", image, ModelOptions(threshold=(level, 3071), islands="all"),
+                                    level, max_points)
+    rows.append(row)
+    r, _, _, _ = model_row("philips 1 mm (largest island)", image, ModelOptions(threshold=(level, 3071)), level,
+                           max_points, exact=exact, fe_s=fe_s, compare=False)
+    rows.append(r)
+    for s in (0.0, 0.25, 0.75, 1.0):
+        r, _, _, _ = model_row(f"philips 1 mm s={s:g}", image,
+                               ModelOptions(threshold=(level, 3071), islands="all", smoothing=s), level, max_points,
+                               exact=exact, fe_s=fe_s)
+        rows.append(r)
+    r, _, _, _ = model_row("philips 1 mm labelmap", image,
+                           ModelOptions(threshold=(level, 3071), islands="all", surface_method="labelmap"), level,
+                           max_points, exact=exact, fe_s=fe_s)
+    rows.append(r)
+    r, _, _, _ = model_row("philips 1 mm decimate 0.8", image,
+                           ModelOptions(threshold=(level, 3071), islands="all", decimate=0.8), level, max_points,
+                           exact=exact, fe_s=fe_s)
+    rows.append(r)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ output
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows):
+    head = (f"{'case':<52} {'Mvox':>6} {'FE s':>6} {'model s':>7} {'ratio':>5} {'peak MB':>7} {'triangles':>9} "
+            f"{'closed':>6} {'mean mm':>7} {'p95 mm':>6} {'dV %':>6} {'stair':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:<52} error: {r['error']}")
+            continue
+        d = r.get("distance_to_exact") or r.get("distance_to_truth_model") or {}
+        mem = r.get("memory") or {}
+        peak = mem.get("peak_above_input_mb") if mem.get("peak_above_input_mb") is not None else mem.get("peak_mb")
+        stair = r.get("staircase_fraction_normal", r.get("staircase_fraction_xyz"))
+        print(
+            f"{r['case']:<52} {_fmt(r.get('voxels', 0) / 1e6 if r.get('voxels') else None, '6.1f')} "
+            f"{_fmt(r.get('flying_edges_s'), '6.2f')} {_fmt(r.get('model_s'), '7.2f')} {_fmt(r.get('ratio'), '5.1f')} "
+            f"{_fmt(peak, '7.0f')} {r['triangles']:>9} {str(r['closed']):>6} {_fmt(d.get('mean_mm'), '7.3f')} "
+            f"{_fmt(d.get('p95_mm'), '6.3f')} {_fmt(r.get('smoothing_volume_change_percent'), '6.2f')} "
+            f"{_fmt(stair, '6.3f')}"
+        )
+    print("FE s: one flying-edges pass over the whole volume; ratio = model s / FE s; peak MB: peak RSS of the "
+          "model path above the RSS before it; mean/p95: symmetric vertex-to-surface distance to the exact "
+          "isosurface (staircase rows: to the ground-truth model); stair: area fraction with normals within "
+          "5 deg of the slice normal (staircase rows) or of x/y/z.")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "bench_model.json"))
+    ap.add_argument("--spacing", type=float, default=0.75, help="phantom grid spacing, mm (0.75: about 20 M voxels)")
+    ap.add_argument("--scale", type=float, default=1.0, help="phantom size factor")
+    ap.add_argument("--thickness", type=float, default=4.0, help="slice thickness of the staircase stacks, mm")
+    ap.add_argument("--max-points", type=int, default=200_000, help="vertices per side for surface distances")
+    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--skip-phantom", action="store_true")
+    ap.add_argument("--smp", default=None, help="VTK SMP backend (Sequential, STDThread, TBB, OpenMP)")
+    args = ap.parse_args(argv)
+    if args.smp:
+        vtk.vtkSMPTools.SetBackend(args.smp)
+    env = {
+        "python": sys.version.split()[0],
+        "vtk": vtk.vtkVersion.GetVTKVersion(),
+        "simpleitk": sitk.Version_VersionString(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "vtk_smp_backend": vtk.vtkSMPTools.GetBackend(),
+        "vtk_smp_threads": vtk.vtkSMPTools.GetEstimatedNumberOfThreads(),
+    }
+    rows = []
+    if not args.skip_phantom:
+        prow, grid, image = phantom_cases(args.spacing, args.scale, args.max_points)
+        rows += prow
+        print_table(rows)
+        rows += staircase_cases(grid, image, args.scale, args.thickness, args.max_points)
+        del image
+    if not args.skip_real:
+        rows += philips_cases(args.max_points)
+    print()
+    print_table(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1, default=float)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
