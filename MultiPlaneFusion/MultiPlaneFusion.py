@@ -17,7 +17,6 @@ import qt
 import SimpleITK as sitk
 import slicer
 import vtk
-from MultiPlaneFusionLib import slicer_boundary
 from slicer import vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -35,6 +34,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+from MultiPlaneFusionLib import slicer_boundary
 
 README_URL = "https://github.com/multiplanefusion/SlicerMultiPlaneFusion#readme"
 

@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.metrics import correlation
 from MultiPlaneFusionLib.reading import read_stacks, stack_from_image

@@ -3,6 +3,8 @@
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
 from MultiPlaneFusionLib.errors import CancelledError, InputError
 from MultiPlaneFusionLib.progress import Monitor
 from MultiPlaneFusionLib.simulation import (
@@ -18,7 +20,6 @@ from MultiPlaneFusionLib.simulation import (
     write_secondary_capture,
 )
 from MultiPlaneFusionLib.simulation.acquisition import profile_samples
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 BONE_HU = 300.0
 

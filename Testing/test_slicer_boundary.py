@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import vtk
+
 from MultiPlaneFusionLib import slicer_boundary as sb
 from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.grid import Grid

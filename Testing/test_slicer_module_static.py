@@ -749,6 +749,7 @@ def phantom_series():
 
 def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, phantom_series):
     import numpy as np
+
     from MultiPlaneFusionLib import slicer_boundary as sb
 
     nodes = {k: _FakeVolumeNode(px, m, k) for k, (px, m) in phantom_series.items()}
@@ -780,6 +781,7 @@ def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, pha
 
 def test_logic_refuses_bad_input_with_value_error(stubbed_module, phantom_series):
     import numpy as np
+
     from MultiPlaneFusionLib.errors import CancelledError
 
     px, m = phantom_series["axial"]

@@ -150,7 +150,8 @@ def cmd_inspect(args, progress):
     from .reading import read_stacks
 
     stacks = read_stacks(args.paths)
-    header = f"{'#':>2} {'description':<28} {'orient.':<9} {'matrix':<13} {'pixel mm':<15} {'thick':>6} {'step min-max mm':<16} flags"
+    header = (f"{'#':>2} {'description':<28} {'orient.':<9} {'matrix':<13} {'pixel mm':<15} {'thick':>6} "
+              f"{'step min-max mm':<16} flags")
     print(header)
     rows = []
     for n, s in enumerate(stacks):

@@ -16,9 +16,13 @@ def read_image(path):
     except RuntimeError:
         raise InputError(f"'{path}' is not a volume file SimpleITK can read") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"'{path}' has {img.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar volume")
+        raise InputError(
+            f"'{path}' has {img.GetNumberOfComponentsPerPixel()} components per voxel; need a scalar volume"
+        )
     if img.GetDimension() != 3 or min(img.GetSize()) < 2:
-        raise InputError(f"'{path}' is a {img.GetDimension()}-D image of size {img.GetSize()}; a stack must be a 3-D volume")
+        raise InputError(
+            f"'{path}' is a {img.GetDimension()}-D image of size {img.GetSize()}; a stack must be a 3-D volume"
+        )
     return img
 
 
