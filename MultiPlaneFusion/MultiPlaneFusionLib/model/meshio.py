@@ -67,30 +67,33 @@ def set_triangles(poly, tris):
     return poly
 
 
-def volume_and_area(pts, tris, with_area=True):
-    """(signed enclosed volume in mm^3, total area in mm^2) of a triangle mesh.
+def volume_and_area(pts, tris, with_area=True, chunk=500_000):
+    """(signed enclosed volume in mm^3, total area in mm^2 or None) of a triangle mesh.
 
     The volume (divergence theorem) is positive when a closed mesh's triangles wind counter-clockwise
     seen from outside. Coordinates are centred first: far from the origin the large, cancelling terms
-    would lose digits.
+    would lose digits. Works through ``chunk`` triangles at a time to bound the temporaries.
     """
     if len(tris) == 0:
-        return 0.0, 0.0
+        return 0.0, (0.0 if with_area else None)
     p = pts - pts.mean(axis=0)
     x, y, z = (np.ascontiguousarray(p[:, d]) for d in range(3))
-    i, j, k = tris[:, 0], tris[:, 1], tris[:, 2]
-    xa, ya, za = x[i], y[i], z[i]
-    xb, yb, zb = x[j], y[j], z[j]
-    xc, yc, zc = x[k], y[k], z[k]
-    volume = float(np.sum(xa * (yb * zc - zb * yc) + ya * (zb * xc - xb * zc) + za * (xb * yc - yb * xc))) / 6.0
-    if not with_area:
-        return volume, None
-    # Edge vectors from corner a, reusing the gathered coordinates.
-    ux, uy, uz = xb - xa, yb - ya, zb - za
-    vx, vy, vz = xc - xa, yc - ya, zc - za
-    cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
-    area = 0.5 * float(np.sum(np.sqrt(cx * cx + cy * cy + cz * cz)))
-    return volume, area
+    del p
+    volume, area = 0.0, 0.0
+    for s in range(0, len(tris), chunk):
+        t = tris[s : s + chunk]
+        i, j, k = t[:, 0], t[:, 1], t[:, 2]
+        xa, ya, za = x[i], y[i], z[i]
+        xb, yb, zb = x[j], y[j], z[j]
+        xc, yc, zc = x[k], y[k], z[k]
+        volume += float(np.sum(xa * (yb * zc - zb * yc) + ya * (zb * xc - xb * zc) + za * (xb * yc - yb * xc)))
+        if with_area:
+            # Edge vectors from corner a, reusing the gathered coordinates.
+            ux, uy, uz = xb - xa, yb - ya, zb - za
+            vx, vy, vz = xc - xa, yc - ya, zc - za
+            cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
+            area += 0.5 * float(np.sum(np.sqrt(cx * cx + cy * cy + cz * cz)))
+    return volume / 6.0, (area if with_area else None)
 
 
 def signed_volume_mm3(pts, tris):
@@ -103,11 +106,17 @@ def _edge_groups(tris, n_points):
     a = tris.ravel()
     b = np.roll(tris, -1, axis=1).ravel()
     n = np.int64(max(n_points, 1))
-    codes = (np.minimum(a, b) * n + np.maximum(a, b)) * 2 + (a > b)
+    codes = np.minimum(a, b)
+    codes *= n
+    codes += np.maximum(a, b)
+    codes *= 2
+    codes += a > b
+    del b
     codes.sort()
     edge = codes >> 1
     starts = np.flatnonzero(np.concatenate(([True], edge[1:] != edge[:-1])))
-    counts = np.diff(np.append(starts, len(edge)))
+    del edge
+    counts = np.diff(np.append(starts, len(codes)))
     return codes, starts, counts
 
 

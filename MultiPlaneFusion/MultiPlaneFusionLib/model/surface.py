@@ -22,7 +22,7 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from ..metrics import image_to_vtk, transform_polydata
+from ..metrics import transform_polydata
 from ..progress import Monitor
 from .meshio import defect_vertices, mesh_facts, points, set_triangles, triangles
 
@@ -104,6 +104,17 @@ def _padded(shape, pad, dtype):
     return a
 
 
+def _image_view(array, spacing, origin):
+    """A vtkImageData sharing the memory of a C-contiguous [k, j, i] array (no copy: keep ``array``
+    alive while the image is used). :func:`metrics.image_to_vtk` is the copying variant."""
+    img = vtk.vtkImageData()
+    img.SetDimensions(int(array.shape[2]), int(array.shape[1]), int(array.shape[0]))
+    img.SetSpacing(*[float(s) for s in spacing])
+    img.SetOrigin(*[float(o) for o in origin])
+    img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.reshape(-1), deep=False))
+    return img
+
+
 def _scaled_origin(box, spacing):
     """Scaled-index coordinates (mm) of the first voxel of the padded box."""
     return [float((box[2 - a].start - 1) * spacing[a]) for a in range(3)]
@@ -123,8 +134,7 @@ def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None):
     pad = -max(max(float(lo) - float(vmin), 0.0) + 1.0, eps)
     field = _padded(crop.shape, pad, np.float32)
     grey_field(crop, mask, lo, hi, eps, out=field[1:-1, 1:-1, 1:-1])
-    img = image_to_vtk(field, spacing, _scaled_origin(box, spacing))
-    del field
+    img = _image_view(field, spacing, _scaled_origin(box, spacing))
     fe = vtk.vtkFlyingEdges3D()
     fe.SetInputData(img)
     fe.SetValue(0, 0.0)
@@ -132,7 +142,9 @@ def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None):
     fe.ComputeGradientsOff()
     fe.ComputeScalarsOff()
     fe.InterpolateAttributesOff()
-    return _run(fe, monitor, "surface", 0.0, 0.3)
+    out = _run(fe, monitor, "surface", 0.0, 0.3)
+    del fe, img, field  # the image shares the field's memory: release them together
+    return out
 
 
 def contour_labelmap(mask, box, spacing, monitor=None):
@@ -140,15 +152,16 @@ def contour_labelmap(mask, box, spacing, monitor=None):
     monitor = Monitor.wrap(monitor)
     lab = _padded(mask.shape, 0, np.uint8)
     lab[1:-1, 1:-1, 1:-1] = mask
-    img = image_to_vtk(lab, spacing, _scaled_origin(box, spacing))
-    del lab
+    img = _image_view(lab, spacing, _scaled_origin(box, spacing))
     fe = vtk.vtkDiscreteFlyingEdges3D()
     fe.SetInputData(img)
     fe.SetValue(0, 1)
     fe.ComputeNormalsOff()
     fe.ComputeGradientsOff()
     fe.ComputeScalarsOff()
-    return _run(fe, monitor, "surface", 0.0, 0.3)
+    out = _run(fe, monitor, "surface", 0.0, 0.3)
+    del fe, img, lab
+    return out
 
 
 def smooth(poly, smoothing, monitor=None, start=0.3, stop=0.85):
