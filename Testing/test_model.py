@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import vtk
+from vtk.util import numpy_support
+
 from MultiPlaneFusionLib.errors import CancelledError, InputError, OutputError
 from MultiPlaneFusionLib.grid import Grid, grid_from_image
 from MultiPlaneFusionLib.metrics import iso_surface, surface_distance
@@ -30,7 +32,6 @@ from MultiPlaneFusionLib.model import (
 )
 from MultiPlaneFusionLib.model.meshio import points, triangles
 from MultiPlaneFusionLib.model.thresholds import otsu_level
-from vtk.util import numpy_support
 
 CENTRE = np.array([3.0, -4.0, 20.0])  # LPS mm
 OUTER = np.array([14.0, 11.0, 9.0])  # semi-axes of the outer surface at the edge midpoint, mm
@@ -50,14 +51,14 @@ def rotation(ax, ay, az):
     return rz @ ry @ rx
 
 
-def ellipsoid_hu(p, centre, semi, inner_ratio=None):
-    """HU of a smooth solid (or hollow) ellipsoid at LPS points p (..., 3): tanh edges EDGE_MM wide."""
+def ellipsoid_hu(p, centre, semi, inner_ratio=None, edge_mm=EDGE_MM):
+    """HU of a smooth solid (or hollow) ellipsoid at LPS points p (..., 3): tanh edges ``edge_mm`` wide."""
     q = (np.asarray(p, float) - centre) / semi
     rho = np.sqrt(np.sum(q * q, axis=-1))  # 1 on the outer edge midpoint
     scale = float(np.min(semi))
-    inside = 0.5 * (1 + np.tanh((1.0 - rho) * scale / EDGE_MM))
+    inside = 0.5 * (1 + np.tanh((1.0 - rho) * scale / edge_mm))
     if inner_ratio is not None:
-        inside = inside * (1.0 - 0.5 * (1 + np.tanh((inner_ratio - rho) * scale / EDGE_MM)))
+        inside = inside * (1.0 - 0.5 * (1 + np.tanh((inner_ratio - rho) * scale / edge_mm)))
     return AIR + (BONE - AIR) * inside
 
 
@@ -259,6 +260,19 @@ def test_shape_cut_by_the_field_of_view_is_capped_and_closed():
     exact = mesh_report(exact_surface(img))
     assert exact["closed"]
     assert res.report["volume_mm3"] == pytest.approx(exact["volume_mm3"], rel=0.01)
+
+
+def test_upper_threshold_cuts_an_inner_surface():
+    # A range below the ball's core value: the model is the shell between the 226 and 600 HU levels
+    # (a soft 5 mm edge makes that shell about 2 mm thick).
+    img, _, _ = sample((0.7, 0.7, 0.9), OBLIQUE, fn=lambda p: ellipsoid_hu(p, CENTRE, OUTER, edge_mm=5.0))
+    res = build_model(img, ModelOptions(threshold=(226, 600), smoothing=0))
+    assert res.report["closed"] and res.report["outward"] and res.report["components"] == 2
+    outer = mesh_report(exact_surface(img, 226.0))["volume_mm3"]
+    inner = mesh_report(exact_surface(img, 600.0))["volume_mm3"]
+    assert res.report["volume_mm3"] == pytest.approx(outer - inner, rel=0.01)
+    smooth = build_model(img, ModelOptions(threshold=(226, 600)))
+    assert smooth.report["closed"] and smooth.report["outward"]
 
 
 def test_voxels_exactly_at_the_threshold_do_not_break_the_mesh():
