@@ -303,11 +303,10 @@ def separable_axes(stack, grid):
 
 
 def _index_box_mask(k, j, i, shape):
-    """Points whose continuous stack indices lie inside the sampled box [-0.5, n - 0.5]^3."""
+    """Points whose continuous stack indices lie inside the sampled box [-0.5, n - 0.5)^3 (half-open, as
+    ITK decides "inside" when resampling, so the coverage equals the average fusion's)."""
     nk, nj, ni = shape
-    return (
-        (k >= -0.5) & (k <= nk - 0.5) & (j >= -0.5) & (j <= nj - 0.5) & (i >= -0.5) & (i <= ni - 0.5)
-    )
+    return (k >= -0.5) & (k < nk - 0.5) & (j >= -0.5) & (j < nj - 0.5) & (i >= -0.5) & (i < ni - 0.5)
 
 
 # ------------------------------------------------------------------------------------------ base class
@@ -481,7 +480,7 @@ class SeparableOperator(StackOperator):
             pts = [idx if a == g else np.full_like(idx, centre[a]) for a in range(3)]
             kji = self.stack.physical_to_index(self.grid.index_to_physical(*pts))
             n = self.shape[s]
-            masks.append((kji[s] >= -0.5) & (kji[s] <= n - 0.5))
+            masks.append((kji[s] >= -0.5) & (kji[s] < n - 0.5))
         out = np.ones(self.grid_shape, dtype=bool)
         for s in range(3):
             shape = [1, 1, 1]
@@ -624,7 +623,7 @@ class GeneralOperator(StackOperator):
             for row in range(3):
                 m = to_stack[row].astype(np.float32)
                 c = m[0] * ii + m[1] * jj + (m[2] * k + m[3])
-                inside &= (c >= -0.5) & (c <= n_stack[row] - 0.5)
+                inside &= (c >= -0.5) & (c < n_stack[row] - 0.5)
             out[k] = inside
         return out
 
@@ -785,8 +784,10 @@ class _SharedAxisInterp:
         per = max(1, _CHUNK_NODES // max(n_ride * n_lat[1 - self.chunk_pos], 1))
         n_c = n_lat[self.chunk_pos]
         self.ranges = [(s, min(s + per, n_c)) for s in range(0, n_c, per)]
-        # Transpose structure per chunk: (target plane nodes, segment heads, source rows, weights).
-        self.sorted = []
+        # Transpose structure per chunk, as "layers": the pairs (source lattice node, target grid plane
+        # node, weight) sorted by target and split by their rank among the target's pairs, so that
+        # within a layer every target appears once and a fancy-indexed ``+=`` is exact.
+        self.layers = []
         for r0, r1 in self.ranges:
             ii = self.idx[self._sel(r0, r1)].reshape(-1)
             ww = self.wts[self._sel(r0, r1)].reshape(-1)
@@ -795,8 +796,15 @@ class _SharedAxisInterp:
             ii, ww, src = ii[keep], ww[keep], src[keep]
             order = np.argsort(ii, kind="stable")
             ii, ww, src = ii[order], ww[order], src[order]
-            heads = np.concatenate([[0], np.nonzero(np.diff(ii))[0] + 1]) if ii.size else np.zeros(0, np.int64)
-            self.sorted.append((ii[heads], heads, src, ww))
+            layers = []
+            if ii.size:
+                first = np.concatenate([[True], ii[1:] != ii[:-1]])
+                heads = np.nonzero(first)[0]
+                rank = np.arange(ii.size) - np.repeat(heads, np.diff(np.append(heads, ii.size)))
+                for c in range(int(rank.max()) + 1):
+                    sel = rank == c
+                    layers.append((ii[sel], src[sel], ww[sel]))
+            self.layers.append(layers)
 
     def _sel(self, r0, r1):
         return (slice(r0, r1), slice(None)) if self.chunk_pos == 0 else (slice(None), slice(r0, r1))
@@ -830,14 +838,14 @@ class _SharedAxisInterp:
         names = self._perm()
         from_canon = [(2, 1, 0).index(x) for x in names]
         for ci, zc in pairs:
-            targets, heads, src, ww = self.sorted[ci]
-            if targets.size == 0:
+            if not self.layers[ci]:
                 continue
             z = np.ascontiguousarray(np.transpose(zc, from_canon)).reshape(-1, n_ride)
-            contrib = np.take(z, src, axis=0)
-            contrib *= ww.astype(dt)[:, None]
-            x2[targets] += np.add.reduceat(contrib, heads, axis=0)
-            del contrib
+            for targets, src, ww in self.layers[ci]:
+                contrib = np.take(z, src, axis=0)
+                contrib *= ww.astype(dt)[:, None]
+                x2[targets] += contrib
+                del contrib
         return np.ascontiguousarray(np.moveaxis(x2.reshape(shape), -1, self.g))
 
 

@@ -33,8 +33,8 @@ LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
 # Defaults chosen with benchmarks/bench_srr.py (see its README section): alpha in mm^2 on normalised
 # intensities.
-DEFAULT_ALPHA = 0.03
-DEFAULT_HUBER_DELTA = 0.05
+DEFAULT_ALPHA = {"tikhonov": 0.03, "huber": 0.1}
+DEFAULT_HUBER_DELTA = 0.1
 
 
 @dataclass
@@ -43,9 +43,11 @@ class SrrOptions:
 
     Attributes
     ----------
-    alpha : float
+    alpha : float or None
         Regularisation weight, mm^2 (squared smoothing length per unit data weight). Scale-invariant:
-        intensities are normalised internally. Larger is smoother.
+        intensities are normalised internally. Larger is smoother. None: the default of the
+        regularizer (``DEFAULT_ALPHA``: 0.03 for tikhonov, 0.1 for huber, whose penalty is weaker at
+        edges).
     regularizer : {"tikhonov", "huber"}
         First-order Tikhonov (gradient, default) or Huber on the gradient magnitude (edge-preserving).
     psf : {"gaussian", "box"}
@@ -76,7 +78,7 @@ class SrrOptions:
         Clip the result to the range of the input intensities (removes faint overshoot at edges).
     """
 
-    alpha: float = DEFAULT_ALPHA
+    alpha: Optional[float] = None
     regularizer: str = "tikhonov"
     psf: str = "gaussian"
     max_iterations: int = 30
@@ -85,15 +87,20 @@ class SrrOptions:
     huber_delta: float = DEFAULT_HUBER_DELTA
     outer_iterations: int = 4
     background_value: Optional[float] = None
-    disagreement_threshold: float = 0.6
+    disagreement_threshold: float = 0.75
     exclude_disagreeing: bool = True
     clip_to_input_range: bool = True
 
+    @property
+    def effective_alpha(self):
+        """``alpha``, or the regularizer's default when it is None."""
+        return DEFAULT_ALPHA[self.regularizer] if self.alpha is None else float(self.alpha)
+
     def validate(self):
-        if not (self.alpha >= 0 and np.isfinite(self.alpha)):
-            raise InputError(f"alpha must be a non-negative number, got {self.alpha}")
         if self.regularizer not in ("tikhonov", "huber"):
             raise InputError(f"unknown regularizer '{self.regularizer}' (use tikhonov or huber)")
+        if self.alpha is not None and not (self.alpha >= 0 and np.isfinite(self.alpha)):
+            raise InputError(f"alpha must be a non-negative number, got {self.alpha}")
         if self.psf not in ("gaussian", "box"):
             raise InputError(f"unknown PSF '{self.psf}' (use gaussian or box)")
         if int(self.max_iterations) < 0:
@@ -273,7 +280,7 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor):
     # 5. Solve.
     t0 = time.perf_counter()
     spacing_kji = tuple(float(v) for v in grid.spacing_mm[::-1])
-    system = NormalEquations(ops, c, options.alpha, spacing_kji, row_sums)
+    system = NormalEquations(ops, c, options.effective_alpha, spacing_kji, row_sums)
     n_iter = max(1, int(options.max_iterations))
 
     def report(it, rel):
@@ -305,7 +312,7 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor):
         "relative_residual": float(solve_info["relative_residual"]),
         "initial_relative_residual": float(solve_info["initial_relative_residual"]),
         "residual_history": [float(v) for v in solve_info["history"]],
-        "alpha": float(options.alpha),
+        "alpha": options.effective_alpha,
         "regularizer": options.regularizer,
         "psf": options.psf,
         "huber_delta": float(options.huber_delta) if options.regularizer == "huber" else None,
@@ -337,9 +344,9 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor):
 def add_srr_arguments(parser):
     """Add the SRR options to an argparse parser (``fuse``/``run``); see :func:`srr_options_from_args`."""
     g = parser.add_argument_group("super-resolution (--method srr)")
-    g.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"regularisation weight in mm^2 on normalised intensities; larger is smoother "
-                        f"(default {DEFAULT_ALPHA})")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="regularisation weight in mm^2 on normalised intensities; larger is smoother "
+                        f"(default {DEFAULT_ALPHA['tikhonov']:g} with tikhonov, {DEFAULT_ALPHA['huber']:g} with huber)")
     g.add_argument("--regularizer", choices=("tikhonov", "huber"), default="tikhonov",
                    help="tikhonov (gradient, default) or huber (edge-preserving)")
     g.add_argument("--psf", choices=("gaussian", "box"), default="gaussian",
