@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from MultiPlaneFusionLib.errors import CancelledError, InputError
 from MultiPlaneFusionLib.grid import Grid
 from MultiPlaneFusionLib.metrics import correlation
@@ -132,6 +133,14 @@ def test_a_result_worse_than_the_start_is_rejected():
     assert "worse" in info["warning"]
     assert info["result_metric"] > info["initial_metric"]
     assert np.array_equal(r, np.eye(4))
+
+
+def test_a_stack_outside_the_reference_is_kept_with_a_warning():
+    ref, moving = simulate("axial", 0), simulate("coronal", 1)
+    far = moving.with_transform(rigid_matrix(translation_mm=(0.0, 0.0, 400.0)))
+    out, reports = register_stacks([ref, far])
+    assert not reports[1]["accepted"] and "overlap" in reports[1]["warning"]
+    assert np.array_equal(out[1].transform, far.transform)
 
 
 def test_disabled_registration_returns_the_stacks_untouched():

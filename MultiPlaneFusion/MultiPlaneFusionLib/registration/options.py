@@ -26,7 +26,10 @@ class RegistrationOptions:
         Guards: a result that moves the stack's centre further than this, or rotates it by more, than its
         start geometry is rejected and the start geometry kept.
     refine_cycles : int
-        Registration cycles against the current super-resolution reconstruction (used only by srr).
+        Registration cycles against the current super-resolution reconstruction (used only by srr). One by
+        default: benchmarks/bench_registration.py measured that with 7 mm slices one cycle lowers the
+        worst target registration error from 0.50 to 0.19 mm and a second cycle adds nothing; with 4 mm
+        slices the first registration is already within 0.1 mm and the cycle keeps it.
     shrink_factors : tuple of int
         Multi-resolution pyramid, coarse to fine, relative to the registration grid.
     smoothing_sigmas : tuple of float

@@ -55,6 +55,9 @@ STAGE = "register"
 _CT_FOREGROUND_HU = -500.0
 # Dilation of the foreground mask (mm): the outer edge of the body carries much of the signal.
 _MASK_DILATION_MM = 4.0
+# Relative metric change below which a result counts as "no better, no worse" than its start: the sampled
+# optimiser and the dense evaluation disagree by about 1e-4 relative near an optimum.
+_METRIC_NOISE = 1e-3
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -118,8 +121,10 @@ def sitk_transform(matrix):
 # ---------------------------------------------------------------------------------------- images
 def _block_mean(pixels, axis, factor):
     """Mean of consecutive blocks of ``factor`` samples along ``axis`` (a trailing partial block is dropped)."""
+    if factor == 1:
+        return pixels
     n = pixels.shape[axis] // factor
-    cut = np.take(pixels, np.arange(n * factor), axis=axis)
+    cut = pixels[(slice(None),) * axis + (slice(0, n * factor),)]
     shape = list(cut.shape)
     shape[axis : axis + 1] = [n, factor]
     return cut.reshape(shape).mean(axis=axis + 1, dtype=np.float32)
@@ -369,7 +374,10 @@ def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, mo
         initial_metric, final_metric, iterations, accepted, warning, spacing_mm, seconds.
     """
     t0 = time.perf_counter()
-    pair = _prepare_pair(target, target_sigmas_mm, moving, r_init, options)
+    try:
+        pair = _prepare_pair(target, target_sigmas_mm, moving, r_init, options)
+    except InputError as e:  # no overlap: nothing to register against
+        return _kept(r_start, f"{e}; kept the starting geometry", t0)
     reg = _method(options, pair)
     reg.SetInitialTransform(_euler(r_init, pair.centre_mm), inPlace=False)
     total = int(options.iterations) * len(options.shrink_factors)
@@ -384,7 +392,13 @@ def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, mo
             reg.StopRegistration()
 
     reg.AddCommand(sitk.sitkIterationEvent, on_iteration)
-    result = reg.Execute(pair.fixed, pair.moving)
+    try:
+        result = reg.Execute(pair.fixed, pair.moving)
+    except RuntimeError as e:  # e.g. every sample left the moving image
+        if state["cancelled"]:
+            raise CancelledError("cancelled by the user; nothing was written") from None
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "SimpleITK error"
+        return _kept(r_start, f"registration failed ({reason}); kept the starting geometry", t0)
     if state["cancelled"]:
         raise CancelledError("cancelled by the user; nothing was written")
     r_final = matrix_from_sitk(result)
@@ -405,23 +419,48 @@ def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, mo
             f"registration rotated the stack by {change['rotation_angle_deg']:.1f} degrees "
             f"(> {options.max_rotation_deg:g} degrees)"
         )
-    elif final_metric > initial_metric:
+    elif final_metric > initial_metric + _METRIC_NOISE * abs(initial_metric):
         warning = f"registration made the metric worse ({initial_metric:.4f} -> {final_metric:.4f})"
     accepted = warning is None
+    result_metric, note = final_metric, None
     if not accepted:
         warning += "; kept the starting geometry"
+        r_final, final_metric = np.asarray(r_start, dtype=float), initial_metric
+    elif final_metric > initial_metric:
+        # Worse only at the level of the sampled optimiser's noise: the start was already optimal (typical
+        # of a refinement cycle). Keep the start, without alarming anyone.
+        note = "no improvement on the starting geometry; kept it"
+        r_final, final_metric = np.asarray(r_start, dtype=float), initial_metric
     info = {
         "initial_metric": initial_metric,
-        "final_metric": final_metric if accepted else initial_metric,
-        "result_metric": final_metric,
+        "final_metric": final_metric,
+        "result_metric": result_metric,
         "iterations": int(state["iterations"]),
         "accepted": accepted,
         "warning": warning,
+        "note": note,
         "spacing_mm": pair.spacing_mm,
         "stop": reg.GetOptimizerStopConditionDescription(),
         "seconds": time.perf_counter() - t0,
     }
-    return (r_final if accepted else np.asarray(r_start, dtype=float)), info
+    return r_final, info
+
+
+def _kept(r_start, warning, t0):
+    """(r_start, info) of a registration that could not run."""
+    info = {"initial_metric": None, "final_metric": None, "result_metric": None, "iterations": 0,
+            "accepted": False, "warning": warning, "note": None, "spacing_mm": None, "stop": None,
+            "seconds": time.perf_counter() - t0}
+    return np.asarray(r_start, dtype=float), info
+
+
+def _better(a, b):
+    """True when registration outcome ``a`` (info dict) beats ``b`` (None counts as no outcome)."""
+    if b is None:
+        return True
+    if a["accepted"] != b["accepted"]:
+        return a["accepted"]
+    return a["accepted"] and a["final_metric"] < b["final_metric"]
 
 
 def _stack_report(n, stack, initialisation, info, options):
@@ -436,14 +475,20 @@ def _stack_report(n, stack, initialisation, info, options):
 
 def _log_report(report, target_name):
     t = report["translation_mm"]
+
+    def metric(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
     log.info(
-        "registered '%s' to %s: translation (%.2f, %.2f, %.2f) mm, rotation %.2f deg, metric %.4f -> %.4f, "
+        "registered '%s' to %s: translation (%.2f, %.2f, %.2f) mm, rotation %.2f deg, metric %s -> %s, "
         "%d iterations, %.1f s",
         report["description"], target_name, t[0], t[1], t[2], report["rotation_angle_deg"],
-        report["initial_metric"], report["final_metric"], report["iterations"], report["seconds"],
+        metric(report["initial_metric"]), metric(report["final_metric"]), report["iterations"], report["seconds"],
     )
     if report["warning"]:
         log.warning("registration of '%s': %s", report["description"], report["warning"])
+    elif report.get("note"):
+        log.info("registration of '%s': %s", report["description"], report["note"])
 
 
 def reference_report(n, stack):
@@ -498,12 +543,19 @@ def register_stacks(stacks, reference=0, options=None, monitor=None):
         s = stacks[n]
         r_start = np.linalg.inv(s.transform)
         same_frame = bool(s.frame_of_reference_uid) and s.frame_of_reference_uid == target.frame_of_reference_uid
-        if same_frame:
-            initialisation, r_init = "scanner geometry", r_start
-        else:
-            initialisation, r_init = "moments centring", _moments_initialisation(target, s, options)
-        span = (done / len(others), (done + 1) / len(others))
-        r_final, info = register_pair(target, target_sigmas, s, r_start, r_init, options, monitor, span)
+        candidates = [("scanner geometry", r_start)]
+        if not same_frame:
+            # Unrelated headers: start from the foreground centroids, but also from the scanner geometry
+            # (series of one session often share coordinates under different UIDs); the better one wins.
+            candidates.insert(0, ("moments centring", _moments_initialisation(target, s, options)))
+        best = None
+        for c, (initialisation, r_init) in enumerate(candidates):
+            a = (done + c / len(candidates)) / len(others)
+            b = (done + (c + 1) / len(candidates)) / len(others)
+            r_final, info = register_pair(target, target_sigmas, s, r_start, r_init, options, monitor, (a, b))
+            if _better(info, best[2] if best else None):
+                best = (initialisation, r_final, info)
+        initialisation, r_final, info = best
         out[n] = s.with_transform(np.linalg.inv(r_final))
         reports.append(_stack_report(n, out[n], initialisation, info, options))
         _log_report(reports[-1], f"reference '{target.description}'")
