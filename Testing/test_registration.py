@@ -60,9 +60,10 @@ def random_motion(rng, centre, max_translation_mm=8.0, max_rotation_deg=5.0):
 
 
 def simulate(orientation, seed, motion=None, frame=FRAME, **kw):
+    kw.setdefault("thickness_mm", THICKNESS_MM)
     return simulate_stack(
-        orientation, thickness_mm=THICKNESS_MM, pixel_spacing_mm=PIXEL_MM, scale=SCALE, noise_hu=15.0, seed=seed,
-        motion=motion, frame_of_reference_uid=frame, **kw,
+        orientation, pixel_spacing_mm=PIXEL_MM, scale=SCALE, noise_hu=15.0, seed=seed, motion=motion,
+        frame_of_reference_uid=frame, **kw,
     )
 
 
@@ -103,6 +104,36 @@ def test_other_frame_of_reference_starts_from_moments():
     assert reports[1]["initialisation"] == "moments centring"
     assert reports[1]["accepted"]
     assert target_registration_error(out[1].transform, np.linalg.inv(motion), corners) <= 0.5
+
+
+def test_sheared_stack_with_gaps_is_registered():
+    """A gantry-tilted series with irregular gaps (4.2 mm, one 1.1 mm, then 7.4 mm steps) as the moving stack."""
+    corners, centre = head_box()
+    motion = rigid_matrix((2.0, -3.0, 1.0), (4.0, -3.0, 2.0), centre)
+    offsets = np.concatenate([np.arange(-50.0, -10.0, 4.2), [-9.0], np.arange(-1.9, 55.0, 7.4)])
+    moving = simulate("coronal", 1, motion, tilt_deg=15.0, slice_offsets_mm=offsets, thickness_mm=4.0)
+    assert moving.is_sheared and moving.has_gaps
+    out, reports = register_stacks([simulate("axial", 0), moving])
+    assert reports[1]["accepted"]
+    assert target_registration_error(out[1].transform, np.linalg.inv(motion), corners) <= 0.5
+
+
+def mr_like(stack):
+    """An MR-like contrast of a simulated CT stack: dark air and bone, bright soft tissue (not monotonic)."""
+    hu = stack.pixels
+    values = np.where(hu < -500, 20.0, np.where(hu > 300, 150.0, 800.0 - 0.3 * np.abs(hu)))
+    values = values + np.random.default_rng(0).normal(0.0, 10.0, hu.shape)
+    return replace(stack, pixels=values.astype(np.float32), modality="MR")
+
+
+def test_mutual_information_across_contrasts():
+    corners, centre = head_box()
+    motion = rigid_matrix((2.0, -3.0, 1.0), (4.0, -3.0, 2.0), centre)
+    ref, moving = simulate("axial", 0), simulate("sagittal", 1, motion)
+    for stacks in ([ref, mr_like(moving)], [mr_like(ref), mr_like(moving)]):  # CT to MR, MR to MR (Otsu masks)
+        out, reports = register_stacks(stacks)
+        assert reports[1]["accepted"]
+        assert target_registration_error(out[1].transform, np.linalg.inv(motion), corners) <= 0.5
 
 
 # ------------------------------------------------------------------------------------------------ guards

@@ -179,6 +179,7 @@ def _foreground_mask(image, coverage, modality, threshold, spacing_mm):
             otsu = sitk.OtsuThresholdImageFilter()
             otsu.SetInsideValue(0)
             otsu.SetOutsideValue(1)
+            otsu.SetMaskValue(1)  # the coverage mask holds 1, not ITK's default 255
             otsu.Execute(image, coverage)
             threshold = otsu.GetThreshold()
     fg = sitk.And(sitk.Cast(image > float(threshold), sitk.sitkUInt8), coverage)
