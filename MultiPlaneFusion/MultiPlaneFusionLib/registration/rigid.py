@@ -27,6 +27,18 @@ seen through the stack's own forward model (PSF), sampled on a lattice rather th
 Masks: the fixed mask is the largest connected foreground component (CT above -500 HU, else Otsu), dilated a
 few mm so the outer edge counts, inside the target's coverage; the moving mask is the stack's coverage. Both
 are eroded by the blur radius so no fill value leaks into the metric. Air and a separate table do not count.
+
+Optimisation, initialisation, guards
+------------------------------------
+Euler3DTransform about the fixed mask's centroid; Mattes mutual information (or correlation) on at most
+``max_samples`` jittered random points per level (fixed seed); regular-step gradient descent with
+physical-shift scales over a shrink-factor pyramid. Stacks sharing the reference's FrameOfReferenceUID
+start from the scanner geometry; others start from a moments centring of the foreground masks *and* from the
+scanner geometry, and the better result wins. A result is rejected (the start geometry kept, a warning logged
+and reported) when it moves the stack's centre more than ``max_translation_mm``, rotates it more than
+``max_rotation_deg`` or makes the metric worse than at the start geometry. That comparison is made densely in
+numpy over every masked voxel, not with the optimiser's samples; a change within 1e-3 (relative) counts as
+"no improvement" and silently keeps the start.
 """
 
 import logging
