@@ -587,8 +587,10 @@ def write_transforms(stacks, folder):
 
     Each file holds the *resampling* transform fixed -> moving, i.e. ``inv(stack.transform)``: it maps
     patient (reference) points to the stack's scanner points, as SimpleITK's registration returns it.
-    Slicer reads such a file (LPS -> RAS and resampling -> modelling conversions are its own), so setting the
-    loaded transform as the parent of the series volume as read from disk moves it onto the reference.
+    That is the convention of ITK transform files, which Slicer reads as such (its developer guide,
+    "Transforms / Transform files": ITK files are LPS and in the resampling convention; Slicer converts to RAS
+    and inverts as needed), so setting the loaded transform as the parent of the series volume as read from
+    disk moves it onto the reference.
     Files are named ``stackNN_<description>.tfm`` (NN = position in ``stacks``) and written atomically.
     """
     folder = os.fspath(folder)
