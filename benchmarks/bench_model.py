@@ -19,18 +19,12 @@ Usage::
 
     python benchmarks/bench_model.py [--json PATH] [--spacing 0.75] [--skip-real] [--smp STDThread]
 
-Prints a table and writes the JSON (default benchmarks/results/bench_model.json).
+Prints a table and writes the JSON (default benchmarks/results/bench_model.json). Uses the shared
+helpers of ``benchmarks/common.py`` (real-data cache, peak memory, table, JSON).
 """
 
 import argparse
-import json
-import os
-import platform
-import resource
-import shutil
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,61 +33,26 @@ import SimpleITK as sitk
 import vtk
 from vtk.util import numpy_support
 
-from MultiPlaneFusionLib.grid import grid_from_image
-from MultiPlaneFusionLib.metrics import iso_surface
-from MultiPlaneFusionLib.model import ModelOptions, build_model, staircase_fraction
-from MultiPlaneFusionLib.model.meshio import points, triangles
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-REPO = Path(__file__).resolve().parents[1]
+from common import RESULTS, extract_series, machine, measure, print_table, write_json  # noqa: E402
+
+from MultiPlaneFusionLib.grid import grid_from_image  # noqa: E402
+from MultiPlaneFusionLib.metrics import iso_surface  # noqa: E402
+from MultiPlaneFusionLib.model import ModelOptions, build_model, staircase_fraction  # noqa: E402
+from MultiPlaneFusionLib.model.meshio import points, triangles  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _reset_peak():
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_mb(key):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _peak_mb():
-    v = _status_mb("VmHWM")
-    if v is None:
-        v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return v
-
-
 def timed_model(image, options, modality="CT", repeat=1):
-    """build_model with the best wall time of ``repeat`` runs and the peak RSS reached while the first
-    ran (MB, also above the RSS before it)."""
-    before = _status_mb("VmRSS")
-    exact_peak = _reset_peak()
-    t = time.perf_counter()
-    res = build_model(image, options, modality=modality)
-    seconds = time.perf_counter() - t
-    peak = _peak_mb()
+    """build_model with the best wall time of ``repeat`` runs and the memory of the first run
+    (:func:`common.measure`: peak RSS, and the peak above the RSS before the call)."""
+    res, seconds, mem = measure(build_model, image, options, modality=modality)
     for _ in range(max(1, repeat) - 1):
         t = time.perf_counter()
         res = build_model(image, options, modality=modality)
         seconds = min(seconds, time.perf_counter() - t)
-    return res, seconds, {
-        "rss_before_mb": before,
-        "peak_mb": peak,
-        "peak_above_input_mb": (peak - before) if (exact_peak and before is not None) else None,
-    }
+    return res, seconds, mem
 
 
 def timed_flying_edges(image, level, repeat=1):
@@ -259,25 +218,12 @@ def staircase_cases(grid, truth_image, scale, thickness_mm, max_points):
 def philips_cases(max_points, repeat):
     from MultiPlaneFusionLib.reading import read_volume
 
-    root = None
-    for c in (os.environ.get("MPF_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if c and (Path(c) / "dcm_qa_ct" / "philips_axial_1mm.tar.gz").is_file():
-            root = Path(c) / "dcm_qa_ct"
-            break
-    if root is None:
-        print("real data absent: skipping the Philips 1 mm case", flush=True)
-        return []
-    tmp = tempfile.mkdtemp(prefix="bench_model_")
     try:
-        with tarfile.open(root / "philips_axial_1mm.tar.gz") as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(tmp, filter="data")
-            else:
-                tar.extractall(tmp)
-        (series,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
-        image = sitk.Cast(read_volume(series), sitk.sitkFloat32)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        series = extract_series("philips_axial_1mm")
+    except FileNotFoundError as e:
+        print(f"{e}: skipping the Philips 1 mm case", flush=True)
+        return []
+    image = sitk.Cast(read_volume(series), sitk.sitkFloat32)
     level = 300.0
     rows = []
     row, _, exact, fe_s = model_row("philips 1 mm", image, ModelOptions(threshold=(level, 3071), islands="all"),
@@ -303,39 +249,59 @@ def philips_cases(max_points, repeat):
 
 
 # ------------------------------------------------------------------------------------------ output
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+COLUMNS = [
+    ("case", "case", "s"),
+    ("mvox", "Mvox", ".1f"),
+    ("flying_edges_s", "FE s", ".2f"),
+    ("model_s", "model s", ".2f"),
+    ("ratio", "ratio", ".1f"),
+    ("peak_mb", "peak MB", ".0f"),
+    ("triangles", "triangles", "d"),
+    ("closed", "closed", ""),
+    ("mean_mm", "mean mm", ".3f"),
+    ("p95_mm", "p95 mm", ".3f"),
+    ("dv", "dV %", ".2f"),
+    ("stair", "stair", ".3f"),
+    ("angle", "angle deg", ".1f"),
+]
 
 
-def print_table(rows):
-    head = (f"{'case':<52} {'Mvox':>6} {'FE s':>6} {'model s':>7} {'ratio':>5} {'peak MB':>7} {'triangles':>9} "
-            f"{'closed':>6} {'mean mm':>7} {'p95 mm':>6} {'dV %':>6} {'stair':>6}")
-    print(head)
-    print("-" * len(head))
+def table_rows(rows):
+    """Flat rows for the table (the JSON keeps the nested ones)."""
+    out = []
     for r in rows:
-        if "error" in r:
-            print(f"{r['case']:<52} error: {r['error']}")
-            continue
         d = r.get("distance_to_exact") or r.get("distance_to_truth_model") or {}
         mem = r.get("memory") or {}
-        peak = mem.get("peak_above_input_mb") if mem.get("peak_above_input_mb") is not None else mem.get("peak_mb")
-        stair = r.get("staircase_fraction_normal", r.get("staircase_fraction_xyz"))
-        print(
-            f"{r['case']:<52} {_fmt(r.get('voxels', 0) / 1e6 if r.get('voxels') else None, '6.1f')} "
-            f"{_fmt(r.get('flying_edges_s'), '6.2f')} {_fmt(r.get('model_s'), '7.2f')} {_fmt(r.get('ratio'), '5.1f')} "
-            f"{_fmt(peak, '7.0f')} {r['triangles']:>9} {str(r['closed']):>6} {_fmt(d.get('mean_mm'), '7.3f')} "
-            f"{_fmt(d.get('p95_mm'), '6.3f')} {_fmt(r.get('smoothing_volume_change_percent'), '6.2f')} "
-            f"{_fmt(stair, '6.3f')}"
-        )
+        out.append({
+            "case": r["case"] + (f" (error: {r['error']})" if "error" in r else ""),
+            "mvox": r["voxels"] / 1e6 if r.get("voxels") else None,
+            "flying_edges_s": r.get("flying_edges_s"),
+            "model_s": r.get("model_s"),
+            "ratio": r.get("ratio"),
+            "peak_mb": mem.get("peak_above_before_mb"),
+            "triangles": r.get("triangles"),
+            "closed": str(r["closed"]) if "closed" in r else None,
+            "mean_mm": d.get("mean_mm"),
+            "p95_mm": d.get("p95_mm"),
+            "dv": r.get("smoothing_volume_change_percent"),
+            "stair": r.get("staircase_fraction_normal", r.get("staircase_fraction_xyz")),
+            "angle": r.get("normal_angle_to_truth_deg"),
+        })
+    return out
+
+
+def show(rows):
+    print_table("bone model", table_rows(rows), COLUMNS)
     print("FE s: one flying-edges pass over the whole volume; ratio = model s / FE s; peak MB: peak RSS of the "
           "model path above the RSS before it; mean/p95: symmetric vertex-to-surface distance to the exact "
           "isosurface (staircase rows: to the ground-truth model); stair: area fraction with normals within "
-          "5 deg of the slice normal (staircase rows) or of x/y/z.")
+          "5 deg of the slice normal (staircase rows) or of x/y/z; angle: mean angle between the model's normals "
+          "and the ground truth's at the closest point.")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "bench_model.json"))
+    ap.add_argument("--json", default=str(RESULTS / "bench_model.json"))
     ap.add_argument("--spacing", type=float, default=0.75, help="phantom grid spacing, mm (0.75: about 20 M voxels)")
     ap.add_argument("--scale", type=float, default=1.0, help="phantom size factor")
     ap.add_argument("--thickness", type=float, default=4.0, help="slice thickness of the staircase stacks, mm")
@@ -347,31 +313,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.smp:
         vtk.vtkSMPTools.SetBackend(args.smp)
-    env = {
-        "python": sys.version.split()[0],
-        "vtk": vtk.vtkVersion.GetVTKVersion(),
-        "simpleitk": sitk.Version_VersionString(),
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "vtk_smp_backend": vtk.vtkSMPTools.GetBackend(),
-        "vtk_smp_threads": vtk.vtkSMPTools.GetEstimatedNumberOfThreads(),
-    }
+    env = dict(machine(), vtk=vtk.vtkVersion.GetVTKVersion(), simpleitk=sitk.Version_VersionString(),
+               vtk_smp_backend=vtk.vtkSMPTools.GetBackend(),
+               vtk_smp_threads=vtk.vtkSMPTools.GetEstimatedNumberOfThreads())
     rows = []
     if not args.skip_phantom:
         prow, grid, image = phantom_cases(args.spacing, args.scale, args.max_points, args.repeat)
         rows += prow
-        print_table(rows)
+        show(rows)
         rows += staircase_cases(grid, image, args.scale, args.thickness, args.max_points)
         del image
     if not args.skip_real:
         rows += philips_cases(args.max_points, args.repeat)
-    print()
-    print_table(rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"environment": env, "args": vars(args), "rows": rows}, f, indent=1, default=float)
-    print(f"\nwrote {args.json}")
+    show(rows)
+    write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
