@@ -203,6 +203,8 @@ def test_refinement_against_a_reconstruction_converges():
         assert before > 1.0 and after <= 0.3, (before, after)
         assert report["accepted"] and report["initialisation"] == "current geometry"
         assert np.linalg.norm(report["cycle_translation_mm"]) > 0.2
+        moved = np.max(np.linalg.norm(s1.corners_mm() - s0.corners_mm(), axis=1))
+        assert np.isclose(report["cycle_max_shift_mm"], moved) and moved > 1.0
 
 
 # ------------------------------------------------------------------------------------- transform files

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
 from MultiPlaneFusionLib.grid import Grid
 from MultiPlaneFusionLib.metrics import correlation, psnr
 from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
@@ -78,14 +79,15 @@ def motion_for(rng, centre, max_t=8.0, max_r=5.0):
     )
 
 
-def synthetic_case(seed, args):
-    """Three stacks of one seed (reference without motion) and the true motions."""
+def synthetic_case(seed, args, still=False):
+    """Three stacks of one seed (reference without motion) and the true motions (``still``: no motion, same
+    noise)."""
     _, centre = head(args.scale)
     rng = np.random.default_rng(1000 + seed)
     motions = [np.eye(4), motion_for(rng, centre), motion_for(rng, centre)]
     stacks = [
         simulate_stack(o, thickness_mm=args.thickness, pixel_spacing_mm=args.pixel, scale=args.scale, noise_hu=15.0,
-                       seed=3 * seed + n, motion=m, frame_of_reference_uid="1.2.3.9")
+                       seed=3 * seed + n, motion=None if still else m, frame_of_reference_uid="1.2.3.9")
         for n, (o, m) in enumerate(zip(ORIENTATIONS, motions))
     ]
     return stacks, motions
@@ -231,8 +233,9 @@ def bench_real(args, tmp):
 
 
 # ---------------------------------------------------------------------------------------- timing, cycles
-def srr_run(stacks, cycles, grid=None):
-    options = FuseOptions(method="srr", grid=grid, registration=RegistrationOptions(refine_cycles=cycles))
+def srr_run(stacks, cycles, grid=None, register=True):
+    options = FuseOptions(method="srr", grid=grid, register=register,
+                          registration=RegistrationOptions(refine_cycles=cycles))
     t0 = time.perf_counter()
     result = fuse_stacks(stacks, options)
     total = time.perf_counter() - t0
@@ -243,26 +246,31 @@ def srr_run(stacks, cycles, grid=None):
 
 
 def bench_cycles(args):
+    """srr quality against the phantom: motion-free, moved without registration, moved with 0..N cycles."""
     stacks, motions = synthetic_case(0, args)
+    still = synthetic_case(0, args, still=True)[0]
     corners, _ = head(args.scale)
     rows = []
-    truth = None
-    print(f"\n== srr with refinement cycles (synthetic seed 0, scale {args.scale})")
-    print(f"{'cycles':>6} {'PSNR dB':>8} {'corr':>7} {'TRE cor':>8} {'TRE sag':>8} {'register s':>10} "
+    truth = inside = None
+    print(f"\n== srr with refinement cycles (synthetic seed 0, scale {args.scale}, slices {args.thickness} mm)")
+    print(f"{'case':28} {'PSNR dB':>8} {'corr':>7} {'TRE cor':>8} {'TRE sag':>8} {'register s':>10} "
           f"{'refine s':>9} {'srr s':>7} {'reg/srr':>8}")
-    for cycles in args.cycles:
-        result, t = srr_run(stacks, cycles)
+    cases = [("motion-free, not registered", still, 0, False), ("moved, not registered", stacks, 0, False)]
+    cases += [(f"moved, registered, {c} cycles", stacks, c, True) for c in args.cycles]
+    for name, inputs, cycles, register in cases:
+        result, t = srr_run(inputs, cycles, register=register)
         if truth is None:
             truth = phantom_truth(result.grid, args.scale)
             inside = truth > -500
         volume = sitk.GetArrayFromImage(result.image)
-        tre = [target_registration_error(result.stacks[n].transform, np.linalg.inv(motions[n]), corners)
-               for n in (1, 2)]
-        row = {"cycles": cycles, "psnr_db": psnr(volume, truth, inside),
-               "correlation": correlation(volume, truth, inside), "tre_mm": tre, **t,
+        truths = [np.eye(4)] * 3 if inputs is still else [np.linalg.inv(m) for m in motions]
+        tre = [target_registration_error(result.stacks[n].transform, truths[n], corners) for n in (1, 2)]
+        shift = [r.get("cycle_max_shift_mm") for r in result.summary["registration"] if "cycle" in r]
+        row = {"case": name, "cycles": cycles, "registered": register, "psnr_db": psnr(volume, truth, inside),
+               "correlation": correlation(volume, truth, inside), "tre_mm": tre, "cycle_max_shift_mm": shift, **t,
                "ratio_register_to_srr": (t["register_s"] + t["refine_s"]) / t["srr_s"]}
         rows.append(row)
-        print(f"{cycles:>6} {row['psnr_db']:8.2f} {row['correlation']:7.4f} {tre[0]:8.3f} {tre[1]:8.3f} "
+        print(f"{name:28} {row['psnr_db']:8.2f} {row['correlation']:7.4f} {tre[0]:8.3f} {tre[1]:8.3f} "
               f"{t['register_s']:10.1f} {t['refine_s']:9.1f} {t['srr_s']:7.1f} {row['ratio_register_to_srr']:8.3f}")
     return rows
 

@@ -53,7 +53,9 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
     stacks : list of Stack
     reports : list of dict
         As :func:`register_stacks`, with ``translation_mm``/``rotation_deg`` the total motion from the scanner
-        geometry and ``cycle_translation_mm``/``cycle_rotation_deg`` this cycle's change.
+        geometry, ``cycle_translation_mm``/``cycle_rotation_deg`` this cycle's change and
+        ``cycle_max_shift_mm`` the largest displacement of a stack corner in this cycle (a caller may skip
+        re-solving the reconstruction when it is a small fraction of a voxel for every stack).
     """
     options = options or RegistrationOptions()
     monitor = Monitor.wrap(monitor)
@@ -76,6 +78,11 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
         change = describe_motion(out[n].transform @ np.linalg.inv(s.transform), s.corners_mm().mean(axis=0))
         report["cycle_translation_mm"] = change["translation_mm"]
         report["cycle_rotation_deg"] = change["rotation_deg"]
+        # How far any corner of the stack moved in this cycle: below a fraction of a voxel, re-solving the
+        # reconstruction with the new transforms cannot change it.
+        report["cycle_max_shift_mm"] = float(
+            np.max(np.linalg.norm(out[n].corners_mm() - s.corners_mm(), axis=1))
+        )
         reports.append(report)
         _log_report(report, "the reconstruction")
     reports = sorted(reports + [reference_report(reference, stacks[reference])], key=lambda r: r["index"])
