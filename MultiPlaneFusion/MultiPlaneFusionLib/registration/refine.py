@@ -31,7 +31,7 @@ def reconstruction_as_stack(volume, grid, modality="OT"):
     )
 
 
-def refine_registration(stacks, reconstruction_volume, grid, options=None, monitor=None, reference=0):
+def refine_registration(stacks, reconstruction_volume, grid, options=None, monitor=None, reference=0, coverage=None):
     """Register every stack except ``reference`` to the current reconstruction, starting from its transform.
 
     Parameters
@@ -47,6 +47,10 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
         Stage "register".
     reference : int
         The stack that is not moved (0 in the pipeline, which puts the reference first).
+    coverage : ndarray, shape grid.shape, optional
+        Stacks covering each voxel (the average fusion's ``coverage``): voxels with 0 hold only the background
+        value, and are left out of the comparison so the edge of the data is not taken for an edge of the body
+        (matters with ``--extent union``).
 
     Returns
     -------
@@ -64,7 +68,10 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
         return stacks, []
     if not 0 <= reference < len(stacks):
         raise InputError(f"reference stack {reference} does not exist (there are {len(stacks)} stacks)")
-    target = reconstruction_as_stack(reconstruction_volume, grid, stacks[reference].modality)
+    volume = np.asarray(reconstruction_volume, dtype=np.float32)
+    if coverage is not None:
+        volume = np.where(np.asarray(coverage) > 0, volume, np.float32(np.nan))
+    target = reconstruction_as_stack(volume, grid, stacks[reference].modality)
     others = [n for n in range(len(stacks)) if n != reference]
     out, reports = list(stacks), []
     monitor.report(STAGE, 0.0)

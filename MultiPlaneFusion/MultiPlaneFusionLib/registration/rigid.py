@@ -165,10 +165,12 @@ def _low_passed(stack, spacing_mm):
 def _sampled(source, grid, sigmas_mm):
     """(image, coverage image) of ``source`` resampled onto ``grid`` and blurred by ``sigmas_mm`` (grid axes).
 
-    Uncovered voxels are filled with a low percentile (air) before blurring; the coverage is eroded by two
+    Uncovered voxels (outside the source, or NaN in it) are filled with a low percentile (air) before
+    blurring; the coverage is eroded by two
     sigmas along each axis so the fill never reaches a voxel the metric may use.
     """
     values, covered = resample_stack(source, grid, "linear")
+    covered &= ~np.isnan(values)  # NaN marks source voxels without data (e.g. a reconstruction's uncovered part)
     fill = float(np.percentile(values[covered], 1)) if covered.any() else 0.0
     values[~covered] = fill
     image = grid.image(values)
