@@ -94,6 +94,16 @@ def test_known_motions_are_recovered(seed):
     assert all(np.array_equal(s.transform, np.eye(4)) for s in stacks)
 
 
+def test_aligned_reformats_stay_exactly_aligned():
+    """Orthogonal series of one acquisition: a sub-0.25 mm 'correction' is noise and is not applied."""
+    stacks = [simulate("axial", 0), simulate("coronal", 1), simulate("sagittal", 2)]
+    out, reports = register_stacks(stacks)
+    for stack, report in zip(out[1:], reports[1:]):
+        assert np.array_equal(stack.transform, np.eye(4))
+        assert report["accepted"] and report["warning"] is None and "kept" in report["note"]
+        assert report["final_metric"] == report["initial_metric"] >= report["result_metric"] - 1e-3
+
+
 def test_other_frame_of_reference_starts_from_moments():
     """Series whose headers do not share a frame: centring on the foreground, then registration."""
     corners, centre = head_box()

@@ -25,6 +25,10 @@ class RegistrationOptions:
     max_translation_mm, max_rotation_deg : float
         Guards: a result that moves the stack's centre further than this, or rotates it by more, than its
         start geometry is rejected and the start geometry kept.
+    min_shift_mm : float
+        A result that moves no corner of the stack by more than this (mm) counts as no change and the start
+        geometry is kept: below the registration's precision (TRE about 0.05-0.1 mm on the phantom), and it
+        keeps exactly orthogonal reformats of one acquisition exactly orthogonal.
     refine_cycles : int
         Registration cycles against the current super-resolution reconstruction (used only by srr). One by
         default: benchmarks/bench_registration.py measured that with 7 mm slices one cycle lowers the
@@ -60,6 +64,7 @@ class RegistrationOptions:
     metric: str = "mattes"
     max_translation_mm: float = 20.0
     max_rotation_deg: float = 10.0
+    min_shift_mm: float = 0.25
     refine_cycles: int = 1
     shrink_factors: Tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas: Tuple[float, ...] = (2.0, 1.0, 0.0)
@@ -78,6 +83,8 @@ class RegistrationOptions:
             raise InputError(f"unknown registration metric '{self.metric}' (use {' or '.join(METRICS)})")
         if not self.max_translation_mm > 0 or not self.max_rotation_deg > 0:
             raise InputError("registration bounds --max-translation-mm and --max-rotation-deg must be positive")
+        if self.min_shift_mm < 0:
+            raise InputError(f"registration min_shift_mm must be 0 or more, got {self.min_shift_mm}")
         if int(self.refine_cycles) < 0:
             raise InputError(f"--refine-cycles must be 0 or more, got {self.refine_cycles}")
         self.refine_cycles = int(self.refine_cycles)

@@ -58,7 +58,7 @@ from ..reconstruction.operators import psf_sigma_mm
 from ..reconstruction.resample import resample_stack
 from ..writing import atomic_path
 from .options import RegistrationOptions
-from .report import describe_motion
+from .report import apply, describe_motion
 
 log = logging.getLogger("MultiPlaneFusionLib")
 
@@ -446,6 +446,15 @@ def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, mo
         # of a refinement cycle). Keep the start, without alarming anyone.
         note = "no improvement on the starting geometry; kept it"
         r_final, final_metric = np.asarray(r_start, dtype=float), initial_metric
+    else:
+        # A change within the registration's own precision is not worth having: it would only knock exactly
+        # orthogonal reformats off their axes (and the reconstruction off its fast separable path).
+        corners = moving.with_transform(np.eye(4)).corners_mm()
+        moved_mm = float(np.max(np.linalg.norm(apply(np.linalg.inv(r_final), corners)
+                                               - apply(np.linalg.inv(r_start), corners), axis=1)))
+        if moved_mm < options.min_shift_mm:
+            note = f"change below {options.min_shift_mm:g} mm ({moved_mm:.3f} mm); kept the starting geometry"
+            r_final, final_metric = np.asarray(r_start, dtype=float), initial_metric
     info = {
         "initial_metric": initial_metric,
         "final_metric": final_metric,
