@@ -244,6 +244,11 @@ def bench_real(args):
         row("srr (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
                                                           "paths": res.info["operator_paths"],
                                                           "timings": res.info["timings_s"]})
+        del res
+        res, t, mem = measure(reconstruct_srr, regd, grid, SrrOptions(regularizer="huber"), avg.volume,
+                              avg.coverage)
+        row("srr huber (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
+                                                                "timings": res.info["timings_s"]})
     cols = [("method", "method", ""), ("correlation", "corr", ".3f"), ("surface_mean_mm", "surf mean mm", ".3f"),
             ("surface_p95_mm", "surf p95 mm", ".3f"), ("readme", "README corr / mean / p95", ""),
             ("seconds", "time s", ".1f"), ("memory_mb", "peak MB", ".0f"), ("grid_copies", "grid copies", ".1f"),
