@@ -21,10 +21,9 @@ from dataclasses import dataclass, field, replace
 from typing import List
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..grid import Grid
-from .operators import make_operator
+from .operators import Banded, make_operator
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
@@ -87,9 +86,13 @@ def block_average(stack, factor):
 
 
 def _smooth(volume, grid, sigma_mm):
-    img = sitk.GetImageFromArray(volume.astype(np.float32))
-    img.SetSpacing([float(v) for v in grid.spacing_mm])
-    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, float(sigma_mm)))
+    """Separable Gaussian smoothing (normalised at the borders; any array size)."""
+    out = volume.astype(np.float32)
+    h = grid.spacing_mm[::-1]  # along k, j, i
+    for axis, n in enumerate(out.shape):
+        m = Banded.from_psf(np.arange(n, dtype=float), n, "gaussian", sigma_mm / h[axis])
+        out = m.apply(out, axis)
+    return out
 
 
 def low_resolution_views(stacks, grid, psf="gaussian", monitor=None):
