@@ -156,9 +156,9 @@ def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0):
     return out
 
 
-def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32):
-    """Diagonal of ``L_w`` (for the Jacobi preconditioner)."""
-    diag = np.zeros(shape, dtype=dtype)
+def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=None, scale=1.0):
+    """``out += scale * diag(L_w)`` (for the Jacobi preconditioner); zeros allocated when ``out`` is None."""
+    diag = np.zeros(shape, dtype=dtype) if out is None else out
     for a, h in enumerate(spacing_kji):
         n = shape[a]
         if n < 2:
@@ -166,10 +166,15 @@ def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32):
         lo = [slice(None)] * 3
         hi = [slice(None)] * 3
         lo[a], hi[a] = slice(0, n - 1), slice(1, n)
-        w = np.ones(1, dtype=dtype) if weights is None else weights[tuple(lo)]
-        c = dtype(1.0 / (h * h))
-        diag[tuple(lo)] += c * w
-        diag[tuple(hi)] += c * w
+        c = diag.dtype.type(scale / (h * h))
+        if weights is None:
+            diag[tuple(lo)] += c
+            diag[tuple(hi)] += c
+        else:
+            w = weights[tuple(lo)] * c
+            diag[tuple(lo)] += w
+            diag[tuple(hi)] += w
+            del w
     return diag
 
 
@@ -204,7 +209,8 @@ def _slabs(n, per=_DOT_CHUNK):
 
 
 def conjugate_gradient(
-    apply_h, b, x, precond_inv=None, max_iterations=20, tolerance=1e-3, b_norm=None, report=None
+    apply_h, b, x, precond_inv=None, max_iterations=20, tolerance=1e-3, b_norm=None, report=None,
+    overwrite_b=False,
 ):
     """Preconditioned conjugate gradients for ``H x = b`` (H symmetric positive definite), in place.
 
@@ -228,6 +234,8 @@ def conjugate_gradient(
         ``||b||`` if already known.
     report : callable, optional
         ``report(iteration, relative_residual)`` after every iteration (progress, cancellation).
+    overwrite_b : bool
+        Use the memory of ``b`` for the residual (b is destroyed; one grid copy less).
 
     Returns
     -------
@@ -237,8 +245,14 @@ def conjugate_gradient(
     if b_norm is None:
         b_norm = np.sqrt(dot(b, b))
     b_norm = max(b_norm, 1e-30)
-    r = apply_h(x)
-    np.subtract(b, r, out=r)
+    if overwrite_b:
+        r = b
+        t = apply_h(x)
+        r -= t
+        del t
+    else:
+        r = apply_h(x)
+        np.subtract(b, r, out=r)
     rr = dot(r, r)
     rel0 = np.sqrt(rr) / b_norm
     history = [float(rel0)]
@@ -339,19 +353,28 @@ class NormalEquations:
             difference_penalty(x, self.spacing, self.weights, out=out, scale=self.alpha)
         return out
 
-    def preconditioner(self):
-        """Inverse of the absolute row sums of H (data: c A^T 1; penalty: 2 x its diagonal)."""
-        d = penalty_diagonal(self.data_row_sums.shape, self.spacing, self.weights)
-        d *= np.float32(2.0 * self.alpha)
-        d += self.data_row_sums
+    def preconditioner(self, consume=False):
+        """Inverse of the absolute row sums of H (data: c A^T 1; penalty: 2 x its diagonal).
+
+        ``consume=True`` computes it in the memory of ``data_row_sums`` (one grid copy less; the system
+        cannot make another preconditioner afterwards)."""
+        if consume:
+            d, self.data_row_sums = self.data_row_sums, None
+        else:
+            d = self.data_row_sums.copy()
+        penalty_diagonal(d.shape, self.spacing, self.weights, out=d, scale=2.0 * self.alpha)
         np.maximum(d, np.float32(1e-12), out=d)
         return np.divide(np.float32(1.0), d, out=d)
 
 
-def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None):
-    """TK1: preconditioned CG on the normal equations, warm-started from ``x`` (overwritten)."""
+def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None, overwrite=False):
+    """TK1: preconditioned CG on the normal equations, warm-started from ``x`` (overwritten).
+
+    ``overwrite=True`` reuses the memory of ``b`` and of the system's row sums (two grid copies less).
+    """
     system.weights = None
-    info = conjugate_gradient(system, b, x, system.preconditioner(), max_iterations, tolerance, report=report)
+    info = conjugate_gradient(system, b, x, system.preconditioner(consume=overwrite), max_iterations, tolerance,
+                              report=report, overwrite_b=overwrite)
     LOGGER.info(
         "SRR (TK1, alpha %.4g): %d CG iterations, relative residual %.3g -> %.3g",
         system.alpha, info["iterations"], info["initial_relative_residual"], info["relative_residual"],

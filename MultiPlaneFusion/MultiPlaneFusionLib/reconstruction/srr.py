@@ -297,7 +297,7 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor):
             options.tolerance, report,
         )
     else:
-        solve_info = solve_tikhonov(system, b, x, options.max_iterations, options.tolerance, report)
+        solve_info = solve_tikhonov(system, b, x, options.max_iterations, options.tolerance, report, overwrite=True)
     del system, b, row_sums
     timings["solve_s"] = time.perf_counter() - t0
 
