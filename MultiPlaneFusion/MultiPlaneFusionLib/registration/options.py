@@ -46,7 +46,7 @@ class RegistrationOptions:
     iterations : int
         Maximum optimiser iterations per level.
     spacing_mm : float or None
-        Isotropic spacing of the grids both images are compared on; None picks half the thinner slice
+        Isotropic spacing of the grids both images are compared on; None picks a quarter of the thinner slice
         thickness (never finer than the finest pixel, never more than ``max_voxels`` voxels).
     max_voxels : int
         Upper bound on the voxels of one registration grid (caps time and memory).

@@ -11,7 +11,7 @@ its own scanner space, so ``R = T^-1`` and the stack receives ``T = R^-1``. The 
 
 How the stacks' anisotropy is handled
 -------------------------------------
-The two images are compared on isotropic grids at a common spacing ``h`` (about half the thinner slice), each
+The two images are compared on isotropic grids at a common spacing ``h`` (a quarter of the thinner slice), each
 carrying *both* point-spread functions, so neither side is sharper than the other in any direction:
 
 - fixed  = target resampled onto a grid aligned with the moving stack's axes, then blurred by the moving
@@ -231,11 +231,13 @@ class _Pair:
 
 
 def _choose_spacing(options, target, moving, fixed_extent_mm, moving_extent_mm):
-    """Registration grid spacing: half the thinner slice, no finer than the pixels, within the voxel budget."""
+    """Registration grid spacing: a quarter of the thinner slice, no finer than the pixels, within the voxel
+    budget. (Half the slice lost in-plane detail: with 7 mm slices the worst TRE was 0.52 mm at 3.5 mm and
+    0.17 mm at 1.75 mm.)"""
     if options.spacing_mm is not None:
         return float(options.spacing_mm)
     finest = min(min(target.pixel_spacing_mm), min(moving.pixel_spacing_mm))
-    h = max(finest, 0.5 * min(target.thickness_mm, moving.thickness_mm))
+    h = max(finest, 0.25 * min(target.thickness_mm, moving.thickness_mm))
     biggest = max(float(np.prod(np.maximum(fixed_extent_mm, h))), float(np.prod(np.maximum(moving_extent_mm, h))))
     return max(h, (biggest / options.max_voxels) ** (1.0 / 3.0))
 
