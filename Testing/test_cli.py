@@ -118,3 +118,15 @@ def test_console_script_error_has_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1].startswith("multiplanefusion: error:") and "Traceback" not in p.stderr
+
+
+def test_transforms_out_writes_tfm_files(tmp_path, capsys):
+    a = write_volume(tmp_path / "a.nrrd")
+    b = write_volume(tmp_path / "b.nrrd", size=(24, 8, 24), spacing=(1.0, 4.0, 1.0))
+    out, tdir = tmp_path / "fused.nrrd", tmp_path / "tfm"
+    code, _, err = run_cli(["fuse", a, b, "-o", out, "--method", "average", "--spacing", "2",
+                            "--transforms-out", tdir, "--quiet"], capsys)
+    assert code == 0, err
+    files = sorted(tdir.glob("*.tfm"))
+    assert len(files) == 2
+    assert sitk.ReadTransform(str(files[1])).GetDimension() == 3

@@ -171,14 +171,18 @@ def cmd_inspect(args, progress):
 
 
 def cmd_fuse(args, progress):
-    from .pipeline import fuse_paths, write_fusion
+    from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
     from .writing import check_volume_path
 
     check_volume_path(args.output)  # fail before the long work, not after
     if args.coverage:
         check_volume_path(args.coverage)
-    result = fuse_paths(args.stacks, fuse_options_from_args(args), progress)
+    options = fuse_options_from_args(args)
+    result = fuse_paths(args.stacks, options, progress)
     written = write_fusion(result, args.output, args.coverage)
+    tfms = write_transforms_if_asked(result, options)
+    if tfms:
+        written["transforms"] = tfms
     if not args.quiet:
         print(f"fused volume: {written['volume']}")
     return {**result.summary, "outputs": written}
@@ -206,7 +210,7 @@ def cmd_model(args, progress):
 def run_pipeline(stacks, outdir, fuse_options, model_options, model_format="stl", progress=None, quiet=False):
     """fuse + model into ``outdir``; returns the summary dict."""
     from .model import build_model, write_model
-    from .pipeline import fuse_paths, write_fusion
+    from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
 
     try:
         os.makedirs(outdir, exist_ok=True)
@@ -223,6 +227,9 @@ def run_pipeline(stacks, outdir, fuse_options, model_options, model_format="stl"
     model = build_model(result.image, model_options, modality=modality, progress=progress)
     result.summary["timings_s"]["model_s"] = time.perf_counter() - t
     written = write_fusion(result, fused_path)
+    tfms = write_transforms_if_asked(result, fuse_options)
+    if tfms:
+        written["transforms"] = tfms
     written["model"] = os.path.abspath(model_path)
     export = write_model(model.polydata, model_path, ras=model_options.ras)
     if not quiet:

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from . import memory
-from .errors import InputError
+from .errors import InputError, OutputError
 from .grid import Grid, grid_for_stacks
 from .progress import Monitor
 from .reading import read_stacks
@@ -181,10 +181,13 @@ def _srr_with_refinement(stacks, grid, options, average, background, monitor):
 
         t = time.perf_counter()
         stacks, cycle_reports = refine_registration(
-            stacks, result.volume, grid, options.registration, monitor.sub("register", 0, 1)
+            stacks, result.volume, grid, options.registration, monitor.sub("register", 0, 1),
+            coverage=average.coverage,
         )
         timings[f"refine{cycle}_s"] = time.perf_counter() - t
         reports.extend({**r, "cycle": cycle + 1} for r in cycle_reports)
+        if all(float(r.get("cycle_max_shift_mm") or 0.0) == 0.0 for r in cycle_reports):
+            break  # no stack moved: solving again would give the same volume
         initial = result.volume
     timings["srr_s"] = sum(v for k, v in timings.items() if k.startswith("srr_cycle"))
     return result.volume, result.info, stacks, reports, timings
@@ -202,6 +205,23 @@ def fuse_paths(paths, options=None, progress=None, cancel=None):
     result.summary["timings_s"]["read_s"] = read_s
     result.summary["inputs"] = [os.fspath(p) for p in paths]
     return result
+
+
+def write_transforms_if_asked(result, options):
+    """Write each stack's registration as an ITK .tfm (``RegistrationOptions.transforms_out``); returns paths.
+
+    Files are numbered in the fusion's stack order (the reference first)."""
+    folder = getattr(options.registration, "transforms_out", None) if options is not None else None
+    if not folder:
+        return []
+    from .registration import write_transforms
+
+    if not os.path.isdir(folder):
+        try:
+            os.makedirs(folder)
+        except OSError as e:
+            raise OutputError(f"cannot create transforms folder '{folder}': {e.strerror}") from None
+    return [os.path.abspath(p) for p in write_transforms(result.stacks, folder)]
 
 
 def write_fusion(result, path, coverage_path=None):
