@@ -41,7 +41,7 @@ README_URL = "https://github.com/multiplanefusion/SlicerMultiPlaneFusion#readme"
 
 METHODS = ["srr", "average"]
 EXTENTS = ["overlap", "union"]
-REGULARIZERS = ["tikhonov", "huber"]
+REGULARIZERS = ["huber", "tikhonov"]
 # The library's CT presets (MultiPlaneFusionLib/model/thresholds.py, kept in step by
 # Testing/test_slicer_module_static.py), then a user range and the automatic (Otsu) threshold.
 THRESHOLD_PRESETS = ["bone", "compact bone", "spongy bone", "teeth", "soft tissue", "skin", "custom", "automatic"]
@@ -105,8 +105,8 @@ class MultiPlaneFusionParameterNode:
     Inputs: axialVolume, coronalVolume, sagittalVolume and extraVolumes (any further series).
     Reconstruction: method ('srr' super-resolution or 'average'), spacingMm (0 = finest input pixel),
     extent ('overlap' of all series or 'union'), register (rigid alignment of the series),
-    regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('tikhonov' smooth
-    or 'huber' edge-preserving), memoryLimitGb.
+    regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('huber'
+    edge-preserving, default, or 'tikhonov' smooth), memoryLimitGb.
     Bone model: buildModel, thresholdPreset (CT presets in HU, 'custom' uses thresholdRange,
     'automatic' = Otsu for MR), islands ('largest' or 'all' above minIslandMm3), fillCavities,
     removeThinMm, surfaceMethod ('iso' grey-level isosurface or 'labelmap' like Slicer), smoothing
@@ -126,7 +126,7 @@ class MultiPlaneFusionParameterNode:
     extent: Annotated[str, Choice(EXTENTS)] = "overlap"
     register: bool = True
     regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
-    regularizer: Annotated[str, Choice(REGULARIZERS)] = "tikhonov"
+    regularizer: Annotated[str, Choice(REGULARIZERS)] = "huber"
     memoryLimitGb: Annotated[float, WithinRange(0.5, 1024.0)] = 16.0
 
     buildModel: bool = True
@@ -555,7 +555,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         extent="overlap",
         register=True,
         regularization=None,
-        regularizer="tikhonov",
+        regularizer="huber",
         memoryLimitGb=16.0,
         buildModel=True,
         thresholdPreset="bone",
@@ -598,8 +598,8 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             Rigid registration of the series to the reference before (and with srr during) fusion.
         regularization : float or None
             Weight alpha of the srr regulariser (mm^2, scale-invariant); None or 0 = the library's default.
-        regularizer : 'tikhonov' or 'huber'
-            Smooth (first-order Tikhonov) or edge-preserving (Huber) srr prior.
+        regularizer : 'huber' or 'tikhonov'
+            Edge-preserving (Huber, default) or smooth (first-order Tikhonov) srr prior.
         memoryLimitGb : float
         buildModel : bool
             False stops after the fused volume.
@@ -728,7 +728,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         if spacing is not None and not spacing > 0:
             raise ValueError(_("The output spacing must be positive (or 0 for automatic)."))
         job.modality = "CT" if all(st.modality == "CT" for st in job.stacks) else job.stacks[0].modality
-        srr = self._srrOptions(s.get("regularization"), s.get("regularizer", "tikhonov")) if method == "srr" else None
+        srr = self._srrOptions(s.get("regularization"), s.get("regularizer", "huber")) if method == "srr" else None
         job.fuseOptions = FuseOptions(
             method=method,
             spacing_mm=spacing,
@@ -786,11 +786,11 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             check_writable(job.exportPath)  # fail now, not after minutes of work
 
     @staticmethod
-    def _srrOptions(regularization=None, regularizer="tikhonov"):
+    def _srrOptions(regularization=None, regularizer="huber"):
         """The library's SRR options from the user's prior (None when everything is the default)."""
         if regularizer not in REGULARIZERS:
             raise ValueError(_("Unknown regularizer '{name}': use tikhonov or huber.").format(name=regularizer))
-        if not regularization and regularizer == "tikhonov":
+        if not regularization and regularizer == "huber":
             return None  # the library's defaults
         from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
 

@@ -45,26 +45,30 @@ def test_srr_beats_the_average(case):
     gain = _psnr(res.volume, truth) - _psnr(avg.volume, truth)
     assert gain > 2.5, gain
     info = res.info
+    assert info["regularizer"] == "huber" and info["alpha"] == 0.5 and info["edge_scale_mm"] == 0.35
     assert info["operator_paths"] == ["separable"] * 3
-    assert 0 < info["iterations"] <= SrrOptions().max_iterations
-    assert info["relative_residual"] <= SrrOptions().tolerance or info["iterations"] == SrrOptions().max_iterations
+    assert 0 < info["iterations"] <= SrrOptions().effective_iterations == 9
     assert info["intensity_matching"] is False  # CT in HU
     assert info["disagreeing_stacks"] == []
-    # the same start given explicitly (what the pipeline does) converges to the same volume
+    # the same start given explicitly (what the pipeline does) lands on nearly the same volume
     again = reconstruct_srr(stacks, grid, initial=avg.volume, coverage=avg.coverage)
-    assert np.abs(again.volume - res.volume)[truth > -900].mean() < 5.0
+    assert np.abs(again.volume - res.volume)[truth > -900].mean() < 10.0
     assert again.info["initial"] == "given"
 
 
-def test_huber_is_edge_preserving_and_beats_the_average(case):
+def test_tikhonov_converges_and_beats_the_average(case):
     stacks, grid, truth = case
     avg = fuse_average(stacks, grid)
-    res = reconstruct_srr(stacks, grid, SrrOptions(regularizer="huber"), avg.volume, avg.coverage)
-    assert res.info["regularizer"] == "huber" and res.info["alpha"] == 0.5
-    tk1 = reconstruct_srr(stacks, grid, SrrOptions(), avg.volume, avg.coverage)
+    opts = SrrOptions(regularizer="tikhonov")
+    res = reconstruct_srr(stacks, grid, opts, avg.volume, avg.coverage)
+    assert res.info["regularizer"] == "tikhonov" and res.info["alpha"] == 0.1
     assert _psnr(res.volume, truth) > _psnr(avg.volume, truth) + 2.5
-    # edges: the bone mask is at least as good as with the quadratic penalty
-    assert metrics.dice(res.volume > 300, truth > 300) >= metrics.dice(tk1.volume > 300, truth > 300) - 0.005
+    info = res.info
+    assert 0 < info["iterations"] <= opts.effective_iterations == 30
+    assert info["relative_residual"] <= opts.tolerance or info["iterations"] == opts.effective_iterations
+    # the default (Huber) keeps the bone mask at least as good as the quadratic penalty
+    hub = reconstruct_srr(stacks, grid, None, avg.volume, avg.coverage)
+    assert metrics.dice(hub.volume > 300, truth > 300) >= metrics.dice(res.volume > 300, truth > 300) - 0.005
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -169,15 +173,18 @@ def test_agreeing_stacks_correlate_well(case):
 
 def test_command_line_options_round_trip():
     parser = add_srr_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--alpha", "0.1", "--regularizer", "huber", "--psf", "box", "--iterations", "7",
-                              "--tolerance", "1e-4", "--intensity-matching", "on", "--huber-delta", "0.2"])
+    args = parser.parse_args(["--alpha", "0.1", "--regularizer", "tikhonov", "--psf", "box", "--iterations", "7",
+                              "--tolerance", "1e-4", "--intensity-matching", "on", "--huber-delta", "0.2",
+                              "--edge-scale", "0.7"])
     o = srr_options_from_args(args)
-    assert (o.alpha, o.regularizer, o.psf, o.max_iterations, o.tolerance) == (0.1, "huber", "box", 7, 1e-4)
-    assert o.intensity_matching is True and o.huber_delta == 0.2 and o.exclude_disagreeing
+    assert (o.alpha, o.regularizer, o.psf, o.max_iterations, o.tolerance) == (0.1, "tikhonov", "box", 7, 1e-4)
+    assert o.intensity_matching is True and o.huber_delta == 0.2 and o.edge_scale_mm == 0.7 and o.exclude_disagreeing
     d = srr_options_from_args(parser.parse_args([]))
     assert d == SrrOptions()
     with pytest.raises(InputError):
         srr_options_from_args(parser.parse_args(["--alpha", "-1"]))
+    with pytest.raises(InputError):
+        srr_options_from_args(parser.parse_args(["--edge-scale", "-1"]))
 
 
 def test_invalid_inputs(case):
