@@ -125,13 +125,13 @@ def test_huber_lowers_its_objective_and_carries_the_exact_residual(monkeypatch):
     def spy(apply_h, b, x, *args, **kw):
         given = kw.get("residual")
         if given is not None:  # the carried residual must be b - H x with the NEW weights
-            seen.append(float(np.abs(given - (b - apply_h(x))).max()))
+            seen.append(float(np.abs(given - (y - apply_h(x))).max()))
         return real_cg(apply_h, b, x, *args, **kw)
 
     import MultiPlaneFusionLib.reconstruction.solvers as solvers
 
     monkeypatch.setattr(solvers, "conjugate_gradient", spy)
-    info = solve_huber(system, y, x, delta, outer_iterations=4, max_iterations=40, tolerance=1e-10)
+    info = solve_huber(system, y.copy(), x, delta, outer_iterations=4, max_iterations=40, tolerance=1e-10)
     assert info["outer_iterations"] == 4 and 0 < info["iterations"] <= 40
     assert len(seen) == 3 and max(seen) < 1e-10
     assert _huber_objective(x, mask, y, alpha, delta) < start
@@ -153,3 +153,20 @@ def test_edge_scale_keeps_noise_from_passing_for_edges():
     assert np.median(plain[flat]) < 0.6  # noise counted as edges
     assert np.median(scaled[flat]) > 0.95  # smoothed quadratically, as it should be
     assert scaled[edge].max() < 0.2  # the real edge is still an edge
+
+
+def test_gaussian_blur_keeps_constants_and_has_the_requested_width():
+    from MultiPlaneFusionLib.reconstruction.operators import gaussian_blur
+
+    spacing = (0.5, 1.0, 0.25)
+    ones = np.ones((9, 10, 11), np.float32)
+    np.testing.assert_allclose(gaussian_blur(ones, spacing, 0.7), 1.0, rtol=1e-6)
+    x = np.zeros((81, 81, 81))  # impulse far from the borders (there rows are renormalised)
+    x[40, 40, 40] = 1.0
+    y = gaussian_blur(x, spacing, 1.5)
+    assert abs(y.sum() - 1.0) < 1e-9
+    for axis, h in enumerate(spacing):
+        prof = y.sum(axis=tuple(a for a in range(3) if a != axis))
+        pos = (np.arange(81) - 40) * h
+        std = np.sqrt((prof * pos**2).sum())
+        assert abs(std - 1.5) < 0.02, (axis, std)

@@ -5,12 +5,15 @@ Sections
 - ``synthetic``: the library's analytic head phantom as ground truth; three orthogonal 4 mm series
   (0.8 mm pixels, 15 HU noise) simulated from the analytic model (not with the reconstruction's
   operators); grid ``phantom_grid(--spacing)`` (0.93 mm: ~11.5 M voxels). Rows: axial only (B-spline
-  resampled), average (linear), srr (engine alone, from its PSF-weighted start) and srr as the pipeline
-  runs it (average first, then srr from it). Columns: PSNR inside the head (truth > -900 HU), Dice of the
+  resampled), average (linear), srr with the default (Huber) settings (engine alone, from its
+  PSF-weighted start, and as the pipeline runs it: average first, then srr from it), srr with Tikhonov,
+  srr with plain Huber (no edge scale). Columns: PSNR inside the head (truth > -900 HU), Dice of the
   bone mask (> 300 HU), symmetric vertex-to-surface distance of the 300 HU iso-surfaces (mean, p95),
   wall time, peak memory above the inputs (MB and float32 grid copies). The speed ratio srr / average.
-- ``sweep`` (``--sweep``): alpha (and the Huber option) on other thicknesses and noise levels, to check
-  the default holds beyond the case it was chosen on.
+- ``sweep`` (``--sweep``): Tikhonov alphas and the default (Huber) on other thicknesses and noise
+  levels, to check the default holds beyond the case it was chosen on.
+- ``cli`` (``--cli``): ``multiplanefusion fuse`` end to end on the three series written as DICOM, srr
+  against average, registration off (the same for both): the wall time a user sees.
 - ``real``: the Philips series of ../shared/data: the 5 mm axial and both gantry-tilted series fused on
   the grid of the 1 mm series (``--grid-like``). First the baselines of ../shared/data/README.md are
   reproduced with the same metric (correlation with the 1 mm series inside the phantom, 1 mm > -500 HU,
@@ -20,7 +23,7 @@ Sections
 
 Usage::
 
-    python benchmarks/bench_srr.py [--skip-synthetic] [--skip-real] [--sweep] [--register]
+    python benchmarks/bench_srr.py [--skip-synthetic] [--skip-real] [--sweep] [--cli] [--register]
         [--scale 1.0] [--spacing 0.93] [--real-grid 1mm|eval] [--json PATH]
 """
 
@@ -111,26 +114,31 @@ def bench_synthetic(args):
     avg, t_avg, mem = measure(fuse_average, stacks, grid)
     row("average (linear)", avg.volume, t_avg, mem)
     res, t_srr, mem = measure(reconstruct_srr, stacks, grid)
-    row("srr (engine)", res.volume, t_srr, mem, {"iterations": res.info["iterations"],
+    row("srr, default Huber (engine)", res.volume, t_srr, mem, {"iterations": res.info["iterations"],
                                                    "residual": res.info["relative_residual"],
                                                    "timings": res.info["timings_s"]})
     del res
     res, t_srr2, mem = measure(reconstruct_srr, stacks, grid, None, avg.volume, avg.coverage)
-    row("srr (after average, pipeline)", res.volume, t_srr2 + t_avg, mem, {"iterations": res.info["iterations"]})
-    res_h, t_h, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(regularizer="huber"))
-    row("srr huber (engine)", res_h.volume, t_h, mem, {"iterations": res_h.info["iterations"]})
+    row("srr, default (after average, pipeline)", res.volume, t_srr2 + t_avg, mem,
+        {"iterations": res.info["iterations"]})
+    del res
+    res_t, t_t, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(regularizer="tikhonov"))
+    row("srr, Tikhonov (engine)", res_t.volume, t_t, mem, {"iterations": res_t.info["iterations"]})
+    del res_t
+    res_p, t_p, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(edge_scale_mm=0.0))
+    row("srr, plain Huber, edge scale 0 (engine)", res_p.volume, t_p, mem, {"iterations": res_p.info["iterations"]})
     print_table(f"synthetic ({n / 1e6:.1f} M voxels)", rows, COLUMNS)
     ratio = t_srr / t_avg
     ratio_pipeline = (t_srr2 + t_avg) / t_avg
     print(f"speed: srr engine / average = {ratio:.2f}; pipeline (average + srr from it) / average = "
-          f"{ratio_pipeline:.2f}")
+          f"{ratio_pipeline:.2f}; Tikhonov engine / average = {t_t / t_avg:.2f}")
     ax, av, sr = rows[0], rows[1], rows[2]
     print(f"srr - axial: {sr['psnr_db'] - ax['psnr_db']:+.2f} dB; "
           f"srr - average: {sr['psnr_db'] - av['psnr_db']:+.2f} dB; surface mean srr / best baseline = "
           f"{sr['surface_mean_mm'] / min(ax['surface_mean_mm'], av['surface_mean_mm']):.2f}")
     print(markdown_table(rows, COLUMNS))
     return {"grid_shape": grid.shape, "n_voxels": n, "rows": rows, "speed_ratio_engine": ratio,
-            "speed_ratio_pipeline": ratio_pipeline}
+            "speed_ratio_pipeline": ratio_pipeline, "speed_ratio_tikhonov": t_t / t_avg}
 
 
 def bench_sweep(args):
@@ -146,23 +154,64 @@ def bench_sweep(args):
         r = {"case": f"{thickness:g} mm, {noise:g} HU", "average": base["psnr_db"],
              "average_surf": base["surface_mean_mm"]}
         for a in alphas:
-            q = quality(reconstruct_srr(stacks, grid, SrrOptions(alpha=a), avg.volume, avg.coverage).volume,
+            q = quality(reconstruct_srr(stacks, grid, SrrOptions(regularizer="tikhonov", alpha=a), avg.volume,
+                                        avg.coverage).volume,
                         truth, grid, head, ts)
             r[f"a{a:g}"] = q["psnr_db"]
             r[f"a{a:g}_surf"] = q["surface_mean_mm"]
-        q = quality(reconstruct_srr(stacks, grid, SrrOptions(regularizer="huber"), avg.volume, avg.coverage).volume,
-                    truth, grid, head, ts)
+        vax, cax = resample_stack(stacks[0], grid, "bspline")
+        vax[~cax] = -1024.0
+        q = quality(vax, truth, grid, head, ts)
+        r["axial_surf"] = q["surface_mean_mm"]
+        q = quality(reconstruct_srr(stacks, grid, None, avg.volume, avg.coverage).volume, truth, grid, head, ts)
         r["huber"] = q["psnr_db"]
         r["huber_surf"] = q["surface_mean_mm"]
+        r["huber_ratio"] = q["surface_mean_mm"] / min(r["axial_surf"], r["average_surf"])
         rows.append(r)
         print(r, flush=True)
     cols = [("case", "case", "")] + [("average", "avg dB", ".2f")]
-    cols += [(f"a{a:g}", f"a={a:g} dB", ".2f") for a in alphas] + [("huber", "huber dB", ".2f")]
-    cols += [("average_surf", "avg mm", ".3f")] + [(f"a{a:g}_surf", f"a={a:g} mm", ".3f") for a in alphas]
-    cols += [("huber_surf", "huber mm", ".3f")]
-    print_table(f"alpha sweep (grid {args.sweep_spacing} mm; PSNR dB and 300 HU surface mean mm)", rows, cols)
+    cols += [(f"a{a:g}", f"tk a={a:g} dB", ".2f") for a in alphas] + [("huber", "default dB", ".2f")]
+    cols += [("axial_surf", "axial mm", ".3f"), ("average_surf", "avg mm", ".3f")]
+    cols += [(f"a{a:g}_surf", f"tk a={a:g} mm", ".3f") for a in alphas]
+    cols += [("huber_surf", "default mm", ".3f"), ("huber_ratio", "default / best baseline", ".2f")]
+    print_table(f"sweep (grid {args.sweep_spacing} mm; PSNR dB and 300 HU surface mean mm; tk = Tikhonov, "
+                "default = Huber)", rows, cols)
     print(markdown_table(rows, cols))
     return {"rows": rows, "alphas": alphas}
+
+
+# ------------------------------------------------------------------------------------------------ cli
+def bench_cli(args):
+    """Wall time of ``multiplanefusion fuse`` end to end (read DICOM, grid, fuse, write NRRD), srr against
+    average on the same three simulated DICOM series in one run; registration off (it is the same for both
+    methods), so the ratio is the reconstruction's. Each method run twice, the faster kept."""
+    import subprocess
+    import tempfile
+
+    from MultiPlaneFusionLib.simulation import write_dicom_series
+
+    print(f"\n== cli: fuse end to end, three 4 mm series, --spacing {args.spacing}")
+    stacks, grid, _ = synthetic_case(args.scale, args.spacing)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = []
+        for n, s in enumerate(stacks):
+            folder = Path(tmp) / f"s{n}"
+            write_dicom_series(s, folder, series_number=n + 1)
+            folders.append(str(folder))
+        times = {}
+        for method in ("average", "srr", "average", "srr"):
+            cmd = [sys.executable, "-m", "MultiPlaneFusionLib.cli", "fuse", *folders, "-o", str(Path(tmp) / "f.nrrd"),
+                   "--spacing", str(args.spacing), "--method", method, "--no-register", "--quiet"]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            times[method] = min(times.get(method, 1e9), time.perf_counter() - t)
+    for method, t in times.items():
+        rows.append({"method": f"fuse --method {method}", "seconds": t})
+    ratio = times["srr"] / times["average"]
+    print_table("cli (wall time, s)", rows, [("method", "method", ""), ("seconds", "time s", ".2f")])
+    print(f"speed end to end: srr / average = {ratio:.2f}")
+    return {"rows": rows, "speed_ratio_cli": ratio}
 
 
 # ----------------------------------------------------------------------------------------------- real
@@ -227,9 +276,12 @@ def bench_real(args):
     avg, t_avg, mem = measure(fuse_average, stacks, grid)
     row("mean of three, linear", avg.volume, grid, t_avg, mem)
     res, t, mem = measure(reconstruct_srr, stacks, grid, None, avg.volume, avg.coverage)
-    row("srr (as acquired)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
+    row("srr, default (as acquired)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
                                                        "paths": res.info["operator_paths"],
                                                        "timings": res.info["timings_s"]})
+    del res
+    res, t, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(regularizer="tikhonov"), avg.volume, avg.coverage)
+    row("srr, Tikhonov (as acquired)", res.volume, grid, t, mem, {"iterations": res.info["iterations"]})
     del res
     if args.register:
         from MultiPlaneFusionLib.registration import register_stacks
@@ -241,13 +293,13 @@ def bench_real(args):
         avg, t_avg, mem = measure(fuse_average, regd, grid)
         row("mean of three, registered", avg.volume, grid, t_avg, mem, {"registration_s": t_reg})
         res, t, mem = measure(reconstruct_srr, regd, grid, None, avg.volume, avg.coverage)
-        row("srr (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
+        row("srr, default (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
                                                           "paths": res.info["operator_paths"],
                                                           "timings": res.info["timings_s"]})
         del res
-        res, t, mem = measure(reconstruct_srr, regd, grid, SrrOptions(regularizer="huber"), avg.volume,
+        res, t, mem = measure(reconstruct_srr, regd, grid, SrrOptions(regularizer="tikhonov"), avg.volume,
                               avg.coverage)
-        row("srr huber (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
+        row("srr, Tikhonov (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
                                                                 "timings": res.info["timings_s"]})
     cols = [("method", "method", ""), ("correlation", "corr", ".3f"), ("surface_mean_mm", "surf mean mm", ".3f"),
             ("surface_p95_mm", "surf p95 mm", ".3f"), ("readme", "README corr / mean / p95", ""),
@@ -263,6 +315,7 @@ def main(argv=None):
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--sweep", action="store_true", help="alpha sweep over thicknesses and noise levels")
+    p.add_argument("--cli", action="store_true", help="end-to-end wall time of `fuse`, srr against average")
     p.add_argument("--register", action="store_true", help="real: also after rigid registration")
     p.add_argument("--scale", type=float, default=1.0, help="phantom size factor (1 = adult head)")
     p.add_argument("--spacing", type=float, default=0.93, help="synthetic grid spacing, mm (0.93: ~11.5 M voxels)")
@@ -278,6 +331,8 @@ def main(argv=None):
         out["synthetic"] = bench_synthetic(args)
     if args.sweep:
         out["sweep"] = bench_sweep(args)
+    if args.cli:
+        out["cli"] = bench_cli(args)
     if not args.skip_real:
         try:
             out["real"] = bench_real(args)

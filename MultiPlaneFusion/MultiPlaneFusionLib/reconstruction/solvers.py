@@ -179,21 +179,36 @@ def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=Non
 
 
 def gradient_magnitude(x, spacing_kji):
-    """|grad x| from forward differences (0 across the far boundary), same shape as x."""
-    g2 = np.zeros_like(x)
-    for a, h in enumerate(spacing_kji):
-        n = x.shape[a]
-        if n < 2:
-            continue
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[a], hi[a] = slice(0, n - 1), slice(1, n)
-        d = np.subtract(x[tuple(hi)], x[tuple(lo)])
-        d *= np.float32(1.0 / h)
-        np.multiply(d, d, out=d)
-        g2[tuple(lo)] += d
-        del d
-    return np.sqrt(g2, out=g2)
+    """|grad x| from forward differences (0 across the far boundary), same shape as x.
+
+    Slab by slab along axis 0, so the temporaries stay cache-sized."""
+    nk, nj, ni = x.shape
+    g = np.empty_like(x)
+    c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
+    per = max(1, _SLAB_VOXELS // max(nj * ni, 1))
+    for k0 in range(0, nk, per):
+        k1 = min(nk, k0 + per)
+        gs = g[k0:k1]
+        gs[...] = 0
+        xs = x[k0:k1]
+        top = min(k1, nk - 1)
+        if top > k0:
+            d = np.subtract(x[k0 + 1 : top + 1], x[k0:top])
+            np.multiply(d, d, out=d)
+            d *= c[0]
+            gs[: top - k0] += d
+        if nj > 1:
+            d = np.subtract(xs[:, 1:], xs[:, :-1])
+            np.multiply(d, d, out=d)
+            d *= c[1]
+            gs[:, :-1] += d
+        if ni > 1:
+            d = np.subtract(xs[:, :, 1:], xs[:, :, :-1])
+            np.multiply(d, d, out=d)
+            d *= c[2]
+            gs[:, :, :-1] += d
+        np.sqrt(gs, out=gs)
+    return g
 
 
 def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0):
@@ -204,14 +219,9 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0):
     and the edge test means the same whatever the grid spacing.
     """
     if edge_scale_mm and edge_scale_mm > 0:
-        import SimpleITK as sitk  # recursive Gaussian on all cores; numpy has no fast separable filter
+        from .operators import gaussian_blur
 
-        img = sitk.GetImageFromArray(np.asarray(x, dtype=np.float32))
-        img.SetSpacing(tuple(float(h) for h in spacing_kji[::-1]))
-        blurred = sitk.SmoothingRecursiveGaussian(img, float(edge_scale_mm))
-        del img
-        g = gradient_magnitude(sitk.GetArrayViewFromImage(blurred), spacing_kji)
-        del blurred  # after the view's last use: the view borrows the image's memory
+        g = gradient_magnitude(gaussian_blur(x, spacing_kji, edge_scale_mm), spacing_kji)
     else:
         g = gradient_magnitude(x, spacing_kji)
     np.maximum(g, np.float32(delta), out=g)
@@ -415,7 +425,7 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
     The first outer step uses the weights of the warm start, so edges present in the initial estimate
     are preserved from the beginning. Between reweightings only the penalty part of H changes, so the
     residual is carried over and corrected by ``alpha (L_old - L_new) x`` (two penalty applications
-    instead of a full ``H x``: the data terms are most of an iteration's cost).
+    instead of a full ``H x``: the data terms are most of an iteration's cost). ``b`` is overwritten.
     """
     outer_iterations = max(1, int(outer_iterations))
     inner = max(1, int(np.ceil(max_iterations / outer_iterations)))
@@ -435,8 +445,11 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
             if report is not None:
                 report(_done + it, rel)
 
+        # The first step computes the residual in b's memory (b is not needed after it: later steps carry the
+        # residual), one grid copy less at the peak.
         info = conjugate_gradient(system, b, x, system.preconditioner(), inner, tolerance, b_norm=b_norm,
-                                  report=inner_report, residual=residual, keep_residual=o + 1 < outer_iterations)
+                                  report=inner_report, overwrite_b=residual is None, residual=residual,
+                                  keep_residual=o + 1 < outer_iterations)
         residual = info.pop("residual", None)
         total += info["iterations"]
         infos.append(info)
