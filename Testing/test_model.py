@@ -540,3 +540,41 @@ def test_real_ct_model_is_closed_and_on_the_isosurface(real_series):
     z = [slab.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in (0, slab.GetSize()[2] - 1)]
     d = distances_away_from(res.polydata, exact_surface(slab, 300.0), min(z), max(z))
     assert d.mean() <= 0.05 and np.percentile(d, 95) <= 0.2, (d.mean(), np.percentile(d, 95))
+
+
+def _two_tetrahedra_touching_along_an_edge():
+    """Two closed tetrahedra whose edges (0,0,0)-(1,0,0) lie on the same segment with separate vertex ids:
+    manifold in memory, non-manifold once a file format welds vertices by position."""
+    a = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    b = [(0, 0, 0), (1, 0, 0), (0, -1, 0), (0, 0, -1)]
+    pts = np.array(a + b, dtype=float)
+    tris = []
+    for base, verts in ((0, a), (4, b)):
+        v = np.array(verts, float)
+        centre = v.mean(axis=0)
+        for f in itertools.combinations(range(4), 3):
+            n = np.cross(v[f[1]] - v[f[0]], v[f[2]] - v[f[0]])
+            f = f if n @ (v[f[0]] - centre) > 0 else (f[0], f[2], f[1])
+            tris.append([base + i for i in f])
+    poly = vtk.vtkPolyData()
+    vp = vtk.vtkPoints()
+    vp.SetData(numpy_support.numpy_to_vtk(pts, deep=True))
+    poly.SetPoints(vp)
+    cells = vtk.vtkCellArray()
+    for t in tris:
+        cells.InsertNextCell(3, t)
+    poly.SetPolys(cells)
+    return poly
+
+
+@pytest.mark.parametrize("ext", [".stl", ".ply", ".obj"])
+def test_written_model_stays_closed_where_sheets_touch(tmp_path, ext):
+    poly = _two_tetrahedra_touching_along_an_edge()
+    assert mesh_report(poly)["closed"]
+    path = tmp_path / f"touch{ext}"
+    write_model(poly, path)
+    back = mesh_report(read_model(path))
+    assert back["closed"] and back["outward"] and back["components"] == 2, back
+    got, orig = points(read_model(path)), points(poly)
+    moved = np.linalg.norm(got[:, None, :] - orig[None, :, :], axis=2).min(axis=1).max()
+    assert moved < 0.01  # pushed apart by micrometres only

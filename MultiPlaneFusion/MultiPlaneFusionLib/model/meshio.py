@@ -261,6 +261,51 @@ def add_normals(poly):
     return out
 
 
+# Distance coincident vertices are pushed apart before writing (mm): far above float32 resolution at a
+# few hundred mm (~3e-5 mm), far below anything a printer or a viewer resolves.
+_SEPARATION_MM = 1e-3
+
+
+def separate_coincident_vertices(poly, step_mm=_SEPARATION_MM):
+    """A copy of ``poly`` in which distinct vertices that share a float32 position are moved apart.
+
+    Where a thin wall pinches shut, smoothing can bring two sheets of a closed surface onto the very same
+    point with different vertex ids: the mesh is manifold in memory, but STL (no shared vertices) and
+    readers that weld by position merge those vertices into a non-manifold one. Each extra vertex of such
+    a group is moved along its own normal (the sheets' normals point apart) by ``step_mm`` per rank in its
+    group. Returns ``(polydata, moved_count)``; the input is returned unchanged when nothing coincides.
+    """
+    pts = points(poly)
+    if len(pts) < 2:
+        return poly, 0
+    moved = 0
+    out = None
+    for attempt in range(1, 4):
+        p32 = pts.astype(np.float32)
+        _, first, inverse, counts = np.unique(p32, axis=0, return_index=True, return_inverse=True,
+                                              return_counts=True)
+        inverse = inverse.ravel()
+        extra = np.nonzero(counts[inverse] > 1)[0]
+        extra = extra[first[inverse[extra]] != extra]  # keep the first vertex of each group in place
+        if len(extra) == 0:
+            break
+        if out is None:
+            out = add_normals(_shallow(poly))
+            normals = numpy_support.vtk_to_numpy(out.GetPointData().GetNormals()).astype(np.float64)
+        # rank within the group: 1, 2, ... so that three or more vertices end at different places
+        order = np.argsort(inverse[extra], kind="stable")
+        ranks = np.empty(len(extra))
+        groups = inverse[extra][order]
+        starts = np.r_[0, np.nonzero(np.diff(groups))[0] + 1]
+        ranks[order] = np.arange(len(extra)) - np.repeat(starts, np.diff(np.r_[starts, len(extra)])) + 1
+        pts[extra] += normals[extra] * (step_mm * attempt * ranks)[:, None]
+        moved += len(extra)
+    if out is None:
+        return poly, 0
+    out.GetPoints().SetData(numpy_support.numpy_to_vtk(pts, deep=True))
+    return out, moved
+
+
 def _prepend_line(path, line):
     """Put one text line in front of a file (through a temporary file in the same folder)."""
     folder = os.path.dirname(path)
@@ -329,6 +374,7 @@ def write_model(polydata, path, ras=False):
     fmt = model_format(path)
     space = "RAS" if ras else "LPS"
     out = transform_polydata(polydata, _LPS_TO_RAS, (0.0, 0.0, 0.0)) if ras else _shallow(polydata)
+    out, _ = separate_coincident_vertices(out)
     if fmt != "stl" and out.GetPointData().GetNormals() is None:
         out = add_normals(out)
     with atomic_path(path) as tmp:
