@@ -434,12 +434,13 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
     residual = None
     b_norm = np.sqrt(dot(b, b))
     for o in range(outer_iterations):
-        old = system.weights
+        carry = residual is not None and system.alpha > 0
+        if carry:  # take the old penalty out of the residual first, so the old weights can go
+            difference_penalty(x, system.spacing, system.weights, out=residual, scale=system.alpha)
+        system.weights = None
         system.weights = huber_weights(x, system.spacing, delta, edge_scale_mm)
-        if residual is not None and system.alpha > 0:
-            difference_penalty(x, system.spacing, old, out=residual, scale=system.alpha)
+        if carry:
             difference_penalty(x, system.spacing, system.weights, out=residual, scale=-system.alpha)
-        del old
 
         def inner_report(it, rel, _done=total):
             if report is not None:
