@@ -122,10 +122,16 @@ def test_huber_lowers_its_objective_and_carries_the_exact_residual(monkeypatch):
     seen = []
     real_cg = conjugate_gradient
 
+    precond_errors = []
+
     def spy(apply_h, b, x, *args, **kw):
         given = kw.get("residual")
         if given is not None:  # the carried residual must be b - H x with the NEW weights
             seen.append(float(np.abs(given - (y - apply_h(x))).max()))
+        # the (updated) preconditioner must be that of the current weights
+        want = 1.0 / np.maximum(mask + penalty_diagonal(SHAPE, SPACING, apply_h.weights, np.float64, scale=2 * alpha),
+                                1e-12)
+        precond_errors.append(float(np.abs(args[0] / want - 1.0).max()))
         return real_cg(apply_h, b, x, *args, **kw)
 
     import MultiPlaneFusionLib.reconstruction.solvers as solvers
@@ -134,6 +140,7 @@ def test_huber_lowers_its_objective_and_carries_the_exact_residual(monkeypatch):
     info = solve_huber(system, y.copy(), x, delta, outer_iterations=4, max_iterations=40, tolerance=1e-10)
     assert info["outer_iterations"] == 4 and 0 < info["iterations"] <= 40
     assert len(seen) == 3 and max(seen) < 1e-10
+    assert len(precond_errors) == 4 and max(precond_errors) < 1e-6
     assert _huber_objective(x, mask, y, alpha, delta) < start
     # the edge survives: the two sides stay apart by most of the step
     assert x[:, :, 4:].mean() - x[:, :, :2].mean() > 0.8

@@ -425,22 +425,37 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
     The first outer step uses the weights of the warm start, so edges present in the initial estimate
     are preserved from the beginning. Between reweightings only the penalty part of H changes, so the
     residual is carried over and corrected by ``alpha (L_old - L_new) x`` (two penalty applications
-    instead of a full ``H x``: the data terms are most of an iteration's cost). ``b`` is overwritten.
+    instead of a full ``H x``: the data terms are most of an iteration's cost), and so is the Jacobi
+    preconditioner. ``b`` and the system's row sums are overwritten.
     """
     outer_iterations = max(1, int(outer_iterations))
     inner = max(1, int(np.ceil(max_iterations / outer_iterations)))
     total = 0
     infos = []
     residual = None
+    precond = None
     b_norm = np.sqrt(dot(b, b))
+    a2 = 2.0 * system.alpha
     for o in range(outer_iterations):
-        carry = residual is not None and system.alpha > 0
-        if carry:  # take the old penalty out of the residual first, so the old weights can go
-            difference_penalty(x, system.spacing, system.weights, out=residual, scale=system.alpha)
-        system.weights = None
-        system.weights = huber_weights(x, system.spacing, delta, edge_scale_mm)
-        if carry:
-            difference_penalty(x, system.spacing, system.weights, out=residual, scale=-system.alpha)
+        if precond is None:
+            system.weights = huber_weights(x, system.spacing, delta, edge_scale_mm)
+            # In the row sums' memory: later steps update it for the new weights instead of keeping the
+            # row sums (one grid copy less at the peak).
+            precond = system.preconditioner(consume=True)
+        else:
+            # Only the penalty part of H changes: take the old weights' share out of the residual and of
+            # the preconditioner's diagonal, free them, then put the new weights' share in.
+            d = np.divide(np.float32(1.0), precond, out=precond)
+            if system.alpha > 0:
+                difference_penalty(x, system.spacing, system.weights, out=residual, scale=system.alpha)
+                penalty_diagonal(d.shape, system.spacing, system.weights, out=d, scale=-a2)
+            system.weights = None
+            system.weights = huber_weights(x, system.spacing, delta, edge_scale_mm)
+            if system.alpha > 0:
+                difference_penalty(x, system.spacing, system.weights, out=residual, scale=-system.alpha)
+                penalty_diagonal(d.shape, system.spacing, system.weights, out=d, scale=a2)
+            np.maximum(d, np.float32(1e-12), out=d)
+            precond = np.divide(np.float32(1.0), d, out=d)
 
         def inner_report(it, rel, _done=total):
             if report is not None:
@@ -448,7 +463,7 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
 
         # The first step computes the residual in b's memory (b is not needed after it: later steps carry the
         # residual), one grid copy less at the peak.
-        info = conjugate_gradient(system, b, x, system.preconditioner(), inner, tolerance, b_norm=b_norm,
+        info = conjugate_gradient(system, b, x, precond, inner, tolerance, b_norm=b_norm,
                                   report=inner_report, overwrite_b=residual is None, residual=residual,
                                   keep_residual=o + 1 < outer_iterations)
         residual = info.pop("residual", None)
