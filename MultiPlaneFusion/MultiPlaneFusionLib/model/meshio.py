@@ -273,12 +273,11 @@ def separate_coincident_vertices(poly, step_mm=_SEPARATION_MM):
     point with different vertex ids: the mesh is manifold in memory, but STL (no shared vertices) and
     readers that weld by position merge those vertices into a non-manifold one. Each extra vertex of such
     a group is moved along its own normal (the sheets' normals point apart) by ``step_mm`` per rank in its
-    group. Returns ``(polydata, moved_count)``; the input is returned unchanged when nothing coincides.
+    group. The input itself is returned when nothing coincides.
     """
     pts = points(poly)
     if len(pts) < 2:
-        return poly, 0
-    moved = 0
+        return poly
     out = None
     for attempt in range(1, 4):
         p32 = pts.astype(np.float32)
@@ -299,11 +298,10 @@ def separate_coincident_vertices(poly, step_mm=_SEPARATION_MM):
         starts = np.r_[0, np.nonzero(np.diff(groups))[0] + 1]
         ranks[order] = np.arange(len(extra)) - np.repeat(starts, np.diff(np.r_[starts, len(extra)])) + 1
         pts[extra] += normals[extra] * (step_mm * attempt * ranks)[:, None]
-        moved += len(extra)
     if out is None:
-        return poly, 0
+        return poly
     out.GetPoints().SetData(numpy_support.numpy_to_vtk(pts, deep=True))
-    return out, moved
+    return out
 
 
 def _prepend_line(path, line):
@@ -374,7 +372,7 @@ def write_model(polydata, path, ras=False):
     fmt = model_format(path)
     space = "RAS" if ras else "LPS"
     out = transform_polydata(polydata, _LPS_TO_RAS, (0.0, 0.0, 0.0)) if ras else _shallow(polydata)
-    out, _ = separate_coincident_vertices(out)
+    out = separate_coincident_vertices(out)
     if fmt != "stl" and out.GetPointData().GetNormals() is None:
         out = add_normals(out)
     with atomic_path(path) as tmp:

@@ -22,6 +22,8 @@ import sys
 
 import numpy as np
 
+from .operators import gaussian_blur
+
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
 # OpenBLAS thread-count entry points under the names its builds export (plain, 64-bit-integer, and the
@@ -219,8 +221,6 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0):
     and the edge test means the same whatever the grid spacing.
     """
     if edge_scale_mm and edge_scale_mm > 0:
-        from .operators import gaussian_blur
-
         g = gradient_magnitude(gaussian_blur(x, spacing_kji, edge_scale_mm), spacing_kji)
     else:
         g = gradient_magnitude(x, spacing_kji)
