@@ -44,8 +44,12 @@ class _Mask:
     def __init__(self, mask):
         self.mask = mask
 
-    def normal(self, x):
-        return x * self.mask
+    def normal(self, x, out=None, scale=1.0, workers=None):
+        t = x * self.mask * scale
+        if out is None:
+            return t
+        out += t
+        return out
 
 
 @pytest.mark.parametrize("weighted", [False, True])

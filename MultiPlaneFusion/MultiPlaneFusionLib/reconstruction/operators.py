@@ -45,6 +45,7 @@ import math
 import numpy as np
 
 from ..errors import InputError
+from .parallel import workers_or_serial
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 IN_PLANE_FWHM_FACTOR = 1.2
@@ -196,31 +197,89 @@ class Banded:
             self._cast[key] = [(r0, r1, c0, c1, b.astype(dtype)) for r0, r1, c0, c1, b in self._blocks[transpose]]
         return self._cast[key]
 
-    def apply(self, x, axis, transpose=False):
-        """``M @ x`` (or ``M.T @ x``) contracted along ``axis`` of the 3-D array ``x``; a new array."""
+    def apply(self, x, axis, transpose=False, out=None, accumulate=False, workers=None):
+        """``M @ x`` (or ``M.T @ x``) contracted along ``axis`` of the 3-D array ``x``.
+
+        The result goes to a new array, or to ``out`` (C-contiguous, of the result's shape and x's dtype;
+        added to it when ``accumulate``). ``workers`` (:class:`parallel.Workers`) splits the product
+        over the axes it does not contract, in disjoint output pieces.
+        """
         m = self.shape[1] if transpose else self.shape[0]
         shape = list(x.shape)
         shape[axis] = m
-        out = np.zeros(shape, dtype=x.dtype)
+        if out is None:
+            out = np.empty(shape, dtype=x.dtype)
+            accumulate = False
+        elif tuple(out.shape) != tuple(shape) or out.dtype != x.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {x.dtype} array of shape {tuple(shape)}")
         blocks = self.blocks(transpose, x.dtype)
+        workers = workers_or_serial(workers)
+        x = np.ascontiguousarray(x)
         if axis == 0:
-            x2 = np.ascontiguousarray(x).reshape(x.shape[0], -1)
+            x2 = x.reshape(x.shape[0], -1)
             o2 = out.reshape(m, -1)
-            for r0, r1, c0, c1, b in blocks:
-                np.matmul(b, x2[c0:c1], out=o2[r0:r1])
+            workers.ranges(lambda lo, hi: _blocks_left(blocks, x2[:, lo:hi], o2[:, lo:hi], m, accumulate),
+                           x2.shape[1], 4096)
         elif axis == 1:
-            for r0, r1, c0, c1, b in blocks:
-                np.matmul(b, x[:, c0:c1, :], out=out[:, r0:r1, :])
+            workers.ranges(lambda lo, hi: _blocks_batched(blocks, x[lo:hi], out[lo:hi], m, accumulate), x.shape[0])
         else:
             # One BLAS call per block over all rows of the array seen as 2-D (batched 3-D calls are slow).
-            x2 = np.ascontiguousarray(x).reshape(-1, x.shape[2])
+            x2 = x.reshape(-1, x.shape[2])
             o2 = out.reshape(-1, m)
-            for r0, r1, c0, c1, b in blocks:
-                np.matmul(x2[:, c0:c1], b.T, out=o2[:, r0:r1])
+            workers.ranges(lambda lo, hi: _blocks_right(blocks, x2[lo:hi], o2[lo:hi], m, accumulate),
+                           x2.shape[0], 256)
         return out
 
 
-def gaussian_blur(x, spacing_kji, sigma_mm):
+def _uncovered(blocks, m):
+    """Output rows no block writes (all-zero rows of the matrix), as (start, stop) ranges."""
+    gaps, r = [], 0
+    for r0, r1, _, _, _ in blocks:
+        if r0 > r:
+            gaps.append((r, r0))
+        r = r1
+    if r < m:
+        gaps.append((r, m))
+    return gaps
+
+
+def _blocks_left(blocks, x2, o2, m, accumulate):
+    """o2 (=|+=) B @ x2 by row blocks; x2, o2 2-D (rows along the contracted axis)."""
+    if not accumulate:
+        for r0, r1 in _uncovered(blocks, m):
+            o2[r0:r1] = 0
+    for r0, r1, c0, c1, b in blocks:
+        if accumulate:
+            o2[r0:r1] += b @ x2[c0:c1]
+        else:
+            np.matmul(b, x2[c0:c1], out=o2[r0:r1])
+
+
+def _blocks_batched(blocks, x, o, m, accumulate):
+    """The same along axis 1 of 3-D arrays (a batch of products along axis 0)."""
+    if not accumulate:
+        for r0, r1 in _uncovered(blocks, m):
+            o[:, r0:r1] = 0
+    for r0, r1, c0, c1, b in blocks:
+        if accumulate:
+            o[:, r0:r1] += np.matmul(b, x[:, c0:c1, :])
+        else:
+            np.matmul(b, x[:, c0:c1, :], out=o[:, r0:r1, :])
+
+
+def _blocks_right(blocks, x2, o2, m, accumulate):
+    """o2 (=|+=) x2 @ B^T by row blocks of B; x2, o2 2-D (columns along the contracted axis)."""
+    if not accumulate:
+        for r0, r1 in _uncovered(blocks, m):
+            o2[:, r0:r1] = 0
+    for r0, r1, c0, c1, b in blocks:
+        if accumulate:
+            o2[:, r0:r1] += x2[:, c0:c1] @ b.T
+        else:
+            np.matmul(x2[:, c0:c1], b.T, out=o2[:, r0:r1])
+
+
+def gaussian_blur(x, spacing_kji, sigma_mm, workers=None):
     """``x`` (3-D) filtered by a sampled Gaussian of ``sigma_mm`` along each axis (taps to 3 sigma, rows
     renormalised at the borders), by banded matrix products. A new array of x's dtype."""
     a = np.asarray(x)
@@ -232,7 +291,7 @@ def gaussian_blur(x, spacing_kji, sigma_mm):
         half = int(math.ceil(GAUSSIAN_CUTOFF_SIGMAS * s))
         d = np.arange(n)[:, None] - np.arange(n)[None, :]
         w = np.where(np.abs(d) <= half, np.exp(-0.5 * (d / s) ** 2), 0.0)
-        a = Banded(w / w.sum(axis=1, keepdims=True)).apply(a, axis)
+        a = Banded(w / w.sum(axis=1, keepdims=True)).apply(a, axis, workers=workers)
     return a if a is not x else a.copy()
 
 
@@ -343,17 +402,25 @@ class StackOperator:
         """Bool mask, stack-shaped: samples the model predicts (pixel centre inside the grid)."""
         raise NotImplementedError
 
-    def forward(self, x):
-        """Simulated stack from grid volume ``x``; stack-shaped, 0 at invalid samples."""
+    def forward(self, x, workers=None):
+        """Simulated stack from grid volume ``x``; stack-shaped, 0 at invalid samples. ``workers``
+        (:class:`parallel.Workers`) lets the work run on several threads."""
         raise NotImplementedError
 
-    def adjoint(self, y):
+    def adjoint(self, y, workers=None):
         """Exact transpose of :meth:`forward` applied to a stack-shaped ``y``; grid-shaped."""
         raise NotImplementedError
 
-    def normal(self, x):
-        """``adjoint(forward(x))``."""
-        return self.adjoint(self.forward(x))
+    def normal(self, x, out=None, scale=1.0, workers=None):
+        """``scale * adjoint(forward(x))``; into ``out`` (added to it) when given, else a new array."""
+        y = self.forward(x, workers=workers)
+        if scale != 1.0:
+            y *= y.dtype.type(scale)
+        t = self.adjoint(y, workers=workers)
+        if out is None:
+            return t
+        out += t
+        return out
 
     def adjoint_ones(self):
         """``A^T 1`` over the valid samples (float32, grid-shaped): the absolute row sums of A^T A,
@@ -434,45 +501,50 @@ class SeparableOperator(StackOperator):
         m[self.crop] = True
         return m
 
-    def forward_cropped(self, x):
+    def forward_cropped(self, x, workers=None):
         """Simulated samples inside the valid box only, stack axis order."""
         a = np.asarray(x, dtype=self._dtype(x))
         for s in self.order:
-            a = self.mats[s].apply(a, self.axes[s])
+            a = self.mats[s].apply(a, self.axes[s], workers=workers)
         return np.transpose(a, self.axes)
 
-    def adjoint_cropped(self, yc):
+    def adjoint_cropped(self, yc, workers=None):
         """Transpose of :meth:`forward_cropped`."""
         inv = [0, 0, 0]
         for s, g in enumerate(self.axes):
             inv[g] = s
         a = np.transpose(np.asarray(yc, dtype=self._dtype(yc)), inv)
         for s in reversed(self.order):
-            a = self.mats[s].apply(a, self.axes[s], transpose=True)
+            a = self.mats[s].apply(a, self.axes[s], transpose=True, workers=workers)
         return a
 
-    def forward(self, x):
+    def forward(self, x, workers=None):
         dt = self._dtype(x)
         y = np.zeros(self.shape, dtype=dt)
         if not self.empty:
-            y[self.crop] = self.forward_cropped(x)
+            y[self.crop] = self.forward_cropped(x, workers)
         return y
 
-    def adjoint(self, y):
+    def adjoint(self, y, workers=None):
         if self.empty:
             return np.zeros(self.grid_shape, dtype=self._dtype(y))
-        return self.adjoint_cropped(np.asarray(y)[self.crop])
+        return self.adjoint_cropped(np.asarray(y)[self.crop], workers)
 
-    def normal(self, x):
+    def normal(self, x, out=None, scale=1.0, workers=None):
+        dt = self._dtype(x)
         if self.empty:
-            return np.zeros(self.grid_shape, dtype=self._dtype(x))
-        a = np.asarray(x, dtype=self._dtype(x))
-        for s in self._reduce:
-            a = self.mats[s].apply(a, self.axes[s])
-        for s, gram in self._grams.items():
-            a = gram.apply(a, self.axes[s])
-        for s in reversed(self._reduce):
-            a = self.mats[s].apply(a, self.axes[s], transpose=True)
+            return np.zeros(self.grid_shape, dtype=dt) if out is None else out
+        steps = [(self.mats[s], s, False) for s in self._reduce]
+        steps += [(gram, s, False) for s, gram in self._grams.items()]
+        steps += [(self.mats[s], s, True) for s in reversed(self._reduce)]
+        a = np.asarray(x, dtype=dt)
+        for n, (mat, s, transpose) in enumerate(steps):
+            last = n == len(steps) - 1
+            if last and scale != 1.0:
+                # on the smallest intermediate (after the reducing axes), not on the full result
+                a = a * dt(scale) if a is x else np.multiply(a, dt(scale), out=a)
+            a = mat.apply(a, self.axes[s], transpose, out=out if last else None, accumulate=last and out is not None,
+                          workers=workers)
         return a
 
     def adjoint_ones(self):
@@ -667,34 +739,40 @@ class GeneralOperator(StackOperator):
         return self._scale
 
     # lattice (w, v, u) <-> stack (k, j, i)
-    def _lattice_to_slices(self, z1):
+    def _lattice_to_slices(self, z1, workers=None):
         """z1: (nk, nv, nu) -> (nk, nj, ni): in-plane PSF + sampling, per slice when sheared."""
         nk = z1.shape[0]
         if not isinstance(self.m_v, list) and not isinstance(self.m_u, list):
-            a = self.m_v.apply(z1, 1)
-            return self.m_u.apply(a, 2)
+            a = self.m_v.apply(z1, 1, workers=workers)
+            return self.m_u.apply(a, 2, workers=workers)
         out = np.empty((nk,) + self.shape[1:], dtype=z1.dtype)
-        for k in range(nk):
-            mv = self.m_v[k] if isinstance(self.m_v, list) else self.m_v
-            mu = self.m_u[k] if isinstance(self.m_u, list) else self.m_u
-            a = mv.apply(z1[k : k + 1], 1)
-            out[k : k + 1] = mu.apply(a, 2)
+
+        def slices(k0, k1):
+            for k in range(k0, k1):
+                mv = self.m_v[k] if isinstance(self.m_v, list) else self.m_v
+                mu = self.m_u[k] if isinstance(self.m_u, list) else self.m_u
+                out[k : k + 1] = mu.apply(mv.apply(z1[k : k + 1], 1), 2)
+
+        workers_or_serial(workers).ranges(slices, nk)
         return out
 
-    def _slices_to_lattice(self, y):
+    def _slices_to_lattice(self, y, workers=None):
         nk = y.shape[0]
         if not isinstance(self.m_v, list) and not isinstance(self.m_u, list):
-            a = self.m_u.apply(y, 2, transpose=True)
-            return self.m_v.apply(a, 1, transpose=True)
+            a = self.m_u.apply(y, 2, transpose=True, workers=workers)
+            return self.m_v.apply(a, 1, transpose=True, workers=workers)
         out = np.empty((nk, self.lattice.shape[1], self.lattice.shape[2]), dtype=y.dtype)
-        for k in range(nk):
-            mv = self.m_v[k] if isinstance(self.m_v, list) else self.m_v
-            mu = self.m_u[k] if isinstance(self.m_u, list) else self.m_u
-            a = mu.apply(y[k : k + 1], 2, transpose=True)
-            out[k : k + 1] = mv.apply(a, 1, transpose=True)
+
+        def slices(k0, k1):
+            for k in range(k0, k1):
+                mv = self.m_v[k] if isinstance(self.m_v, list) else self.m_v
+                mu = self.m_u[k] if isinstance(self.m_u, list) else self.m_u
+                out[k : k + 1] = mv.apply(mu.apply(y[k : k + 1], 2, transpose=True), 1, transpose=True)
+
+        workers_or_serial(workers).ranges(slices, nk)
         return out
 
-    def _raw_forward(self, x):
+    def _raw_forward(self, x, workers=None):
         dt = x.dtype
         nw, nv, nu = self.lattice.shape
         z1 = np.zeros((self.shape[0], nv, nu), dtype=dt)
@@ -706,8 +784,8 @@ class GeneralOperator(StackOperator):
                 cols = self._w_dense(dt)[:, r0:r1]
                 z1 += (cols @ np.ascontiguousarray(chunk).reshape(nz, -1)).reshape(z1.shape)
             else:
-                z1[_canonical_index(name, r0, r1)] = self.m_w.apply(chunk, 0)
-        return self._lattice_to_slices(z1)
+                z1[_canonical_index(name, r0, r1)] = self.m_w.apply(chunk, 0, workers=workers)
+        return self._lattice_to_slices(z1, workers)
 
     def _w_dense(self, dt):
         key = np.dtype(dt)
@@ -715,9 +793,9 @@ class GeneralOperator(StackOperator):
             self._w_cache[key] = self.m_w.dense().astype(dt)
         return self._w_cache[key]
 
-    def _raw_adjoint(self, y):
+    def _raw_adjoint(self, y, workers=None):
         dt = y.dtype
-        z1 = self._slices_to_lattice(y)
+        z1 = self._slices_to_lattice(y, workers)
         name = self._interp.name
         nk = z1.shape[0]
 
@@ -727,20 +805,20 @@ class GeneralOperator(StackOperator):
                     cols = self._w_dense(dt)[:, r0:r1]
                     yield ci, (cols.T @ z1.reshape(nk, -1)).reshape((r1 - r0,) + z1.shape[1:])
                 else:
-                    yield ci, self.m_w.apply(z1[_canonical_index(name, r0, r1)], 0, transpose=True)
+                    yield ci, self.m_w.apply(z1[_canonical_index(name, r0, r1)], 0, transpose=True, workers=workers)
 
         return self._interp.adjoint_chunks(chunks(), dt)
 
-    def forward(self, x):
+    def forward(self, x, workers=None):
         x = np.asarray(x, dtype=self._dtype(x))
-        y = self._raw_forward(x)
+        y = self._raw_forward(x, workers)
         y *= self._scale_for(x.dtype)
         return y
 
-    def adjoint(self, y):
+    def adjoint(self, y, workers=None):
         dt = self._dtype(y)
         y = np.asarray(y, dtype=dt) * self._scale_for(dt)
-        return self._raw_adjoint(y)
+        return self._raw_adjoint(y, workers)
 
 
 def _canonical_index(name, r0, r1):

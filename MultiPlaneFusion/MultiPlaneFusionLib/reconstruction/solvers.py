@@ -14,90 +14,48 @@ forward differences ``D_a x / h_a`` (a = k, j, i; h_a the grid spacing in mm):
 Arrays are float32 on the grid; inner products are accumulated in float64 chunk by chunk.
 """
 
-import contextlib
-import ctypes
 import logging
-import os
-import sys
 
 import numpy as np
 
 from .operators import gaussian_blur
+from .parallel import workers_or_serial
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
-# OpenBLAS thread-count entry points under the names its builds export (plain, 64-bit-integer, and the
-# scipy-openblas build numpy wheels ship).
-_OPENBLAS_API = [
-    ("openblas_get_num_threads", "openblas_set_num_threads"),
-    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-    ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-]
-
-
-def _loaded_openblas():
-    """(get, set) function pairs of the OpenBLAS libraries loaded in this process (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return []
-    paths = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rstrip("\n").split(" ")[-1]
-                if "openblas" in os.path.basename(path).lower():
-                    paths.add(path)
-    except OSError:
-        return []
-    found = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get_name, set_name in _OPENBLAS_API:
-            if hasattr(lib, get_name) and hasattr(lib, set_name):
-                found.append((getattr(lib, get_name), getattr(lib, set_name)))
-                break
-    return found
-
-
-@contextlib.contextmanager
-def blas_threads(n):
-    """Run the block with OpenBLAS limited to ``n`` threads (best effort; a no-op elsewhere).
-
-    The operators issue thousands of small matrix products per solve; OpenBLAS's threads synchronise on
-    each, which on a busy machine made them 5x slower than one thread (measured by bench_srr.py).
-    """
-    pairs = []
-    try:
-        for get, set_ in _loaded_openblas():
-            old = int(get())
-            set_(int(n))
-            pairs.append((set_, old))
-    except Exception:  # noqa: BLE001 - never fail a reconstruction over a thread setting
-        LOGGER.debug("could not limit BLAS threads", exc_info=True)
-    try:
-        yield
-    finally:
-        for set_, old in pairs:
-            with contextlib.suppress(Exception):
-                set_(old)
-
+# Elements per piece of the streaming passes (1 MB of float32: stays in cache between the fused steps).
 _DOT_CHUNK = 1 << 18
+_SLAB_VOXELS = 1 << 18
 
 
-def dot(a, b):
+def _flat_pieces(workers, n, fn):
+    """``fn(s0, s1)`` over cache-sized pieces of ``range(n)``; each thread takes a contiguous share of the
+    pieces. Returns the list of per-piece results."""
+
+    def share(lo, hi):
+        return [fn(s, min(hi, s + _DOT_CHUNK)) for s in range(lo, hi, _DOT_CHUNK)]
+
+    return [r for part in workers_or_serial(workers).ranges(share, n, _DOT_CHUNK) for r in part]
+
+
+def _row_slabs(workers, shape, fn):
+    """``fn(k0, k1)`` over slabs of cache-sized planes along axis 0 of a grid of ``shape``, each thread
+    taking a contiguous share; ``fn`` must write only rows ``k0:k1`` of its outputs."""
+    nk, nj, ni = shape
+    per = max(1, _SLAB_VOXELS // max(nj * ni, 1))
+
+    def share(lo, hi):
+        for k0 in range(lo, hi, per):
+            fn(k0, min(hi, k0 + per))
+
+    workers_or_serial(workers).ranges(share, nk, per)
+
+
+def dot(a, b, workers=None):
     """Inner product of two equally shaped arrays: BLAS per chunk, chunks summed in float64 (float32
     accumulation over a whole 10^7-voxel volume would lose digits CG needs)."""
     fa, fb = a.reshape(-1), b.reshape(-1)
-    total = 0.0
-    for s in range(0, fa.size, _DOT_CHUNK):
-        total += float(np.dot(fa[s : s + _DOT_CHUNK], fb[s : s + _DOT_CHUNK]))
-    return total
-
-
-_SLAB_VOXELS = 1 << 18
+    return float(sum(_flat_pieces(workers, fa.size, lambda s0, s1: float(np.dot(fa[s0:s1], fb[s0:s1])))))
 
 
 def _edge_terms(d, w, c):
@@ -108,10 +66,11 @@ def _edge_terms(d, w, c):
     return d
 
 
-def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0):
+def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0, workers=None):
     """``out += scale * L_w x`` with ``L_w = sum_a D_a^T diag(w) D_a / h_a^2`` (Neumann boundary).
 
-    Computed slab by slab along axis 0 (cache-sized temporaries).
+    Computed slab by slab along axis 0 (cache-sized temporaries); each slab writes only its own rows (the
+    difference across a slab boundary is computed by both neighbours), so slabs run on ``workers``.
 
     Parameters
     ----------
@@ -124,27 +83,30 @@ def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0):
         Accumulator (zeros allocated when None).
     scale : float
         Multiplies the penalty (alpha).
+    workers : parallel.Workers, optional
     """
     if out is None:
         out = np.zeros_like(x)
     nk, nj, ni = x.shape
     dt = x.dtype.type
     c = [dt(scale / (h * h)) for h in spacing_kji]
-    per = max(1, _SLAB_VOXELS // max(nj * ni, 1))
-    for k0 in range(0, nk, per):
-        k1 = min(nk, k0 + per)
+
+    def slab(k0, k1):
         xs = x[k0:k1]
         os_ = out[k0:k1]
         ws = None if weights is None else weights[k0:k1]
-        # axis 0: differences (x[k+1] - x[k]) for k in [k0, k1) that exist, and the one entering from k0-1
         if nk > 1:
-            top = min(k1, nk - 1)
-            if top > k0:
-                d = np.subtract(x[k0 + 1 : top + 1], x[k0:top])
-                _edge_terms(d, None if weights is None else weights[k0:top], c[0])
-                os_[: top - k0] -= d
-                out[k0 + 1 : top + 1] += d
-        # axes 1 and 2 inside the slab
+            # differences d_k = x[k+1] - x[k] for k in [lo, hi): those touching rows k0..k1-1
+            lo, hi = max(k0 - 1, 0), min(k1, nk - 1)
+            if hi > lo:
+                d = np.subtract(x[lo + 1 : hi + 1], x[lo:hi])
+                _edge_terms(d, None if weights is None else weights[lo:hi], c[0])
+                n_own = min(k1, hi) - k0  # rows k (k0 <= k < hi) lose d_k
+                if n_own > 0:
+                    os_[:n_own] -= d[k0 - lo : k0 - lo + n_own]
+                a, b = max(k0 - 1, lo), min(k1 - 1, hi)  # rows k + 1 (inside the slab) gain d_k
+                if b > a:
+                    out[a + 1 : b + 1] += d[a - lo : b - lo]
         if nj > 1:
             d = np.subtract(xs[:, 1:], xs[:, :-1])
             _edge_terms(d, None if ws is None else ws[:, :-1], c[1])
@@ -155,41 +117,64 @@ def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0):
             _edge_terms(d, None if ws is None else ws[:, :, :-1], c[2])
             os_[:, :, :-1] -= d
             os_[:, :, 1:] += d
+
+    _row_slabs(workers, x.shape, slab)
     return out
 
 
-def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=None, scale=1.0):
-    """``out += scale * diag(L_w)`` (for the Jacobi preconditioner); zeros allocated when ``out`` is None."""
+def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=None, scale=1.0, workers=None):
+    """``out += scale * diag(L_w)`` (for the Jacobi preconditioner); zeros allocated when ``out`` is None.
+
+    ``diag(L_w)_v = sum_a (w_v + w_{v - e_a}) / h_a^2`` over the differences that exist."""
     diag = np.zeros(shape, dtype=dtype) if out is None else out
-    for a, h in enumerate(spacing_kji):
-        n = shape[a]
-        if n < 2:
-            continue
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[a], hi[a] = slice(0, n - 1), slice(1, n)
-        c = diag.dtype.type(scale / (h * h))
+    nk, nj, ni = shape
+    c = [diag.dtype.type(scale / (h * h)) for h in spacing_kji]
+
+    def slab(k0, k1):
+        ds = diag[k0:k1]
         if weights is None:
-            diag[tuple(lo)] += c
-            diag[tuple(hi)] += c
-        else:
-            w = weights[tuple(lo)] * c
-            diag[tuple(lo)] += w
-            diag[tuple(hi)] += w
-            del w
+            if nk > 1:
+                ds[: max(0, min(k1, nk - 1) - k0)] += c[0]  # rows with a difference to k + 1
+                ds[max(0, 1 - k0) :] += c[0]  # rows with a difference from k - 1
+            for a, n in ((1, nj), (2, ni)):
+                if n > 1:
+                    lo = [slice(None)] * 3
+                    hi = [slice(None)] * 3
+                    lo[a], hi[a] = slice(0, n - 1), slice(1, n)
+                    ds[tuple(lo)] += c[a]
+                    ds[tuple(hi)] += c[a]
+            return
+        ws = weights[k0:k1]
+        if nk > 1:
+            n_own = max(0, min(k1, nk - 1) - k0)
+            if n_own:
+                ds[:n_own] += ws[:n_own] * c[0]
+            a = max(k0, 1)  # rows a..k1-1 gain w[row - 1]
+            if k1 > a:
+                ds[a - k0 :] += weights[a - 1 : k1 - 1] * c[0]
+        if nj > 1:
+            t = ws[:, :-1] * c[1]
+            ds[:, :-1] += t
+            ds[:, 1:] += t
+        if ni > 1:
+            t = ws[:, :, :-1] * c[2]
+            ds[:, :, :-1] += t
+            ds[:, :, 1:] += t
+
+    _row_slabs(workers, shape, slab)
     return diag
 
 
-def gradient_magnitude(x, spacing_kji):
+def gradient_magnitude(x, spacing_kji, workers=None, delta=None):
     """|grad x| from forward differences (0 across the far boundary), same shape as x.
 
-    Slab by slab along axis 0, so the temporaries stay cache-sized."""
+    Slab by slab along axis 0, so the temporaries stay cache-sized. With ``delta``, returns the Huber
+    weights ``min(1, delta / |grad x|)`` instead (same pass)."""
     nk, nj, ni = x.shape
     g = np.empty_like(x)
     c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
-    per = max(1, _SLAB_VOXELS // max(nj * ni, 1))
-    for k0 in range(0, nk, per):
-        k1 = min(nk, k0 + per)
+
+    def slab(k0, k1):
         gs = g[k0:k1]
         gs[...] = 0
         xs = x[k0:k1]
@@ -210,37 +195,35 @@ def gradient_magnitude(x, spacing_kji):
             d *= c[2]
             gs[:, :, :-1] += d
         np.sqrt(gs, out=gs)
+        if delta is not None:
+            np.maximum(gs, x.dtype.type(delta), out=gs)
+            np.divide(x.dtype.type(delta), gs, out=gs)
+
+    _row_slabs(workers, x.shape, slab)
     return g
 
 
-def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0):
-    """IRLS weights ``min(1, delta / |grad x|)`` of the Huber penalty, float32, shape x.shape.
+def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None):
+    """IRLS weights ``min(1, delta / |grad x|)`` of the Huber penalty, x's dtype, shape x.shape.
 
     ``edge_scale_mm > 0`` measures the gradient on ``x`` blurred by a Gaussian of that sigma (the
     "regularised" edge indicator of Catte et al.): noise on a fine grid then no longer passes for edges,
     and the edge test means the same whatever the grid spacing.
     """
     if edge_scale_mm and edge_scale_mm > 0:
-        g = gradient_magnitude(gaussian_blur(x, spacing_kji, edge_scale_mm), spacing_kji)
-    else:
-        g = gradient_magnitude(x, spacing_kji)
-    np.maximum(g, np.float32(delta), out=g)
-    np.divide(np.float32(delta), g, out=g)
-    return g
-
-
-def _slabs(n, per=_DOT_CHUNK):
-    return [(s, min(n, s + per)) for s in range(0, n, per)]
+        return gradient_magnitude(gaussian_blur(x, spacing_kji, edge_scale_mm, workers), spacing_kji, workers, delta)
+    return gradient_magnitude(x, spacing_kji, workers, delta)
 
 
 def conjugate_gradient(
     apply_h, b, x, precond_inv=None, max_iterations=20, tolerance=1e-3, b_norm=None, report=None,
-    overwrite_b=False, residual=None, keep_residual=False,
+    overwrite_b=False, residual=None, keep_residual=False, workers=None,
 ):
     """Preconditioned conjugate gradients for ``H x = b`` (H symmetric positive definite), in place.
 
-    The vector updates are fused and run chunk by chunk (cache-sized), so an iteration costs one
-    ``apply_h`` plus about ten streaming passes over the volume; memory: x, r, p and H p.
+    The vector updates are fused and run chunk by chunk (cache-sized, split between ``workers``), so an
+    iteration costs one ``apply_h`` plus about ten streaming passes over the volume; memory: x, r, p and
+    H p.
 
     Parameters
     ----------
@@ -267,6 +250,8 @@ def conjugate_gradient(
     keep_residual : bool
         Return the final residual as ``info["residual"]`` (for a caller that changes H slightly and
         continues, see :func:`solve_huber`).
+    workers : parallel.Workers, optional
+        Threads for the vector updates.
 
     Returns
     -------
@@ -274,7 +259,7 @@ def conjugate_gradient(
         ``iterations``, ``relative_residual`` (final), ``initial_relative_residual``, ``history``.
     """
     if b_norm is None:
-        b_norm = np.sqrt(dot(b, b))
+        b_norm = np.sqrt(dot(b, b, workers))
     b_norm = max(b_norm, 1e-30)
     if residual is not None:
         r = residual
@@ -286,7 +271,7 @@ def conjugate_gradient(
     else:
         r = apply_h(x)
         np.subtract(b, r, out=r)
-    rr = dot(r, r)
+    rr = dot(r, r, workers)
     rel0 = np.sqrt(rr) / b_norm
     history = [float(rel0)]
     info = {"iterations": 0, "relative_residual": float(rel0), "initial_relative_residual": float(rel0),
@@ -297,34 +282,35 @@ def conjugate_gradient(
         return info
     fx, fr = x.reshape(-1), r.reshape(-1)
     fm = None if precond_inv is None else precond_inv.reshape(-1)
-    slabs = _slabs(fx.size)
     p = r * precond_inv if precond_inv is not None else r.copy()
     fp = p.reshape(-1)
-    rz = dot(r, p)
+    rz = dot(r, p, workers)
     dt = x.dtype.type
     it = 0
     rel = rel0
     while it < max_iterations:
         q = apply_h(p)
         fq = q.reshape(-1)
-        pq = dot(p, q)
+        pq = dot(p, q, workers)
         if not pq > 0:  # H lost definiteness numerically: stop with what we have
             break
         step = dt(rz / pq)
-        rr = 0.0
-        rz_new = 0.0
-        for s0, s1 in slabs:
+
+        def update(s0, s1, fq=fq, step=step):
             xs, rs, ps, qs = fx[s0:s1], fr[s0:s1], fp[s0:s1], fq[s0:s1]
             qs *= step
             rs -= qs
             np.multiply(ps, step, out=qs)  # q is scratch from here on
             xs += qs
-            rr += float(np.dot(rs, rs))
-            if fm is not None:
-                np.multiply(rs, fm[s0:s1], out=qs)
-                rz_new += float(np.dot(rs, qs))
-        if fm is None:
-            rz_new = rr
+            rr_part = float(np.dot(rs, rs))
+            if fm is None:
+                return rr_part, rr_part
+            np.multiply(rs, fm[s0:s1], out=qs)
+            return rr_part, float(np.dot(rs, qs))
+
+        parts = _flat_pieces(workers, fx.size, update)
+        rr = sum(v[0] for v in parts)
+        rz_new = sum(v[1] for v in parts)
         it += 1
         rel = np.sqrt(rr) / b_norm
         history.append(float(rel))
@@ -333,7 +319,8 @@ def conjugate_gradient(
         if rel <= tolerance or it >= max_iterations:
             break
         beta = dt(rz_new / rz)
-        for s0, s1 in slabs:
+
+        def direction(s0, s1, fq=fq, beta=beta):
             ps, qs = fp[s0:s1], fq[s0:s1]
             ps *= beta
             if fm is not None:
@@ -341,6 +328,8 @@ def conjugate_gradient(
                 ps += qs
             else:
                 ps += fr[s0:s1]
+
+        _flat_pieces(workers, fx.size, direction)
         rz = rz_new
         del q, fq
     info.update(iterations=it, relative_residual=float(rel))
@@ -359,33 +348,32 @@ class NormalEquations:
     spacing_kji : (float, float, float)
     data_row_sums : ndarray
         ``sum_k c_k A_k^T 1`` (absolute row sums of the data term, all entries are non-negative).
+    workers : parallel.Workers, optional
+        Threads the operators and the penalty split their work between.
     """
 
-    def __init__(self, operators, data_weights, alpha, spacing_kji, data_row_sums):
+    def __init__(self, operators, data_weights, alpha, spacing_kji, data_row_sums, workers=None):
         self.operators = operators
         self.data_weights = [float(c) for c in data_weights]
         self.alpha = float(alpha)
         self.spacing = tuple(float(h) for h in spacing_kji)
         self.data_row_sums = data_row_sums
         self.weights = None  # Huber IRLS weights (None: Tikhonov)
+        self.workers = workers
 
     def __call__(self, x):
         out = None
         for op, c in zip(self.operators, self.data_weights):
-            t = op.normal(x)
-            if t.dtype != x.dtype:
-                t = t.astype(x.dtype)
             if out is None:
-                out = t
-                out *= np.float32(c)
+                out = op.normal(x, scale=c, workers=self.workers)
+                if out.dtype != x.dtype:
+                    out = out.astype(x.dtype)
             else:
-                t *= np.float32(c)
-                out += t
-            del t
+                op.normal(x, out=out, scale=c, workers=self.workers)
         if out is None:
             out = np.zeros_like(x)
         if self.alpha > 0:
-            difference_penalty(x, self.spacing, self.weights, out=out, scale=self.alpha)
+            difference_penalty(x, self.spacing, self.weights, out=out, scale=self.alpha, workers=self.workers)
         return out
 
     def preconditioner(self, consume=False):
@@ -397,9 +385,44 @@ class NormalEquations:
             d, self.data_row_sums = self.data_row_sums, None
         else:
             d = self.data_row_sums.copy()
-        penalty_diagonal(d.shape, self.spacing, self.weights, out=d, scale=2.0 * self.alpha)
-        np.maximum(d, np.float32(1e-12), out=d)
-        return np.divide(np.float32(1.0), d, out=d)
+        penalty_diagonal(d.shape, self.spacing, self.weights, out=d, scale=2.0 * self.alpha, workers=self.workers)
+        _invert_diagonal(d, self.workers)
+        return d
+
+    def reweight(self, x, new_weights, residual, precond_inv):
+        """Switch the penalty weights to ``new_weights`` keeping ``residual = b - H x`` and the Jacobi
+        preconditioner ``precond_inv`` current, both in place, in one pass.
+
+        Only the penalty part of H changes and it is linear in the weights:
+        ``r_new = r_old + alpha L_(w_old - w_new) x`` and ``diag_new = diag_old - 2 alpha diag(L_(w_old - w_new))``
+        (the old weights' memory holds the difference). Saves the full ``H x`` a fresh residual costs.
+        """
+        old = self.weights
+        self.weights = new_weights
+        if old is None or self.alpha <= 0:
+            return
+        a2 = 2.0 * self.alpha
+
+        def slab(k0, k1):
+            old[k0:k1] -= new_weights[k0:k1]
+
+        _row_slabs(self.workers, old.shape, slab)
+        difference_penalty(x, self.spacing, old, out=residual, scale=self.alpha, workers=self.workers)
+        d = np.divide(np.float32(1.0), precond_inv, out=precond_inv)
+        penalty_diagonal(d.shape, self.spacing, old, out=d, scale=-a2, workers=self.workers)
+        del old
+        _invert_diagonal(d, self.workers)
+
+
+def _invert_diagonal(d, workers):
+    """``d <- 1 / max(d, 1e-12)`` in place."""
+    fd = d.reshape(-1)
+
+    def piece(s0, s1):
+        np.maximum(fd[s0:s1], fd.dtype.type(1e-12), out=fd[s0:s1])
+        np.divide(fd.dtype.type(1.0), fd[s0:s1], out=fd[s0:s1])
+
+    _flat_pieces(workers, fd.size, piece)
 
 
 def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None, overwrite=False):
@@ -409,7 +432,7 @@ def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None,
     """
     system.weights = None
     info = conjugate_gradient(system, b, x, system.preconditioner(consume=overwrite), max_iterations, tolerance,
-                              report=report, overwrite_b=overwrite)
+                              report=report, overwrite_b=overwrite, workers=system.workers)
     LOGGER.info(
         "SRR (TK1, alpha %.4g): %d CG iterations, relative residual %.3g -> %.3g",
         system.alpha, info["iterations"], info["initial_relative_residual"], info["relative_residual"],
@@ -424,38 +447,27 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
 
     The first outer step uses the weights of the warm start, so edges present in the initial estimate
     are preserved from the beginning. Between reweightings only the penalty part of H changes, so the
-    residual is carried over and corrected by ``alpha (L_old - L_new) x`` (two penalty applications
-    instead of a full ``H x``: the data terms are most of an iteration's cost), and so is the Jacobi
-    preconditioner. ``b`` and the system's row sums are overwritten.
+    residual and the Jacobi preconditioner are carried over and corrected (:meth:`NormalEquations.reweight`):
+    the data terms are most of an iteration's cost. ``b`` and the system's row sums are overwritten.
     """
     outer_iterations = max(1, int(outer_iterations))
     inner = max(1, int(np.ceil(max_iterations / outer_iterations)))
+    workers = system.workers
     total = 0
     infos = []
     residual = None
     precond = None
-    b_norm = np.sqrt(dot(b, b))
-    a2 = 2.0 * system.alpha
+    b_norm = np.sqrt(dot(b, b, workers))
     for o in range(outer_iterations):
+        weights = huber_weights(x, system.spacing, delta, edge_scale_mm, workers)
         if precond is None:
-            system.weights = huber_weights(x, system.spacing, delta, edge_scale_mm)
+            system.weights = weights
             # In the row sums' memory: later steps update it for the new weights instead of keeping the
             # row sums (one grid copy less at the peak).
             precond = system.preconditioner(consume=True)
         else:
-            # Only the penalty part of H changes: take the old weights' share out of the residual and of
-            # the preconditioner's diagonal, free them, then put the new weights' share in.
-            d = np.divide(np.float32(1.0), precond, out=precond)
-            if system.alpha > 0:
-                difference_penalty(x, system.spacing, system.weights, out=residual, scale=system.alpha)
-                penalty_diagonal(d.shape, system.spacing, system.weights, out=d, scale=-a2)
-            system.weights = None
-            system.weights = huber_weights(x, system.spacing, delta, edge_scale_mm)
-            if system.alpha > 0:
-                difference_penalty(x, system.spacing, system.weights, out=residual, scale=-system.alpha)
-                penalty_diagonal(d.shape, system.spacing, system.weights, out=d, scale=a2)
-            np.maximum(d, np.float32(1e-12), out=d)
-            precond = np.divide(np.float32(1.0), d, out=d)
+            system.reweight(x, weights, residual, precond)
+        del weights
 
         def inner_report(it, rel, _done=total):
             if report is not None:
@@ -465,7 +477,7 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
         # residual), one grid copy less at the peak.
         info = conjugate_gradient(system, b, x, precond, inner, tolerance, b_norm=b_norm,
                                   report=inner_report, overwrite_b=residual is None, residual=residual,
-                                  keep_residual=o + 1 < outer_iterations)
+                                  keep_residual=o + 1 < outer_iterations, workers=workers)
         residual = info.pop("residual", None)
         total += info["iterations"]
         infos.append(info)
