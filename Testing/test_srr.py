@@ -54,6 +54,11 @@ def test_srr_beats_the_average(case):
     again = reconstruct_srr(stacks, grid, initial=avg.volume, coverage=avg.coverage)
     assert np.abs(again.volume - res.volume)[truth > -900].mean() < 10.0
     assert again.info["initial"] == "given"
+    # one thread or several: the same volume up to float32 round-off (sums in another order)
+    one = reconstruct_srr(stacks, grid, SrrOptions(threads=1))
+    two = reconstruct_srr(stacks, grid, SrrOptions(threads=2))
+    assert one.info["threads"] == 1 and two.info["threads"] == 2
+    assert np.abs(one.volume - two.volume).max() < 0.5
 
 
 def test_tikhonov_converges_and_beats_the_average(case):
@@ -175,16 +180,19 @@ def test_command_line_options_round_trip():
     parser = add_srr_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--alpha", "0.1", "--regularizer", "tikhonov", "--psf", "box", "--iterations", "7",
                               "--tolerance", "1e-4", "--intensity-matching", "on", "--huber-delta", "0.2",
-                              "--edge-scale", "0.7"])
+                              "--edge-scale", "0.7", "--threads", "3"])
     o = srr_options_from_args(args)
     assert (o.alpha, o.regularizer, o.psf, o.max_iterations, o.tolerance) == (0.1, "tikhonov", "box", 7, 1e-4)
     assert o.intensity_matching is True and o.huber_delta == 0.2 and o.edge_scale_mm == 0.7 and o.exclude_disagreeing
+    assert o.threads == 3
     d = srr_options_from_args(parser.parse_args([]))
     assert d == SrrOptions()
     with pytest.raises(InputError):
         srr_options_from_args(parser.parse_args(["--alpha", "-1"]))
     with pytest.raises(InputError):
         srr_options_from_args(parser.parse_args(["--edge-scale", "-1"]))
+    with pytest.raises(InputError):
+        srr_options_from_args(parser.parse_args(["--threads", "0"]))
 
 
 def test_invalid_inputs(case):

@@ -85,17 +85,17 @@ def block_average(stack, factor):
     )
 
 
-def _smooth(volume, grid, sigma_mm):
+def _smooth(volume, grid, sigma_mm, workers=None):
     """Separable Gaussian smoothing (normalised at the borders; any array size)."""
     out = volume.astype(np.float32)
     h = grid.spacing_mm[::-1]  # along k, j, i
     for axis, n in enumerate(out.shape):
         m = Banded.from_psf(np.arange(n, dtype=float), n, "gaussian", sigma_mm / h[axis])
-        out = m.apply(out, axis)
+        out = m.apply(out, axis, workers=workers)
     return out
 
 
-def low_resolution_views(stacks, grid, psf="gaussian", monitor=None):
+def low_resolution_views(stacks, grid, psf="gaussian", monitor=None, workers=None):
     """Each stack seen at a common coarse resolution on a coarse copy of ``grid``.
 
     Returns
@@ -116,8 +116,8 @@ def low_resolution_views(stacks, grid, psf="gaussian", monitor=None):
         factor = max(1, int(math.floor(0.5 * spacing / max(min(s.pixel_spacing_mm), 1e-6))))
         small = block_average(s, factor)
         op = make_operator(small, coarse, psf)
-        ones = op.adjoint(op.valid.astype(np.float32))
-        bp = op.adjoint(np.where(op.valid, small.pixels, 0.0).astype(np.float32))
+        ones = op.adjoint(op.valid.astype(np.float32), workers)
+        bp = op.adjoint(np.where(op.valid, small.pixels, 0.0).astype(np.float32), workers)
         # A^T 1 varies with the phase of the voxels between slices and grows at the grid border; compare
         # with its typical value, not its peak.
         positive = ones[ones > 0]
@@ -127,16 +127,16 @@ def low_resolution_views(stacks, grid, psf="gaussian", monitor=None):
         # Fill outside the footprint with the mean before smoothing, so the border does not bleed.
         if good.any():
             view[~good] = float(view[good].mean())
-        views.append(_smooth(view, coarse, t_max / 2.3548 + spacing / 2.0))
+        views.append(_smooth(view, coarse, t_max / 2.3548 + spacing / 2.0, workers))
         # Trust only voxels a smoothing radius inside the footprint.
-        inner = _smooth(good.astype(np.float32), coarse, t_max / 2.3548 + spacing / 2.0) > 0.9
+        inner = _smooth(good.astype(np.float32), coarse, t_max / 2.3548 + spacing / 2.0, workers) > 0.9
         support.append(inner & good)
         del op
         LOGGER.debug("intensity view %d: block %d, coarse %s", n, factor, coarse.shape)
     return views, support, coarse
 
 
-def compare_stacks(stacks, grid, match, threshold, psf="gaussian", reference=0, monitor=None):
+def compare_stacks(stacks, grid, match, threshold, psf="gaussian", reference=0, monitor=None, workers=None):
     """Fit per-stack linear intensity maps against ``reference`` and flag disagreeing stacks.
 
     Parameters
@@ -148,6 +148,9 @@ def compare_stacks(stacks, grid, match, threshold, psf="gaussian", reference=0, 
     threshold : float
         A stack whose best correlation with any other stack is below this is "disagreeing".
     reference : int
+    monitor : progress.Monitor, optional
+    workers : parallel.Workers, optional
+        Threads for the back-projections and smoothing.
 
     Returns
     -------
@@ -158,7 +161,7 @@ def compare_stacks(stacks, grid, match, threshold, psf="gaussian", reference=0, 
     report.pairwise = [[None] * n for _ in range(n)]
     if n == 0:
         return report
-    views, support, coarse = low_resolution_views(stacks, grid, psf, monitor)
+    views, support, coarse = low_resolution_views(stacks, grid, psf, monitor, workers)
     report.coarse_spacing_mm = float(max(coarse.spacing_mm))
     for a in range(n):
         report.pairwise[a][a] = 1.0

@@ -19,6 +19,8 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
 # More threads than this gain nothing on the memory-bound passes (and cost memory for per-thread
@@ -157,6 +159,34 @@ class _Serial(Workers):
 
 
 SERIAL = _Serial()
+
+# Elements per piece of the streaming passes (1 MB of float32: stays in cache between fused steps).
+PIECE_ELEMENTS = 1 << 18
+
+
+def flat_pieces(workers, n, fn):
+    """``fn(s0, s1)`` over cache-sized pieces of ``range(n)`` (``PIECE_ELEMENTS``), each thread taking a
+    contiguous share of the pieces; the list of per-piece results in order."""
+
+    def share(lo, hi):
+        return [fn(s, min(hi, s + PIECE_ELEMENTS)) for s in range(lo, hi, PIECE_ELEMENTS)]
+
+    return [r for part in workers_or_serial(workers).ranges(share, n, PIECE_ELEMENTS) for r in part]
+
+
+def row_slabs(workers, shape, fn):
+    """``fn(k0, k1)`` over slabs of whole planes along axis 0 of an array of ``shape`` (about
+    ``PIECE_ELEMENTS`` each), each thread taking a contiguous share; ``fn`` must write only rows
+    ``k0:k1`` of its outputs."""
+    nk = int(shape[0])
+    plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    per = max(1, PIECE_ELEMENTS // max(plane, 1))
+
+    def share(lo, hi):
+        for k0 in range(lo, hi, per):
+            fn(k0, min(hi, k0 + per))
+
+    workers_or_serial(workers).ranges(share, nk, per)
 
 
 def workers_or_serial(workers):

@@ -19,37 +19,10 @@ import logging
 import numpy as np
 
 from .operators import gaussian_blur
-from .parallel import workers_or_serial
+from .parallel import flat_pieces as _flat_pieces
+from .parallel import row_slabs as _row_slabs
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
-
-# Elements per piece of the streaming passes (1 MB of float32: stays in cache between the fused steps).
-_DOT_CHUNK = 1 << 18
-_SLAB_VOXELS = 1 << 18
-
-
-def _flat_pieces(workers, n, fn):
-    """``fn(s0, s1)`` over cache-sized pieces of ``range(n)``; each thread takes a contiguous share of the
-    pieces. Returns the list of per-piece results."""
-
-    def share(lo, hi):
-        return [fn(s, min(hi, s + _DOT_CHUNK)) for s in range(lo, hi, _DOT_CHUNK)]
-
-    return [r for part in workers_or_serial(workers).ranges(share, n, _DOT_CHUNK) for r in part]
-
-
-def _row_slabs(workers, shape, fn):
-    """``fn(k0, k1)`` over slabs of cache-sized planes along axis 0 of a grid of ``shape``, each thread
-    taking a contiguous share; ``fn`` must write only rows ``k0:k1`` of its outputs."""
-    nk, nj, ni = shape
-    per = max(1, _SLAB_VOXELS // max(nj * ni, 1))
-
-    def share(lo, hi):
-        for k0 in range(lo, hi, per):
-            fn(k0, min(hi, k0 + per))
-
-    workers_or_serial(workers).ranges(share, nk, per)
-
 
 def dot(a, b, workers=None):
     """Inner product of two equally shaped arrays: BLAS per chunk, chunks summed in float64 (float32
@@ -297,16 +270,17 @@ def conjugate_gradient(
         step = dt(rz / pq)
 
         def update(s0, s1, fq=fq, step=step):
+            # a cache-sized scratch instead of writing into q: q is only read (one write pass less)
             xs, rs, ps, qs = fx[s0:s1], fr[s0:s1], fp[s0:s1], fq[s0:s1]
-            qs *= step
-            rs -= qs
-            np.multiply(ps, step, out=qs)  # q is scratch from here on
-            xs += qs
+            t = np.multiply(qs, step)
+            rs -= t
+            np.multiply(ps, step, out=t)
+            xs += t
             rr_part = float(np.dot(rs, rs))
             if fm is None:
                 return rr_part, rr_part
-            np.multiply(rs, fm[s0:s1], out=qs)
-            return rr_part, float(np.dot(rs, qs))
+            np.multiply(rs, fm[s0:s1], out=t)
+            return rr_part, float(np.dot(rs, t))
 
         parts = _flat_pieces(workers, fx.size, update)
         rr = sum(v[0] for v in parts)
@@ -320,18 +294,18 @@ def conjugate_gradient(
             break
         beta = dt(rz_new / rz)
 
-        def direction(s0, s1, fq=fq, beta=beta):
-            ps, qs = fp[s0:s1], fq[s0:s1]
+        del q, fq
+
+        def direction(s0, s1, beta=beta):
+            ps = fp[s0:s1]
             ps *= beta
             if fm is not None:
-                np.multiply(fr[s0:s1], fm[s0:s1], out=qs)
-                ps += qs
+                ps += np.multiply(fr[s0:s1], fm[s0:s1])
             else:
                 ps += fr[s0:s1]
 
         _flat_pieces(workers, fx.size, direction)
         rz = rz_new
-        del q, fq
     info.update(iterations=it, relative_residual=float(rel))
     return info
 
@@ -443,7 +417,8 @@ def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None,
 def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, tolerance=1e-3, report=None,
                 edge_scale_mm=0.0):
     """Huber-on-gradient by IRLS: ``outer_iterations`` reweightings, CG inside (in total at most
-    ``max_iterations`` CG iterations, split evenly). ``x`` (the warm start) is overwritten.
+    ``max_iterations`` CG iterations, split evenly, the earlier steps taking the remainder; at least one per
+    reweighting). ``x`` (the warm start) is overwritten.
 
     The first outer step uses the weights of the warm start, so edges present in the initial estimate
     are preserved from the beginning. Between reweightings only the penalty part of H changes, so the
@@ -451,7 +426,9 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
     the data terms are most of an iteration's cost. ``b`` and the system's row sums are overwritten.
     """
     outer_iterations = max(1, int(outer_iterations))
-    inner = max(1, int(np.ceil(max_iterations / outer_iterations)))
+    # split evenly, the earlier reweightings taking the remainder; at least one CG iteration each
+    n_cg = max(int(max_iterations), outer_iterations)
+    inner_counts = [n_cg // outer_iterations + (1 if o < n_cg % outer_iterations else 0) for o in range(outer_iterations)]
     workers = system.workers
     total = 0
     infos = []
@@ -475,7 +452,7 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
 
         # The first step computes the residual in b's memory (b is not needed after it: later steps carry the
         # residual), one grid copy less at the peak.
-        info = conjugate_gradient(system, b, x, precond, inner, tolerance, b_norm=b_norm,
+        info = conjugate_gradient(system, b, x, precond, inner_counts[o], tolerance, b_norm=b_norm,
                                   report=inner_report, overwrite_b=residual is None, residual=residual,
                                   keep_residual=o + 1 < outer_iterations, workers=workers)
         residual = info.pop("residual", None)

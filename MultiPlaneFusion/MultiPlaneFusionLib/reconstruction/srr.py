@@ -235,7 +235,7 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
 
     # 1. Agreement between stacks, intensity matching.
     t0 = time.perf_counter()
-    rep = compare_stacks(stacks, grid, match, options.disagreement_threshold, options.psf, 0, monitor)
+    rep = compare_stacks(stacks, grid, match, options.disagreement_threshold, options.psf, 0, monitor, workers)
     timings["intensity_s"] = time.perf_counter() - t0
     used = list(range(len(stacks)))
     if rep.disagreeing:
@@ -275,16 +275,13 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
     row_sums = np.zeros(grid.shape, dtype=np.float32)
     for s, op, ck in zip(work, ops, c):
         y = np.subtract(s.pixels, np.float32(offset))
-        y *= inv
+        y *= np.float32(inv * ck)
         y[~op.valid] = 0.0
         t = op.adjoint(y, workers)
         del y
-        t *= np.float32(ck)
         b += t
-        t = op.adjoint_ones()
-        t *= np.float32(ck)
-        row_sums += t
         del t
+        op.adjoint_ones(out=row_sums, scale=ck, workers=workers)
         monitor.check()
     timings["setup_s"] = time.perf_counter() - t0
     monitor.report("reconstruct", 0.08)
@@ -408,6 +405,8 @@ def add_srr_arguments(parser):
     g.add_argument("--edge-scale", type=float, default=DEFAULT_EDGE_SCALE_MM,
                    help="huber: sigma in mm of the Gaussian the edge test looks through, so noise on fine grids "
                         f"is not taken for edges (default {DEFAULT_EDGE_SCALE_MM:g}; 0 = plain Huber)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="threads for the reconstruction (default: the CPUs available, at most 8)")
     g.add_argument("--keep-disagreeing", action="store_true",
                    help="use stacks that disagree with the others (they are left out by default)")
     return parser
@@ -427,6 +426,7 @@ def srr_options_from_args(args):
         huber_delta=getattr(args, "huber_delta", d.huber_delta),
         edge_scale_mm=getattr(args, "edge_scale", d.edge_scale_mm),
         exclude_disagreeing=not getattr(args, "keep_disagreeing", False),
+        threads=getattr(args, "threads", d.threads),
     )
     opts.validate()
     return opts
