@@ -114,8 +114,8 @@ def test_solver_kernels_threaded_equal_serial():
             np.testing.assert_allclose(
                 penalty_diagonal(SHAPE, SPACING, weights, scale=0.3, workers=workers),
                 penalty_diagonal(SHAPE, SPACING, weights, scale=0.3), rtol=1e-6)
-        np.testing.assert_allclose(gradient_magnitude(x, SPACING, workers, 0.1), gradient_magnitude(x, SPACING, None, 0.1),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(gradient_magnitude(x, SPACING, workers, 0.1),
+                                   gradient_magnitude(x, SPACING, None, 0.1), rtol=1e-6)
         np.testing.assert_allclose(gaussian_blur(x, SPACING, 0.8, workers), gaussian_blur(x, SPACING, 0.8), rtol=1e-6,
                                    atol=1e-6)
         assert dot(x, w, workers) == pytest.approx(float(np.dot(x.ravel().astype(np.float64), w.ravel())), rel=1e-6)

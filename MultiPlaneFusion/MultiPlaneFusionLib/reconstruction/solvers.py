@@ -384,7 +384,6 @@ class NormalEquations:
         difference_penalty(x, self.spacing, old, out=residual, scale=self.alpha, workers=self.workers)
         d = np.divide(np.float32(1.0), precond_inv, out=precond_inv)
         penalty_diagonal(d.shape, self.spacing, old, out=d, scale=-a2, workers=self.workers)
-        del old
         _invert_diagonal(d, self.workers)
 
 
@@ -428,7 +427,8 @@ def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, toler
     outer_iterations = max(1, int(outer_iterations))
     # split evenly, the earlier reweightings taking the remainder; at least one CG iteration each
     n_cg = max(int(max_iterations), outer_iterations)
-    inner_counts = [n_cg // outer_iterations + (1 if o < n_cg % outer_iterations else 0) for o in range(outer_iterations)]
+    inner_counts = [n_cg // outer_iterations + (1 if o < n_cg % outer_iterations else 0)
+                    for o in range(outer_iterations)]
     workers = system.workers
     total = 0
     infos = []
