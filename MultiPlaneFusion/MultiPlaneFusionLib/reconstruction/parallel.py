@@ -174,13 +174,13 @@ def flat_pieces(workers, n, fn):
     return [r for part in workers_or_serial(workers).ranges(share, n, PIECE_ELEMENTS) for r in part]
 
 
-def row_slabs(workers, shape, fn):
+def row_slabs(workers, shape, fn, min_rows=1):
     """``fn(k0, k1)`` over slabs of whole planes along axis 0 of an array of ``shape`` (about
-    ``PIECE_ELEMENTS`` each), each thread taking a contiguous share; ``fn`` must write only rows
-    ``k0:k1`` of its outputs."""
+    ``PIECE_ELEMENTS`` each, at least ``min_rows`` rows), each thread taking a contiguous share; ``fn``
+    must write only rows ``k0:k1`` of its outputs."""
     nk = int(shape[0])
     plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    per = max(1, PIECE_ELEMENTS // max(plane, 1))
+    per = max(1, int(min_rows), PIECE_ELEMENTS // max(plane, 1))
 
     def share(lo, hi):
         for k0 in range(lo, hi, per):

@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 
-from .operators import gaussian_blur
+from .operators import GaussianBlur
 from .parallel import flat_pieces as _flat_pieces
 from .parallel import row_slabs as _row_slabs
 
@@ -138,39 +138,45 @@ def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=Non
     return diag
 
 
+def _gradient_rows(src, n_own, c, delta, out):
+    """``out`` (``n_own`` rows) = |grad| of rows ``0:n_own`` of ``src`` (forward differences, 0 across
+    the far boundary); row ``n_own`` of ``src``, when present, is the next row for the axis-0 difference.
+    With ``delta``: the Huber weights ``min(1, delta / |grad|)`` instead."""
+    out[...] = 0
+    top = min(n_own, src.shape[0] - 1)
+    if top > 0:
+        d = np.subtract(src[1 : top + 1], src[:top])
+        np.multiply(d, d, out=d)
+        d *= c[0]
+        out[:top] += d
+    own = src[:n_own]
+    if own.shape[1] > 1:
+        d = np.subtract(own[:, 1:], own[:, :-1])
+        np.multiply(d, d, out=d)
+        d *= c[1]
+        out[:, :-1] += d
+    if own.shape[2] > 1:
+        d = np.subtract(own[:, :, 1:], own[:, :, :-1])
+        np.multiply(d, d, out=d)
+        d *= c[2]
+        out[:, :, :-1] += d
+    np.sqrt(out, out=out)
+    if delta is not None:
+        np.maximum(out, out.dtype.type(delta), out=out)
+        np.divide(out.dtype.type(delta), out, out=out)
+
+
 def gradient_magnitude(x, spacing_kji, workers=None, delta=None):
     """|grad x| from forward differences (0 across the far boundary), same shape as x.
 
     Slab by slab along axis 0, so the temporaries stay cache-sized. With ``delta``, returns the Huber
     weights ``min(1, delta / |grad x|)`` instead (same pass)."""
-    nk, nj, ni = x.shape
+    nk = x.shape[0]
     g = np.empty_like(x)
     c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
 
     def slab(k0, k1):
-        gs = g[k0:k1]
-        gs[...] = 0
-        xs = x[k0:k1]
-        top = min(k1, nk - 1)
-        if top > k0:
-            d = np.subtract(x[k0 + 1 : top + 1], x[k0:top])
-            np.multiply(d, d, out=d)
-            d *= c[0]
-            gs[: top - k0] += d
-        if nj > 1:
-            d = np.subtract(xs[:, 1:], xs[:, :-1])
-            np.multiply(d, d, out=d)
-            d *= c[1]
-            gs[:, :-1] += d
-        if ni > 1:
-            d = np.subtract(xs[:, :, 1:], xs[:, :, :-1])
-            np.multiply(d, d, out=d)
-            d *= c[2]
-            gs[:, :, :-1] += d
-        np.sqrt(gs, out=gs)
-        if delta is not None:
-            np.maximum(gs, x.dtype.type(delta), out=gs)
-            np.divide(x.dtype.type(delta), gs, out=gs)
+        _gradient_rows(x[k0 : min(k1 + 1, nk)], k1 - k0, c, delta, g[k0:k1])
 
     _row_slabs(workers, x.shape, slab)
     return g
@@ -181,11 +187,21 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None):
 
     ``edge_scale_mm > 0`` measures the gradient on ``x`` blurred by a Gaussian of that sigma (the
     "regularised" edge indicator of Catte et al.): noise on a fine grid then no longer passes for edges,
-    and the edge test means the same whatever the grid spacing.
+    and the edge test means the same whatever the grid spacing. The blur, the gradient and the weights
+    of a slab are computed together in cache (one read of x, one write of the weights).
     """
-    if edge_scale_mm and edge_scale_mm > 0:
-        return gradient_magnitude(gaussian_blur(x, spacing_kji, edge_scale_mm, workers), spacing_kji, workers, delta)
-    return gradient_magnitude(x, spacing_kji, workers, delta)
+    if not (edge_scale_mm and edge_scale_mm > 0):
+        return gradient_magnitude(x, spacing_kji, workers, delta)
+    nk = x.shape[0]
+    blur = GaussianBlur(x.shape, spacing_kji, edge_scale_mm)
+    g = np.empty_like(x)
+    c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
+
+    def slab(k0, k1):
+        _gradient_rows(blur.rows(x, k0, min(k1 + 1, nk)), k1 - k0, c, delta, g[k0:k1])
+
+    _row_slabs(workers, x.shape, slab, min_rows=GaussianBlur.SLAB_ROWS)
+    return g
 
 
 def conjugate_gradient(
@@ -413,7 +429,7 @@ def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None,
     return info
 
 
-def solve_huber(system, b, x, delta, outer_iterations=3, max_iterations=9, tolerance=1e-3, report=None,
+def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, tolerance=1e-3, report=None,
                 edge_scale_mm=0.0):
     """Huber-on-gradient by IRLS: ``outer_iterations`` reweightings, CG inside (in total at most
     ``max_iterations`` CG iterations, split evenly, the earlier steps taking the remainder; at least one per
