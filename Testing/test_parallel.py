@@ -125,11 +125,14 @@ class _Diag:
     def __init__(self, d):
         self.d = d
 
-    def normal(self, x, out=None, scale=1.0, workers=None):
+    def normal(self, x, out=None, scale=1.0, workers=None, scratch=None, accumulate=True):
         t = x * self.d * np.float32(scale)
         if out is None:
             return t
-        out += t
+        if accumulate:
+            out += t
+        else:
+            out[...] = t
         return out
 
 

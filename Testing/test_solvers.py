@@ -44,11 +44,14 @@ class _Mask:
     def __init__(self, mask):
         self.mask = mask
 
-    def normal(self, x, out=None, scale=1.0, workers=None):
+    def normal(self, x, out=None, scale=1.0, workers=None, scratch=None, accumulate=True):
         t = x * self.mask * scale
         if out is None:
             return t
-        out += t
+        if accumulate:
+            out += t
+        else:
+            out[...] = t
         return out
 
 

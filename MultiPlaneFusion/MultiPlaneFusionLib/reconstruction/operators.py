@@ -440,6 +440,35 @@ def _index_box_mask(k, j, i, shape):
     return (k >= -0.5) & (k < nk - 0.5) & (j >= -0.5) & (j < nj - 0.5) & (i >= -0.5) & (i < ni - 0.5)
 
 
+class Scratch:
+    """Work arrays reused from one operator application to the next, by slot number.
+
+    A large array freshly allocated is backed by new pages the kernel must fault in and zero on first
+    touch, one thread at a time: writing a 46 MB result into fresh memory took 17 ms against 12 ms into a
+    reused array, and with two threads 17 against 7 ms. The solver lends its operators one ``Scratch``
+    for their intermediates. Not for concurrent use of the same slot.
+    """
+
+    def __init__(self):
+        self._flat = {}
+
+    def array(self, slot, shape, dtype):
+        """A C-contiguous array of ``shape`` and ``dtype`` (uninitialised) in slot ``slot``; the slot's
+        memory grows as needed and is reused otherwise (earlier arrays of the slot are overwritten)."""
+        n = int(np.prod(shape))
+        key = (slot, np.dtype(dtype))
+        buf = self._flat.get(key)
+        if buf is None or buf.size < n:
+            self._flat.pop(key, None)
+            buf = np.empty(n, dtype=dtype)
+            self._flat[key] = buf
+        return buf[:n].reshape(shape)
+
+    def clear(self):
+        """Free the memory."""
+        self._flat.clear()
+
+
 # ------------------------------------------------------------------------------------------ base class
 class StackOperator:
     """Linear model of one stack on one grid. See the module docstring for the API contract."""
@@ -467,15 +496,19 @@ class StackOperator:
         """Exact transpose of :meth:`forward` applied to a stack-shaped ``y``; grid-shaped."""
         raise NotImplementedError
 
-    def normal(self, x, out=None, scale=1.0, workers=None):
-        """``scale * adjoint(forward(x))``; into ``out`` (added to it) when given, else a new array."""
+    def normal(self, x, out=None, scale=1.0, workers=None, scratch=None, accumulate=True):
+        """``scale * adjoint(forward(x))``; into ``out`` when given (added to it when ``accumulate``), else
+        a new array. ``scratch`` (:class:`Scratch`) lends reusable intermediate arrays."""
         y = self.forward(x, workers=workers)
         if scale != 1.0:
             y *= y.dtype.type(scale)
         t = self.adjoint(y, workers=workers)
         if out is None:
             return t
-        out += t
+        if accumulate:
+            out += t
+        else:
+            out[...] = t
         return out
 
     def adjoint_ones(self, out=None, scale=1.0, workers=None):
@@ -593,10 +626,14 @@ class SeparableOperator(StackOperator):
             return np.zeros(self.grid_shape, dtype=self._dtype(y))
         return self.adjoint_cropped(np.asarray(y)[self.crop], workers)
 
-    def normal(self, x, out=None, scale=1.0, workers=None):
+    def normal(self, x, out=None, scale=1.0, workers=None, scratch=None, accumulate=True):
         dt = self._dtype(x)
         if self.empty:
-            return np.zeros(self.grid_shape, dtype=dt) if out is None else out
+            if out is None:
+                return np.zeros(self.grid_shape, dtype=dt)
+            if not accumulate:
+                out[...] = 0
+            return out
         steps = [(self.mats[s], s, False) for s in self._reduce]
         steps += [(gram, s, False) for s, gram in self._grams.items()]
         steps += [(self.mats[s], s, True) for s in reversed(self._reduce)]
@@ -606,7 +643,15 @@ class SeparableOperator(StackOperator):
             if last and scale != 1.0:
                 # on the smallest intermediate (after the reducing axes), not on the full result
                 a = a * dt(scale) if a is x else np.multiply(a, dt(scale), out=a)
-            a = mat.apply(a, self.axes[s], transpose, out=out if last else None, accumulate=last and out is not None,
+            if last:
+                target = out
+            elif scratch is not None:
+                shape = list(a.shape)
+                shape[self.axes[s]] = mat.shape[1] if transpose else mat.shape[0]
+                target = scratch.array(n % 2, shape, dt)  # ping-pong between two work arrays
+            else:
+                target = None
+            a = mat.apply(a, self.axes[s], transpose, out=target, accumulate=last and out is not None and accumulate,
                           workers=workers)
         return a
 

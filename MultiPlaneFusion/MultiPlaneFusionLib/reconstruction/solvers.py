@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 
-from .operators import GaussianBlur
+from .operators import GaussianBlur, Scratch
 from .parallel import flat_pieces as _flat_pieces
 from .parallel import row_slabs as _row_slabs
 
@@ -166,13 +166,14 @@ def _gradient_rows(src, n_own, c, delta, out):
         np.divide(out.dtype.type(delta), out, out=out)
 
 
-def gradient_magnitude(x, spacing_kji, workers=None, delta=None):
-    """|grad x| from forward differences (0 across the far boundary), same shape as x.
+def gradient_magnitude(x, spacing_kji, workers=None, delta=None, out=None):
+    """|grad x| from forward differences (0 across the far boundary), same shape as x (in ``out`` when
+    given).
 
     Slab by slab along axis 0, so the temporaries stay cache-sized. With ``delta``, returns the Huber
     weights ``min(1, delta / |grad x|)`` instead (same pass)."""
     nk = x.shape[0]
-    g = np.empty_like(x)
+    g = np.empty_like(x) if out is None else out
     c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
 
     def slab(k0, k1):
@@ -182,19 +183,20 @@ def gradient_magnitude(x, spacing_kji, workers=None, delta=None):
     return g
 
 
-def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None):
+def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=None):
     """IRLS weights ``min(1, delta / |grad x|)`` of the Huber penalty, x's dtype, shape x.shape.
 
     ``edge_scale_mm > 0`` measures the gradient on ``x`` blurred by a Gaussian of that sigma (the
     "regularised" edge indicator of Catte et al.): noise on a fine grid then no longer passes for edges,
     and the edge test means the same whatever the grid spacing. The blur, the gradient and the weights
-    of a slab are computed together in cache (one read of x, one write of the weights).
+    of a slab are computed together in cache (one read of x, one write of the weights). ``out``: an
+    array of x's shape and dtype to write them to.
     """
     if not (edge_scale_mm and edge_scale_mm > 0):
-        return gradient_magnitude(x, spacing_kji, workers, delta)
+        return gradient_magnitude(x, spacing_kji, workers, delta, out)
     nk = x.shape[0]
     blur = GaussianBlur(x.shape, spacing_kji, edge_scale_mm)
-    g = np.empty_like(x)
+    g = np.empty_like(x) if out is None else out
     c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
 
     def slab(k0, k1):
@@ -277,8 +279,10 @@ def conjugate_gradient(
     dt = x.dtype.type
     it = 0
     rel = rel0
+    reuse = getattr(apply_h, "accepts_out", False)
+    q = None
     while it < max_iterations:
-        q = apply_h(p)
+        q = apply_h(p, out=q) if reuse and q is not None else apply_h(p)
         fq = q.reshape(-1)
         pq = dot(p, q, workers)
         if not pq > 0:  # H lost definiteness numerically: stop with what we have
@@ -310,7 +314,9 @@ def conjugate_gradient(
             break
         beta = dt(rz_new / rz)
 
-        del q, fq
+        if not reuse:
+            q = None
+        del fq
 
         def direction(s0, s1, beta=beta):
             ps = fp[s0:s1]
@@ -350,18 +356,20 @@ class NormalEquations:
         self.data_row_sums = data_row_sums
         self.weights = None  # Huber IRLS weights (None: Tikhonov)
         self.workers = workers
+        self.scratch = Scratch()
 
-    def __call__(self, x):
-        out = None
-        for op, c in zip(self.operators, self.data_weights):
-            if out is None:
-                out = op.normal(x, scale=c, workers=self.workers)
-                if out.dtype != x.dtype:
-                    out = out.astype(x.dtype)
-            else:
-                op.normal(x, out=out, scale=c, workers=self.workers)
+    # conjugate_gradient may pass ``out`` (its previous H p) to reuse that memory
+    accepts_out = True
+
+    def __call__(self, x, out=None):
         if out is None:
-            out = np.zeros_like(x)
+            out = np.empty_like(x)
+        first = True
+        for op, c in zip(self.operators, self.data_weights):
+            op.normal(x, out=out, scale=c, workers=self.workers, scratch=self.scratch, accumulate=not first)
+            first = False
+        if first:
+            out[...] = 0
         if self.alpha > 0:
             difference_penalty(x, self.spacing, self.weights, out=out, scale=self.alpha, workers=self.workers)
         return out
@@ -386,11 +394,12 @@ class NormalEquations:
         Only the penalty part of H changes and it is linear in the weights:
         ``r_new = r_old + alpha L_(w_old - w_new) x`` and ``diag_new = diag_old - 2 alpha diag(L_(w_old - w_new))``
         (the old weights' memory holds the difference). Saves the full ``H x`` a fresh residual costs.
+        Returns the old weights' array (its contents are spent), for reuse.
         """
         old = self.weights
         self.weights = new_weights
         if old is None or self.alpha <= 0:
-            return
+            return old
         a2 = 2.0 * self.alpha
 
         def slab(k0, k1):
@@ -401,6 +410,7 @@ class NormalEquations:
         d = np.divide(np.float32(1.0), precond_inv, out=precond_inv)
         penalty_diagonal(d.shape, self.spacing, old, out=d, scale=-a2, workers=self.workers)
         _invert_diagonal(d, self.workers)
+        return old
 
 
 def _invert_diagonal(d, workers):
@@ -459,6 +469,7 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
             # row sums (one grid copy less at the peak).
             precond = system.preconditioner(consume=True)
         else:
+            # the old weights' array is dropped: kept for reuse it would add a grid copy during CG
             system.reweight(x, weights, residual, precond)
         del weights
 
