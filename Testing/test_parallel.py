@@ -155,3 +155,41 @@ def test_threads_option_is_checked():
     with pytest.raises(InputError, match="threads"):
         SrrOptions(threads=0).validate()
     SrrOptions(threads=2).validate()
+
+
+def test_apply_with_dot_and_reused_output():
+    rng = np.random.default_rng(8)
+    d = rng.uniform(0.2, 1.0, SHAPE).astype(np.float32)
+    x = rng.standard_normal(SHAPE).astype(np.float32)
+    w = rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)
+    with Workers(2) as workers:
+        system = NormalEquations([_Diag(d), _Diag(d[::-1].copy())], [0.5, 2.0], 0.3, SPACING, d.copy(), workers)
+        system.weights = w
+        want = system(x)
+        buf = np.full(SHAPE, np.nan, np.float32)
+        got, pq = system.apply_with_dot(x, out=buf)
+    assert got is buf
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(want, x * d * 0.5 + x * d[::-1] * 2.0
+                               + difference_penalty(x.astype(np.float64), SPACING, w, scale=0.3), rtol=1e-4, atol=1e-4)
+    assert pq == pytest.approx(float(np.dot(x.ravel().astype(np.float64), want.ravel())), rel=1e-5)
+
+
+def test_separable_normal_with_scratch_matches_plain():
+    from MultiPlaneFusionLib.reconstruction.operators import Scratch, make_operator
+    from MultiPlaneFusionLib.simulation import phantom_grid, simulate_orthogonal_stacks
+
+    stacks = simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=2.0, scale=0.3, noise_hu=0.0, seed=1)
+    grid = phantom_grid(2.0, 0.3)
+    x = np.random.default_rng(9).standard_normal(grid.shape).astype(np.float32)
+    scratch = Scratch()
+    with Workers(2) as workers:
+        for s in stacks:
+            op = make_operator(s, grid)
+            assert op.path == "separable"
+            want = op.adjoint(op.forward(x)) * np.float32(0.7)
+            out = np.full(grid.shape, np.nan, np.float32)
+            op.normal(x, out=out, scale=0.7, workers=workers, scratch=scratch, accumulate=False)
+            np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+            op.normal(x, out=out, scale=0.7, workers=workers, scratch=scratch)  # accumulates
+            np.testing.assert_allclose(out, 2 * want, rtol=1e-4, atol=1e-5)

@@ -177,16 +177,15 @@ def flat_pieces(workers, n, fn):
 def row_slabs(workers, shape, fn, min_rows=1):
     """``fn(k0, k1)`` over slabs of whole planes along axis 0 of an array of ``shape`` (about
     ``PIECE_ELEMENTS`` each, at least ``min_rows`` rows), each thread taking a contiguous share; ``fn``
-    must write only rows ``k0:k1`` of its outputs."""
+    must write only rows ``k0:k1`` of its outputs. Returns the list of ``fn``'s results, slab order."""
     nk = int(shape[0])
     plane = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     per = max(1, int(min_rows), PIECE_ELEMENTS // max(plane, 1))
 
     def share(lo, hi):
-        for k0 in range(lo, hi, per):
-            fn(k0, min(hi, k0 + per))
+        return [fn(k0, min(hi, k0 + per)) for k0 in range(lo, hi, per)]
 
-    workers_or_serial(workers).ranges(share, nk, per)
+    return [r for part in workers_or_serial(workers).ranges(share, nk, per) for r in part]
 
 
 def workers_or_serial(workers):

@@ -31,15 +31,7 @@ def dot(a, b, workers=None):
     return float(sum(_flat_pieces(workers, fa.size, lambda s0, s1: float(np.dot(fa[s0:s1], fb[s0:s1])))))
 
 
-def _edge_terms(d, w, c):
-    """d * w * c in place (w may be None); returns d."""
-    d *= c
-    if w is not None:
-        d *= w
-    return d
-
-
-def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0, workers=None):
+def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0, workers=None, dot_with=None):
     """``out += scale * L_w x`` with ``L_w = sum_a D_a^T diag(w) D_a / h_a^2`` (Neumann boundary).
 
     Computed slab by slab along axis 0 (cache-sized temporaries); each slab writes only its own rows (the
@@ -57,42 +49,68 @@ def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0, worker
     scale : float
         Multiplies the penalty (alpha).
     workers : parallel.Workers, optional
+    dot_with : ndarray, shape x.shape, optional
+        Also compute ``<dot_with, out>`` of the final ``out``, slab by slab while it is in cache (CG's
+        ``<p, H p>``, saving a pass over two volumes); then ``(out, dot)`` is returned.
+
+    Returns
+    -------
+    out, or (out, float) with ``dot_with``
     """
     if out is None:
         out = np.zeros_like(x)
     nk, nj, ni = x.shape
     dt = x.dtype.type
-    c = [dt(scale / (h * h)) for h in spacing_kji]
+    c = [float(scale) / (h * h) for h in spacing_kji]
+    c_ref = c[2]
+    # Weights are scaled once per slab by c_ref; an axis whose c differs (anisotropic grid) gets the ratio.
+    ratio = [None if ck == c_ref else dt(ck / c_ref) for ck in c]
 
     def slab(k0, k1):
         xs = x[k0:k1]
         os_ = out[k0:k1]
-        ws = None if weights is None else weights[k0:k1]
+        lo = max(k0 - 1, 0)
+        if weights is None:
+            wc = None
+        else:
+            wc = np.multiply(weights[lo:k1], dt(c_ref))  # rows lo..k1-1: the axis-0 differences need lo
+        own = k0 - lo  # first own row in wc
+
+        def weigh(d, w, axis):
+            if w is None:
+                d *= dt(c[axis])
+            else:
+                d *= w
+                if ratio[axis] is not None:
+                    d *= ratio[axis]
+            return d
+
         if nk > 1:
             # differences d_k = x[k+1] - x[k] for k in [lo, hi): those touching rows k0..k1-1
-            lo, hi = max(k0 - 1, 0), min(k1, nk - 1)
+            hi = min(k1, nk - 1)
             if hi > lo:
-                d = np.subtract(x[lo + 1 : hi + 1], x[lo:hi])
-                _edge_terms(d, None if weights is None else weights[lo:hi], c[0])
+                d = weigh(np.subtract(x[lo + 1 : hi + 1], x[lo:hi]), None if wc is None else wc[: hi - lo], 0)
                 n_own = min(k1, hi) - k0  # rows k (k0 <= k < hi) lose d_k
                 if n_own > 0:
                     os_[:n_own] -= d[k0 - lo : k0 - lo + n_own]
                 a, b = max(k0 - 1, lo), min(k1 - 1, hi)  # rows k + 1 (inside the slab) gain d_k
                 if b > a:
                     out[a + 1 : b + 1] += d[a - lo : b - lo]
+        wo = None if wc is None else wc[own:]
         if nj > 1:
-            d = np.subtract(xs[:, 1:], xs[:, :-1])
-            _edge_terms(d, None if ws is None else ws[:, :-1], c[1])
+            d = weigh(np.subtract(xs[:, 1:], xs[:, :-1]), None if wo is None else wo[:, :-1], 1)
             os_[:, :-1] -= d
             os_[:, 1:] += d
         if ni > 1:
-            d = np.subtract(xs[:, :, 1:], xs[:, :, :-1])
-            _edge_terms(d, None if ws is None else ws[:, :, :-1], c[2])
+            d = weigh(np.subtract(xs[:, :, 1:], xs[:, :, :-1]), None if wo is None else wo[:, :, :-1], 2)
             os_[:, :, :-1] -= d
             os_[:, :, 1:] += d
+        if dot_with is not None:
+            return float(np.dot(dot_with[k0:k1].reshape(-1), os_.reshape(-1)))
+        return 0.0
 
-    _row_slabs(workers, x.shape, slab)
-    return out
+    total = sum(_row_slabs(workers, x.shape, slab))
+    return (out, total) if dot_with is not None else out
 
 
 def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=None, scale=1.0, workers=None):
@@ -219,7 +237,9 @@ def conjugate_gradient(
     Parameters
     ----------
     apply_h : callable
-        ``apply_h(p) -> H p`` (a new array).
+        ``apply_h(p) -> H p`` (a new array). If it has ``accepts_out = True``, ``apply_h(p, out=q)``
+        reuses the previous ``q``; if it has ``apply_with_dot(p, out=None) -> (H p, <p, H p>)`` (as
+        :class:`NormalEquations` does), that is used instead.
     b : ndarray
         Right-hand side; not modified.
     x : ndarray
@@ -280,11 +300,15 @@ def conjugate_gradient(
     it = 0
     rel = rel0
     reuse = getattr(apply_h, "accepts_out", False)
+    with_dot = getattr(apply_h, "apply_with_dot", None)
     q = None
     while it < max_iterations:
-        q = apply_h(p, out=q) if reuse and q is not None else apply_h(p)
+        if with_dot is not None:
+            q, pq = with_dot(p, out=q)
+        else:
+            q = apply_h(p, out=q) if reuse and q is not None else apply_h(p)
+            pq = dot(p, q, workers)
         fq = q.reshape(-1)
-        pq = dot(p, q, workers)
         if not pq > 0:  # H lost definiteness numerically: stop with what we have
             break
         step = dt(rz / pq)
@@ -362,6 +386,11 @@ class NormalEquations:
     accepts_out = True
 
     def __call__(self, x, out=None):
+        return self.apply_with_dot(x, out, with_dot=False)
+
+    def apply_with_dot(self, x, out=None, with_dot=True):
+        """``(H x, <x, H x>)`` (the inner product computed in the penalty's pass while the result is in
+        cache); with ``with_dot=False`` just ``H x``. ``out``: memory for the result."""
         if out is None:
             out = np.empty_like(x)
         first = True
@@ -371,8 +400,10 @@ class NormalEquations:
         if first:
             out[...] = 0
         if self.alpha > 0:
-            difference_penalty(x, self.spacing, self.weights, out=out, scale=self.alpha, workers=self.workers)
-        return out
+            res = difference_penalty(x, self.spacing, self.weights, out=out, scale=self.alpha, workers=self.workers,
+                                     dot_with=x if with_dot else None)
+            return res
+        return (out, dot(x, out, self.workers)) if with_dot else out
 
     def preconditioner(self, consume=False):
         """Inverse of the absolute row sums of H (data: c A^T 1; penalty: 2 x its diagonal).
