@@ -61,11 +61,12 @@ def test_bad_inputs(tmp_path, capsys, kind):
     assert not out.exists() and not no_partial_files(tmp_path)
 
 
-def test_non_overlapping_stacks(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["average", "srr"])
+def test_non_overlapping_stacks(tmp_path, capsys, method):
     a = write_volume(tmp_path / "a.nrrd")
     b = write_volume(tmp_path / "b.nrrd", origin=(200, 0, 0))
     out = tmp_path / "fused.nrrd"
-    code, _, err = run_cli(["fuse", a, b, "-o", out, "--method", "average", "--no-register", "--quiet"], capsys)
+    code, _, err = run_cli(["fuse", a, b, "-o", out, "--method", method, "--no-register", "--quiet"], capsys)
     assert_one_line_error(code, err)
     assert "overlap" in err
     assert not out.exists()

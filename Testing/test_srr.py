@@ -3,6 +3,7 @@ series simulated from the analytic model, not from the reconstruction's operator
 
 import argparse
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -203,3 +204,10 @@ def test_invalid_inputs(case):
         reconstruct_srr(stacks, grid, SrrOptions(regularizer="tv"))
     with pytest.raises(InputError):
         reconstruct_srr(stacks, grid, initial=np.zeros((2, 2, 2), np.float32))
+
+
+def test_a_stack_outside_the_grid_is_an_input_error(case):
+    stacks, grid, _ = case
+    far = replace(stacks[1], slice_origins_mm=stacks[1].slice_origins_mm + np.array([0.0, 0.0, 1000.0]))
+    with pytest.raises(InputError, match="does not overlap the reconstruction grid"):
+        reconstruct_srr([stacks[0], far], grid, SrrOptions(exclude_disagreeing=False))

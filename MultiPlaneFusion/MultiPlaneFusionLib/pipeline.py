@@ -117,34 +117,37 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         stacks, registration_reports = _register(stacks, options, monitor)
         timings["register_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    average = fuse_average(stacks, grid, options.interpolation, background, monitor.sub("reconstruct", 0.0, 0.1))
-    timings["average_s"] = time.perf_counter() - t
-    _check_overlap(stacks, average.covered_voxels)
     info = {}
-    volume = average.volume
     if options.method == "srr":
-        volume, info, stacks, more_reports, srr_timings = _srr_with_refinement(
-            stacks, grid, options, average, background, monitor
+        # SRR starts from its own PSF-weighted average (the same bone surface and PSNR as from the linear
+        # average fusion in bench_srr.py) and checks the overlap itself: no average fusion first.
+        volume, coverage, info, stacks, more_reports, srr_timings = _srr_with_refinement(
+            stacks, grid, options, background, monitor
         )
         registration_reports.extend(more_reports)
         timings.update(srr_timings)
+    else:
+        t = time.perf_counter()
+        average = fuse_average(stacks, grid, options.interpolation, background, monitor.sub("reconstruct", 0.0, 1.0))
+        timings["average_s"] = time.perf_counter() - t
+        _check_overlap(stacks, average.covered_voxels)
+        volume, coverage = average.volume, average.coverage
     monitor.report("reconstruct", 1.0)
 
     image = grid.image(volume.astype(np.float32, copy=False))
-    coverage = grid.image(average.coverage, dtype=np.uint8)
+    coverage_image = grid.image(coverage, dtype=np.uint8)
     summary = {
         "method": options.method,
         "grid": grid.summary(),
         "background": background,
         "stacks": [s.summary() for s in stacks],
-        "covered_fraction": float(np.count_nonzero(average.coverage) / average.coverage.size),
+        "covered_fraction": float(np.count_nonzero(coverage) / coverage.size),
         "registration": registration_reports,
         "reconstruction": info,
         "timings_s": timings,
         "estimated_peak_memory_mb": need / 1024**2,
     }
-    return FusionResult(image=image, coverage=coverage, grid=grid, stacks=stacks, summary=summary)
+    return FusionResult(image=image, coverage=coverage_image, grid=grid, stacks=stacks, summary=summary)
 
 
 def _register(stacks, options, monitor):
@@ -153,7 +156,7 @@ def _register(stacks, options, monitor):
     return register_stacks(stacks, reference=0, options=options.registration, monitor=monitor.sub("register", 0, 1))
 
 
-def _srr_with_refinement(stacks, grid, options, average, background, monitor):
+def _srr_with_refinement(stacks, grid, options, background, monitor):
     from .reconstruction.srr import reconstruct_srr
 
     timings = {}
@@ -165,14 +168,15 @@ def _srr_with_refinement(stacks, grid, options, average, background, monitor):
         from .registration import RegistrationOptions
 
         cycles = int(RegistrationOptions().refine_cycles)
-    span = 0.9 / (cycles + 1)
-    initial = average.volume
+    span = 1.0 / (cycles + 1)
+    initial = None
     result = None
     for cycle in range(cycles + 1):
         t = time.perf_counter()
+        # coverage is recomputed each cycle: refinement may have moved the stacks
         result = reconstruct_srr(
-            stacks, grid, options.srr, initial=initial, coverage=average.coverage,
-            monitor=monitor.sub("reconstruct", 0.1 + cycle * span, 0.1 + (cycle + 1) * span),
+            stacks, grid, options.srr, initial=initial,
+            monitor=monitor.sub("reconstruct", cycle * span, (cycle + 1) * span),
         )
         timings[f"srr_cycle{cycle}_s"] = time.perf_counter() - t
         if cycle == cycles:
@@ -182,7 +186,7 @@ def _srr_with_refinement(stacks, grid, options, average, background, monitor):
         t = time.perf_counter()
         stacks, cycle_reports = refine_registration(
             stacks, result.volume, grid, options.registration, monitor.sub("register", 0, 1),
-            coverage=average.coverage,
+            coverage=result.coverage,
         )
         timings[f"refine{cycle}_s"] = time.perf_counter() - t
         reports.extend({**r, "cycle": cycle + 1} for r in cycle_reports)
@@ -190,7 +194,7 @@ def _srr_with_refinement(stacks, grid, options, average, background, monitor):
             break  # no stack moved: solving again would give the same volume
         initial = result.volume
     timings["srr_s"] = sum(v for k, v in timings.items() if k.startswith("srr_cycle"))
-    return result.volume, result.info, stacks, reports, timings
+    return result.volume, result.coverage, result.info, stacks, reports, timings
 
 
 def fuse_paths(paths, options=None, progress=None, cancel=None):

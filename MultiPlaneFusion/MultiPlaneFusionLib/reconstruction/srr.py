@@ -208,7 +208,8 @@ def reconstruct_srr(stacks, grid, options=None, initial=None, coverage=None, mon
         PSF-weighted average of the stacks is used (free: it falls out of the right-hand side).
     coverage : ndarray, uint8, shape grid.shape, optional
         Stacks covering each voxel (comes with ``initial`` from the average fusion); computed from the
-        stacks' geometry when not given or when a stack was left out.
+        stacks' geometry when not given or when a stack was left out, and then a stack that covers no
+        voxel is an InputError.
     monitor : progress.Monitor, optional
         ``report("reconstruct", fraction)`` every iteration; raises CancelledError when cancelled.
 
@@ -267,6 +268,24 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
         LOGGER.info("SRR operator for '%s': %s path", s.description, op.path)
     monitor.report("reconstruct", 0.05)
 
+    # Coverage (and the check that every stack reaches the grid) before any grid-sized work.
+    t0 = time.perf_counter()
+    if coverage is None or len(used) != len(stacks):
+        coverage = np.zeros(grid.shape, dtype=np.uint8)
+        for k, op in zip(used, ops):
+            covered = op.coverage()
+            if not covered.any():
+                s = stacks[k]
+                raise InputError(f"stack '{s.description}' ({s.source}) does not overlap the reconstruction grid")
+            coverage += covered
+            del covered
+    coverage = np.asarray(coverage, dtype=np.uint8)
+    if coverage.shape != tuple(grid.shape):
+        raise InputError(f"coverage has shape {coverage.shape}, the grid {tuple(grid.shape)}")
+    if not coverage.any():
+        raise InputError("no stack covers the reconstruction grid")
+    timings["coverage_s"] = time.perf_counter() - t0
+
     # 3. Normalised data, right-hand side b = sum c_k A_k^T y_k and row sums sum c_k A_k^T 1.
     t0 = time.perf_counter()
     offset = float(background)
@@ -289,17 +308,8 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
     timings["setup_s"] = time.perf_counter() - t0
     monitor.report("reconstruct", 0.08)
 
-    # 4. Coverage and start.
+    # 4. Start.
     t0 = time.perf_counter()
-    if coverage is None or len(used) != len(stacks):
-        coverage = np.zeros(grid.shape, dtype=np.uint8)
-        for op in ops:
-            coverage += op.coverage()
-    coverage = np.asarray(coverage, dtype=np.uint8)
-    if coverage.shape != tuple(grid.shape):
-        raise InputError(f"coverage has shape {coverage.shape}, the grid {tuple(grid.shape)}")
-    if not coverage.any():
-        raise InputError("no stack covers the reconstruction grid")
     if initial is not None:
         x = np.array(initial, dtype=np.float32, copy=True)
         if x.shape != tuple(grid.shape):
