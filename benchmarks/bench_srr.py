@@ -179,8 +179,7 @@ def bench_sweep(args):
         r = {"case": f"{thickness:g} mm, {noise:g} HU", "average": base["psnr_db"],
              "average_surf": base["surface_mean_mm"]}
         for a in alphas:
-            q = quality(reconstruct_srr(stacks, grid, SrrOptions(regularizer="tikhonov", alpha=a), avg.volume,
-                                        avg.coverage).volume,
+            q = quality(reconstruct_srr(stacks, grid, SrrOptions(regularizer="tikhonov", alpha=a)).volume,
                         truth, grid, head, ts)
             r[f"a{a:g}"] = q["psnr_db"]
             r[f"a{a:g}_surf"] = q["surface_mean_mm"]
@@ -188,7 +187,7 @@ def bench_sweep(args):
         vax[~cax] = -1024.0
         q = quality(vax, truth, grid, head, ts)
         r["axial_surf"] = q["surface_mean_mm"]
-        q = quality(reconstruct_srr(stacks, grid, None, avg.volume, avg.coverage).volume, truth, grid, head, ts)
+        q = quality(reconstruct_srr(stacks, grid).volume, truth, grid, head, ts)
         r["huber"] = q["psnr_db"]
         r["huber_surf"] = q["surface_mean_mm"]
         r["huber_ratio"] = q["surface_mean_mm"] / min(r["axial_surf"], r["average_surf"])
