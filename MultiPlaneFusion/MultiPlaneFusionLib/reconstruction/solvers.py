@@ -31,6 +31,80 @@ def dot(a, b, workers=None):
     return float(sum(_flat_pieces(workers, fa.size, lambda s0, s1: float(np.dot(fa[s0:s1], fb[s0:s1])))))
 
 
+class _PenaltyCoefficients:
+    """``c_a = scale / h_a^2`` per axis; weights are multiplied by ``c_ref`` (axis 2's) once per slab and an
+    axis whose ``c`` differs (anisotropic grid) by ``ratio[a]`` as well."""
+
+    def __init__(self, spacing_kji, scale, dtype):
+        self.dt = np.dtype(dtype).type
+        self.c = [float(scale) / (h * h) for h in spacing_kji]
+        self.c_ref = self.c[2]
+        self.ratio = [None if ck == self.c_ref else self.dt(ck / self.c_ref) for ck in self.c]
+
+    def weigh(self, d, w, axis):
+        """``d * c_axis * w`` in place (``w`` already scaled by ``c_ref``, or None for unit weights)."""
+        if w is None:
+            d *= self.dt(self.c[axis])
+        else:
+            d *= w
+            if self.ratio[axis] is not None:
+                d *= self.ratio[axis]
+        return d
+
+
+def _penalty_rows(x, wc, k0, k1, out, coef):
+    """``out[k0:k1] += L_w x`` rows (scale folded into ``coef``); ``wc``: the weights of rows
+    ``max(k0 - 1, 0)..k1-1`` times ``coef.c_ref``, or None. Writes only rows k0..k1-1."""
+    nk, nj, ni = x.shape
+    lo = max(k0 - 1, 0)
+    xs = x[k0:k1]
+    os_ = out[k0:k1]
+    if nk > 1:
+        # differences d_k = x[k+1] - x[k] for k in [lo, hi): those touching rows k0..k1-1
+        hi = min(k1, nk - 1)
+        if hi > lo:
+            d = coef.weigh(np.subtract(x[lo + 1 : hi + 1], x[lo:hi]), None if wc is None else wc[: hi - lo], 0)
+            n_own = min(k1, hi) - k0  # rows k (k0 <= k < hi) lose d_k
+            if n_own > 0:
+                os_[:n_own] -= d[k0 - lo : k0 - lo + n_own]
+            a, b = max(k0 - 1, lo), min(k1 - 1, hi)  # rows k + 1 (inside the slab) gain d_k
+            if b > a:
+                out[a + 1 : b + 1] += d[a - lo : b - lo]
+    wo = None if wc is None else wc[k0 - lo :]
+    if nj > 1:
+        d = coef.weigh(np.subtract(xs[:, 1:], xs[:, :-1]), None if wo is None else wo[:, :-1], 1)
+        os_[:, :-1] -= d
+        os_[:, 1:] += d
+    if ni > 1:
+        d = coef.weigh(np.subtract(xs[:, :, 1:], xs[:, :, :-1]), None if wo is None else wo[:, :, :-1], 2)
+        os_[:, :, :-1] -= d
+        os_[:, :, 1:] += d
+
+
+def _diagonal_rows(wc, k0, k1, nk, out_rows, coef):
+    """``out_rows += diag(L_w)`` of rows k0..k1-1 (``wc`` as for :func:`_penalty_rows`)."""
+    lo = max(k0 - 1, 0)
+    wo = wc[k0 - lo :]
+    if nk > 1:
+        r0 = 1.0 if coef.ratio[0] is None else coef.ratio[0]
+        n_own = max(0, min(k1, nk - 1) - k0)  # rows with a difference to k + 1
+        if n_own:
+            out_rows[:n_own] += wo[:n_own] * coef.dt(r0)
+        a = max(k0, 1)  # rows a..k1-1 have a difference from k - 1, weighted by w[k - 1]
+        if k1 > a:
+            out_rows[a - k0 :] += wc[a - 1 - lo : k1 - 1 - lo] * coef.dt(r0)
+    for axis in (1, 2):
+        if wo.shape[axis] > 1:
+            sl_lo = [slice(None)] * 3
+            sl_hi = [slice(None)] * 3
+            sl_lo[axis], sl_hi[axis] = slice(0, -1), slice(1, None)
+            t = wo[tuple(sl_lo)]
+            if coef.ratio[axis] is not None:
+                t = t * coef.ratio[axis]
+            out_rows[tuple(sl_lo)] += t
+            out_rows[tuple(sl_hi)] += t
+
+
 def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0, workers=None, dot_with=None):
     """``out += scale * L_w x`` with ``L_w = sum_a D_a^T diag(w) D_a / h_a^2`` (Neumann boundary).
 
@@ -59,54 +133,15 @@ def difference_penalty(x, spacing_kji, weights=None, out=None, scale=1.0, worker
     """
     if out is None:
         out = np.zeros_like(x)
-    nk, nj, ni = x.shape
-    dt = x.dtype.type
-    c = [float(scale) / (h * h) for h in spacing_kji]
-    c_ref = c[2]
-    # Weights are scaled once per slab by c_ref; an axis whose c differs (anisotropic grid) gets the ratio.
-    ratio = [None if ck == c_ref else dt(ck / c_ref) for ck in c]
+    coef = _PenaltyCoefficients(spacing_kji, scale, x.dtype)
 
     def slab(k0, k1):
-        xs = x[k0:k1]
-        os_ = out[k0:k1]
         lo = max(k0 - 1, 0)
-        if weights is None:
-            wc = None
-        else:
-            wc = np.multiply(weights[lo:k1], dt(c_ref))  # rows lo..k1-1: the axis-0 differences need lo
-        own = k0 - lo  # first own row in wc
-
-        def weigh(d, w, axis):
-            if w is None:
-                d *= dt(c[axis])
-            else:
-                d *= w
-                if ratio[axis] is not None:
-                    d *= ratio[axis]
-            return d
-
-        if nk > 1:
-            # differences d_k = x[k+1] - x[k] for k in [lo, hi): those touching rows k0..k1-1
-            hi = min(k1, nk - 1)
-            if hi > lo:
-                d = weigh(np.subtract(x[lo + 1 : hi + 1], x[lo:hi]), None if wc is None else wc[: hi - lo], 0)
-                n_own = min(k1, hi) - k0  # rows k (k0 <= k < hi) lose d_k
-                if n_own > 0:
-                    os_[:n_own] -= d[k0 - lo : k0 - lo + n_own]
-                a, b = max(k0 - 1, lo), min(k1 - 1, hi)  # rows k + 1 (inside the slab) gain d_k
-                if b > a:
-                    out[a + 1 : b + 1] += d[a - lo : b - lo]
-        wo = None if wc is None else wc[own:]
-        if nj > 1:
-            d = weigh(np.subtract(xs[:, 1:], xs[:, :-1]), None if wo is None else wo[:, :-1], 1)
-            os_[:, :-1] -= d
-            os_[:, 1:] += d
-        if ni > 1:
-            d = weigh(np.subtract(xs[:, :, 1:], xs[:, :, :-1]), None if wo is None else wo[:, :, :-1], 2)
-            os_[:, :, :-1] -= d
-            os_[:, :, 1:] += d
+        # weights of rows lo..k1-1 (the axis-0 differences need row lo), scaled once
+        wc = None if weights is None else np.multiply(weights[lo:k1], coef.dt(coef.c_ref))
+        _penalty_rows(x, wc, k0, k1, out, coef)
         if dot_with is not None:
-            return float(np.dot(dot_with[k0:k1].reshape(-1), os_.reshape(-1)))
+            return float(np.dot(dot_with[k0:k1].reshape(-1), out[k0:k1].reshape(-1)))
         return 0.0
 
     total = sum(_row_slabs(workers, x.shape, slab))
@@ -423,25 +458,32 @@ class NormalEquations:
         preconditioner ``precond_inv`` current, both in place, in one pass.
 
         Only the penalty part of H changes and it is linear in the weights:
-        ``r_new = r_old + alpha L_(w_old - w_new) x`` and ``diag_new = diag_old - 2 alpha diag(L_(w_old - w_new))``
-        (the old weights' memory holds the difference). Saves the full ``H x`` a fresh residual costs.
-        Returns the old weights' array (its contents are spent), for reuse.
+        ``r_new = r_old + alpha L_(w_old - w_new) x`` and ``diag_new = diag_old - 2 alpha diag(L_(w_old - w_new))``.
+        Saves the full ``H x`` a fresh residual costs; slab by slab, everything in cache.
         """
         old = self.weights
         self.weights = new_weights
         if old is None or self.alpha <= 0:
-            return old
-        a2 = 2.0 * self.alpha
+            return
+        nk = x.shape[0]
+        coef = _PenaltyCoefficients(self.spacing, self.alpha, x.dtype)
+        eps = coef.dt(1e-12)
 
         def slab(k0, k1):
-            old[k0:k1] -= new_weights[k0:k1]
+            lo = max(k0 - 1, 0)
+            dwc = np.subtract(old[lo:k1], new_weights[lo:k1])
+            dwc *= coef.dt(coef.c_ref)
+            _penalty_rows(x, dwc, k0, k1, residual, coef)
+            ddiag = np.zeros((k1 - k0,) + x.shape[1:], dtype=x.dtype)
+            _diagonal_rows(dwc, k0, k1, nk, ddiag, coef)
+            pr = precond_inv[k0:k1]
+            d = np.divide(coef.dt(1.0), pr)
+            ddiag *= coef.dt(2.0)
+            d -= ddiag
+            np.maximum(d, eps, out=d)
+            np.divide(coef.dt(1.0), d, out=pr)
 
-        _row_slabs(self.workers, old.shape, slab)
-        difference_penalty(x, self.spacing, old, out=residual, scale=self.alpha, workers=self.workers)
-        d = np.divide(np.float32(1.0), precond_inv, out=precond_inv)
-        penalty_diagonal(d.shape, self.spacing, old, out=d, scale=-a2, workers=self.workers)
-        _invert_diagonal(d, self.workers)
-        return old
+        _row_slabs(self.workers, x.shape, slab)
 
 
 def _invert_diagonal(d, workers):
