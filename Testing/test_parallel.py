@@ -193,3 +193,7 @@ def test_separable_normal_with_scratch_matches_plain():
             np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
             op.normal(x, out=out, scale=0.7, workers=workers, scratch=scratch)  # accumulates
             np.testing.assert_allclose(out, 2 * want, rtol=1e-4, atol=1e-5)
+            y = np.random.default_rng(10).standard_normal(s.shape).astype(np.float32)
+            acc = np.ones(grid.shape, np.float32)
+            op.adjoint_add(y, acc, workers, scratch)
+            np.testing.assert_allclose(acc, 1.0 + op.adjoint(y), rtol=1e-4, atol=1e-5)

@@ -451,6 +451,7 @@ class Scratch:
 
     def __init__(self):
         self._flat = {}
+        self._free = []
 
     def array(self, slot, shape, dtype):
         """A C-contiguous array of ``shape`` and ``dtype`` (uninitialised) in slot ``slot``; the slot's
@@ -467,6 +468,25 @@ class Scratch:
     def clear(self):
         """Free the memory."""
         self._flat.clear()
+        self._free = []
+
+    def take(self, shape, dtype):
+        """A grid-sized array (uninitialised) from the arrays given back with :meth:`give`, or a new one.
+
+        The solver passes whole volumes around this way (directions, weights), so that an array it is done
+        with becomes the next one it needs instead of fresh memory: the number of live arrays (the peak
+        memory) stays the same."""
+        free = self._free
+        for n, a in enumerate(free):
+            if a.shape == tuple(shape) and a.dtype == np.dtype(dtype):
+                return free.pop(n)
+        return np.empty(shape, dtype=dtype)
+
+    def give(self, array):
+        """Hand back an array from :meth:`take` (or any C-contiguous one) for reuse; the caller must not
+        use it afterwards."""
+        if array is not None and array.flags.c_contiguous and array.flags.owndata:
+            self._free.append(array)
 
 
 # ------------------------------------------------------------------------------------------ base class
@@ -509,6 +529,11 @@ class StackOperator:
             out += t
         else:
             out[...] = t
+        return out
+
+    def adjoint_add(self, y, out, workers=None, scratch=None):
+        """``out += adjoint(y)`` (``scratch``: reusable intermediates); returns out."""
+        out += self.adjoint(y, workers)
         return out
 
     def adjoint_ones(self, out=None, scale=1.0, workers=None):
@@ -625,6 +650,28 @@ class SeparableOperator(StackOperator):
         if self.empty:
             return np.zeros(self.grid_shape, dtype=self._dtype(y))
         return self.adjoint_cropped(np.asarray(y)[self.crop], workers)
+
+    def adjoint_add(self, y, out, workers=None, scratch=None):
+        if self.empty:
+            return out
+        dt = out.dtype.type
+        inv = [0, 0, 0]
+        for s, g in enumerate(self.axes):
+            inv[g] = s
+        a = np.transpose(np.asarray(np.asarray(y)[self.crop], dtype=dt), inv)
+        steps = list(reversed(self.order))
+        for n, s in enumerate(steps):
+            mat = self.mats[s]
+            if n == len(steps) - 1:
+                mat.apply(a, self.axes[s], transpose=True, out=out, accumulate=True, workers=workers)
+                break
+            target = None
+            if scratch is not None:
+                shape = list(a.shape)
+                shape[self.axes[s]] = mat.shape[1]
+                target = scratch.array(n % 2, shape, dt)
+            a = mat.apply(a, self.axes[s], transpose=True, out=target, workers=workers)
+        return out
 
     def normal(self, x, out=None, scale=1.0, workers=None, scratch=None, accumulate=True):
         dt = self._dtype(x)

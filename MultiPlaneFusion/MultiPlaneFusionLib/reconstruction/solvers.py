@@ -261,7 +261,7 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=No
 
 def conjugate_gradient(
     apply_h, b, x, precond_inv=None, max_iterations=20, tolerance=1e-3, b_norm=None, report=None,
-    overwrite_b=False, residual=None, keep_residual=False, workers=None,
+    overwrite_b=False, residual=None, keep_residual=False, workers=None, pool=None,
 ):
     """Preconditioned conjugate gradients for ``H x = b`` (H symmetric positive definite), in place.
 
@@ -298,6 +298,8 @@ def conjugate_gradient(
         continues, see :func:`solve_huber`).
     workers : parallel.Workers, optional
         Threads for the vector updates.
+    pool : operators.Scratch, optional
+        Where the direction and H p arrays come from and go back to when done (reused memory).
 
     Returns
     -------
@@ -328,7 +330,11 @@ def conjugate_gradient(
         return info
     fx, fr = x.reshape(-1), r.reshape(-1)
     fm = None if precond_inv is None else precond_inv.reshape(-1)
-    p = r * precond_inv if precond_inv is not None else r.copy()
+    p = pool.take(r.shape, r.dtype) if pool is not None else np.empty_like(r)
+    if precond_inv is not None:
+        np.multiply(r, precond_inv, out=p)
+    else:
+        p[...] = r
     fp = p.reshape(-1)
     rz = dot(r, p, workers)
     dt = x.dtype.type
@@ -336,7 +342,7 @@ def conjugate_gradient(
     rel = rel0
     reuse = getattr(apply_h, "accepts_out", False)
     with_dot = getattr(apply_h, "apply_with_dot", None)
-    q = None
+    q = pool.take(x.shape, x.dtype) if (pool is not None and reuse) else None
     while it < max_iterations:
         if with_dot is not None:
             q, pq = with_dot(p, out=q)
@@ -388,6 +394,9 @@ def conjugate_gradient(
         _flat_pieces(workers, fx.size, direction)
         rz = rz_new
     info.update(iterations=it, relative_residual=float(rel))
+    if pool is not None:
+        pool.give(p)
+        pool.give(q)
     return info
 
 
@@ -405,9 +414,11 @@ class NormalEquations:
         ``sum_k c_k A_k^T 1`` (absolute row sums of the data term, all entries are non-negative).
     workers : parallel.Workers, optional
         Threads the operators and the penalty split their work between.
+    scratch : operators.Scratch, optional
+        Reusable work memory (a new one when None).
     """
 
-    def __init__(self, operators, data_weights, alpha, spacing_kji, data_row_sums, workers=None):
+    def __init__(self, operators, data_weights, alpha, spacing_kji, data_row_sums, workers=None, scratch=None):
         self.operators = operators
         self.data_weights = [float(c) for c in data_weights]
         self.alpha = float(alpha)
@@ -415,7 +426,7 @@ class NormalEquations:
         self.data_row_sums = data_row_sums
         self.weights = None  # Huber IRLS weights (None: Tikhonov)
         self.workers = workers
-        self.scratch = Scratch()
+        self.scratch = Scratch() if scratch is None else scratch
 
     # conjugate_gradient may pass ``out`` (its previous H p) to reuse that memory
     accepts_out = True
@@ -534,16 +545,19 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
     residual = None
     precond = None
     b_norm = np.sqrt(dot(b, b, workers))
+    pool = system.scratch  # arrays handed back and forth: see Scratch.take
     for o in range(outer_iterations):
-        weights = huber_weights(x, system.spacing, delta, edge_scale_mm, workers)
+        weights = huber_weights(x, system.spacing, delta, edge_scale_mm, workers, out=pool.take(x.shape, x.dtype))
         if precond is None:
             system.weights = weights
             # In the row sums' memory: later steps update it for the new weights instead of keeping the
             # row sums (one grid copy less at the peak).
             precond = system.preconditioner(consume=True)
         else:
-            # the old weights' array is dropped: kept for reuse it would add a grid copy during CG
+            old = system.weights
             system.reweight(x, weights, residual, precond)
+            pool.give(old)  # becomes a CG direction: no fresh memory, no extra copy
+            del old
         del weights
 
         def inner_report(it, rel, _done=total):
@@ -554,7 +568,7 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
         # residual), one grid copy less at the peak.
         info = conjugate_gradient(system, b, x, precond, inner_counts[o], tolerance, b_norm=b_norm,
                                   report=inner_report, overwrite_b=residual is None, residual=residual,
-                                  keep_residual=o + 1 < outer_iterations, workers=workers)
+                                  keep_residual=o + 1 < outer_iterations, workers=workers, pool=pool)
         residual = info.pop("residual", None)
         total += info["iterations"]
         infos.append(info)
@@ -563,6 +577,7 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
             system.alpha, delta, o + 1, outer_iterations, info["iterations"], info["relative_residual"],
         )
     system.weights = None
+    pool.clear()
     return {
         "iterations": total,
         "outer_iterations": outer_iterations,

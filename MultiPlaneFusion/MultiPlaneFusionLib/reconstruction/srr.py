@@ -24,6 +24,7 @@ Use :func:`reconstruct_srr`; :class:`SrrOptions` holds the settings, :func:`add_
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -31,8 +32,8 @@ import numpy as np
 from ..errors import InputError
 from ..progress import Monitor
 from .intensity import compare_stacks
-from .operators import make_operator
-from .parallel import Workers
+from .operators import Scratch, make_operator
+from .parallel import Workers, row_slabs
 from .solvers import NormalEquations, solve_huber, solve_tikhonov
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
@@ -194,6 +195,11 @@ def _sample_volume_mm3(stack):
     return di * dj * step
 
 
+def _normalised_rows(b, row_sums, out, k0, k1):
+    """Rows k0:k1 of ``b / row_sums`` (the PSF-weighted average) into ``out``."""
+    np.divide(b[k0:k1], np.maximum(row_sums[k0:k1], np.float32(1e-6)), out=out[k0:k1])
+
+
 def reconstruct_srr(stacks, grid, options=None, initial=None, coverage=None, monitor=None):
     """Super-resolution reconstruction of ``stacks`` on ``grid``.
 
@@ -295,14 +301,13 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
     c = [_sample_volume_mm3(s) / grid_voxel for s in work]
     b = np.zeros(grid.shape, dtype=np.float32)
     row_sums = np.zeros(grid.shape, dtype=np.float32)
+    scratch = Scratch()  # reusable work memory for the operators and the solver
     for s, op, ck in zip(work, ops, c):
         y = np.subtract(s.pixels, np.float32(offset))
         y *= np.float32(inv * ck)
         y[~op.valid] = 0.0
-        t = op.adjoint(y, workers)
+        op.adjoint_add(y, b, workers, scratch)
         del y
-        b += t
-        del t
         op.adjoint_ones(out=row_sums, scale=ck, workers=workers)
         monitor.check()
     timings["setup_s"] = time.perf_counter() - t0
@@ -321,16 +326,21 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
         # The PSF-weighted average of the stacks (normalised back-projection, the "Gaussian
         # reconstruction" of SVRTK): an average fusion at no extra cost; CG converges from it as fast
         # as from the linear-interpolation average (measured by benchmarks/bench_srr.py).
-        x = np.divide(b, np.maximum(row_sums, np.float32(1e-6)))
+        x = np.empty(grid.shape, dtype=np.float32)
+        row_slabs(workers, grid.shape, partial(_normalised_rows, b, row_sums, x))
         start = "psf-weighted average"
-    x[coverage == 0] = 0.0
+
+    def outside_slab(k0, k1):  # slab by slab: no grid-sized mask
+        x[k0:k1][coverage[k0:k1] == 0] = 0.0
+
+    row_slabs(workers, grid.shape, outside_slab)
     timings["initial_s"] = time.perf_counter() - t0
     monitor.report("reconstruct", 0.1)
 
     # 5. Solve.
     t0 = time.perf_counter()
     spacing_kji = tuple(float(v) for v in grid.spacing_mm[::-1])
-    system = NormalEquations(ops, c, options.effective_alpha, spacing_kji, row_sums, workers)
+    system = NormalEquations(ops, c, options.effective_alpha, spacing_kji, row_sums, workers, scratch)
     n_iter = max(1, options.effective_iterations)
 
     def report(it, rel):
@@ -347,14 +357,19 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
     del system, b, row_sums
     timings["solve_s"] = time.perf_counter() - t0
 
-    # 6. Back to input units.
-    x *= np.float32(scale)
-    x += np.float32(offset)
-    if options.clip_to_input_range:
-        lo = min(float(s.pixels.min()) for s in work)
-        hi = max(float(s.pixels.max()) for s in work)
-        np.clip(x, lo, hi, out=x)
-    x[coverage == 0] = np.float32(background)
+    # 6. Back to input units, in one slab pass.
+    lo = min(float(s.pixels.min()) for s in work) if options.clip_to_input_range else None
+    hi = max(float(s.pixels.max()) for s in work) if options.clip_to_input_range else None
+
+    def finish_slab(k0, k1):
+        xs = x[k0:k1]
+        xs *= np.float32(scale)
+        xs += np.float32(offset)
+        if lo is not None:
+            np.clip(xs, lo, hi, out=xs)
+        xs[coverage[k0:k1] == 0] = np.float32(background)
+
+    row_slabs(workers, grid.shape, finish_slab)
     monitor.report("reconstruct", 1.0)
     timings["total_s"] = time.perf_counter() - t_all
     info = {
