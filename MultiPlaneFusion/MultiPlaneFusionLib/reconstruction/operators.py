@@ -8,7 +8,9 @@ refinement (simulated slices) both use this API, which stays stable:
 - ``op.forward(x)``: float32 (float64 for float64 input) stack-shaped; samples the model cannot predict
   (pixel centre outside the grid) are 0 and ``op.valid`` is False there;
 - ``op.adjoint(y)``: grid-shaped, exact transpose of ``forward`` (invalid samples ignored);
-- ``op.normal(x)``: ``adjoint(forward(x))`` without the stack-shaped round trip;
+- ``op.normal(x)``: ``adjoint(forward(x))`` without the stack-shaped round trip (optionally scaled and
+  added into a given array);
+- ``op.adjoint_add(y, out)``: ``out += adjoint(y)``;
 - ``op.coverage()``: bool grid mask of the voxels inside the stack's sampled region;
 - ``op.path``: ``"separable"`` or ``"general"``.
 
@@ -37,7 +39,9 @@ Two paths, chosen by :func:`make_operator`:
   otherwise it is trilinear, computed on the fly lattice chunk by lattice chunk. The transpose of the
   interpolation is a sorted segment sum (shared axis) or ``np.bincount`` (trilinear).
 
-Everything is numpy; memory is bounded by chunking (a few grid-sized arrays at most).
+Everything is numpy; memory is bounded by chunking (a few grid-sized arrays at most). The banded products
+split over threads (``workers``, :mod:`.parallel`) and can write into given arrays, and the solver lends
+the operators reusable work memory (:class:`Scratch`): a fresh grid-sized array costs page faults.
 """
 
 import math

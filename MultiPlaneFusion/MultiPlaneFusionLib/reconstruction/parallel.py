@@ -3,8 +3,8 @@
 numpy releases the GIL inside its array loops and matrix products, so plain Python threads run them
 on several cores. The operators and solvers split their work into disjoint pieces (row ranges of the
 output, slabs of the grid) and hand the pieces to a :class:`Workers` pool; with one worker everything
-runs inline in the caller's thread, in the same order, so results do not depend on the thread count
-except for the summation order of inner products.
+runs inline in the caller's thread. Results agree between thread counts up to float32 round-off
+(inner products are summed piece by piece in another order).
 
 OpenBLAS is limited to one thread meanwhile (:func:`blas_threads`): its own threads synchronise on
 every one of the thousands of small matrix products the operators issue, which made them several times

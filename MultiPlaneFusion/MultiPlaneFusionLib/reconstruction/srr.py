@@ -70,7 +70,7 @@ class SrrOptions:
         edges).
     regularizer : {"huber", "tikhonov"}
         Huber on the gradient magnitude (edge-preserving, default: sharp bone edges are what the
-        model needs) or first-order Tikhonov (smooth gradient; 1.5-2x faster and more forgiving
+        model needs) or first-order Tikhonov (smooth gradient; about 1.5x faster and more forgiving
         when the stacks are not quite aligned).
     psf : {"gaussian", "box"}
         Through-plane slice profile: Gaussian with FWHM = slice thickness (default), or a box of the
