@@ -41,9 +41,10 @@ LOGGER = logging.getLogger("MultiPlaneFusionLib")
 # Defaults chosen with benchmarks/bench_srr.py (--sweep): alpha in mm^2 on normalised intensities.
 # Tikhonov: PSNR peaks at 0.03 but thin bone then rings (spurious 300 HU surfaces in the 400 HU diploe
 # next to 1500 HU cortex); 0.1 gives nearly its best bone surface for 2.5-5 mm slices and 5-30 HU noise
-# at about 1 dB below the PSNR peak. Huber (the default): alpha 0.5 with delta 0.05 gives the lowest
-# surface error of every setting in every case of the sweep (0.19-0.25 mm, 0.40-0.57 x the best of the
-# axial series and the average; Tikhonov 0.1: 0.35-0.41 mm) at PSNR within 1 dB of Tikhonov's best.
+# at 0.4-1.4 dB below the PSNR peak. Huber (the default): alpha 0.5 with delta 0.05 gives the lowest
+# surface error of every setting in every case of the sweep (0.19-0.25 mm, 0.40-0.58 x the best of the
+# axial series and the average; Tikhonov 0.1: 0.35-0.41 mm) at PSNR 0.1-1.4 dB below Tikhonov's best
+# (alpha 0.03, whose surface error is twice as large).
 DEFAULT_ALPHA = {"tikhonov": 0.1, "huber": 0.5}
 DEFAULT_HUBER_DELTA = 0.05
 DEFAULT_REGULARIZER = "huber"
