@@ -37,7 +37,7 @@ Two paths, chosen by :func:`make_operator`:
   to a grid axis (gantry tilt: the row is the patient's left-right axis) the lattice shares that axis's
   nodes with the grid and the interpolation is bilinear per plane, vectorised along the shared axis;
   otherwise it is trilinear, computed on the fly lattice chunk by lattice chunk. The transpose of the
-  interpolation is a sorted segment sum (shared axis) or ``np.bincount`` (trilinear).
+  interpolation is a sorted segment sum (shared axis) or ``np.add.at`` per corner (trilinear).
 
 Everything is numpy; memory is bounded by chunking (a few grid-sized arrays at most). The banded products
 split over threads (``workers``, :mod:`.parallel`) and can write into given arrays, and the solver lends
@@ -45,11 +45,12 @@ the operators reusable work memory (:class:`Scratch`): a fresh grid-sized array 
 """
 
 import math
+import threading
 
 import numpy as np
 
 from ..errors import InputError
-from .parallel import row_slabs, workers_or_serial
+from .parallel import row_slabs, split, workers_or_serial
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 IN_PLANE_FWHM_FACTOR = 1.2
@@ -944,7 +945,7 @@ class GeneralOperator(StackOperator):
         nw, nv, nu = self.lattice.shape
         z1 = np.zeros((self.shape[0], nv, nu), dtype=dt)
         name = self._interp.name
-        for ci, chunk in self._interp.forward_chunks(x):
+        for ci, chunk in self._interp.forward_chunks(x, workers):
             r0, r1 = self._interp.ranges[ci]
             if name == "w":
                 nz = chunk.shape[0]
@@ -974,7 +975,7 @@ class GeneralOperator(StackOperator):
                 else:
                     yield ci, self.m_w.apply(z1[_canonical_index(name, r0, r1)], 0, transpose=True, workers=workers)
 
-        return self._interp.adjoint_chunks(chunks(), dt)
+        return self._interp.adjoint_chunks(chunks(), dt, workers)
 
     def forward(self, x, workers=None):
         x = np.asarray(x, dtype=self._dtype(x))
@@ -1004,8 +1005,9 @@ class _SharedAxisInterp:
     (``np.add.reduceat``).
 
     Protocol shared with :class:`_TrilinearInterp`: ``name`` (lattice axis the chunks split: "w", "v"
-    or "u"), ``ranges`` (node ranges of the chunks), ``forward_chunks(x)`` yielding ``(chunk number,
-    lattice chunk in canonical (w, v, u) order)``, ``adjoint_chunks(pairs, dtype)`` -> grid array.
+    or "u"), ``ranges`` (node ranges of the chunks), ``forward_chunks(x, workers)`` yielding ``(chunk
+    number, lattice chunk in canonical (w, v, u) order)``, ``adjoint_chunks(pairs, dtype, workers)`` -> grid
+    array.
     """
 
     def __init__(self, lattice, grid, shared):
@@ -1074,8 +1076,9 @@ class _SharedAxisInterp:
         names = [self.lat_axes[0], self.lat_axes[1], self.a]  # axes of (plane0, plane1, ride) arrays
         return names
 
-    def forward_chunks(self, x):
+    def forward_chunks(self, x, workers=None):
         n_ride = self.grid_shape[self.g]
+        workers = workers_or_serial(workers)
         x2 = np.ascontiguousarray(np.moveaxis(x, self.g, -1)).reshape(-1, n_ride)
         names = self._perm()
         to_canon = [names.index(x) for x in (2, 1, 0)]
@@ -1085,14 +1088,19 @@ class _SharedAxisInterp:
             shape = ii.shape[:2]
             flat_i, flat_w = ii.reshape(-1, 4), ww.reshape(-1, 4)
             z = np.zeros((flat_i.shape[0], n_ride), dtype=x.dtype)
-            buf = np.empty_like(z)
-            for t in range(4):
-                np.take(x2, flat_i[:, t], axis=0, out=buf)
-                buf *= flat_w[:, t, None]
-                z += buf
+
+            def rows(lo, hi, z=z, flat_i=flat_i, flat_w=flat_w):
+                buf = np.empty((hi - lo, n_ride), dtype=z.dtype)
+                for t in range(4):
+                    np.take(x2, flat_i[lo:hi, t], axis=0, out=buf)
+                    buf *= flat_w[lo:hi, t, None]
+                    z[lo:hi] += buf
+
+            workers.ranges(rows, flat_i.shape[0], 256)
             yield ci, np.transpose(z.reshape(shape + (n_ride,)), to_canon)
 
-    def adjoint_chunks(self, pairs, dt):
+    def adjoint_chunks(self, pairs, dt, workers=None):
+        # serial: the fancy-indexed sums hold the GIL (two threads measured no faster)
         n_ride = self.grid_shape[self.g]
         shape = [self.grid_shape[self.plane_g[0]], self.grid_shape[self.plane_g[1]], n_ride]
         x2 = np.zeros((shape[0] * shape[1], n_ride), dtype=dt)
@@ -1112,8 +1120,8 @@ class _SharedAxisInterp:
 
 class _TrilinearInterp:
     """Trilinear interpolation of the grid at every lattice node, computed on the fly per chunk of
-    lattice planes (no stored weights); the transpose accumulates with ``np.bincount`` over the compact
-    range of flat grid indices a chunk touches. Same protocol as :class:`_SharedAxisInterp`."""
+    lattice planes (no stored weights); the transpose scatters each corner's contributions with
+    ``np.add.at``. Same protocol as :class:`_SharedAxisInterp`."""
 
     def __init__(self, lattice, grid):
         self.shape = lattice.shape  # canonical (w, v, u)
@@ -1175,49 +1183,53 @@ class _TrilinearInterp:
                 for c in (0, 1):
                     yield a * dk + b * dj + c * di, (wkj * wi[c]).reshape(-1)
 
-    def forward_chunks(self, x):
+    def _sub_ranges(self, r0, r1, workers):
+        """The chunk's planes ``r0:r1`` split between the workers (each computes its own stencil)."""
+        return [(r0 + a, r0 + b) for a, b in split(r1 - r0, workers.n_threads)]
+
+    def _forward_part(self, xf, a, b, dtype):
+        shape, base, wk, fj, fi = self._stencil(a, b)
+        z = np.zeros(base.size, dtype=dtype)
+        buf = np.empty(base.size, dtype=dtype)
+        idx = np.empty_like(base)
+        for off, w in self._corners(wk, fj, fi):
+            np.add(base, off, out=idx)
+            np.take(xf, idx, out=buf)
+            buf *= w
+            z += buf
+        return z.reshape(shape)
+
+    def forward_chunks(self, x, workers=None):
         xf = np.ascontiguousarray(x).reshape(-1)
+        workers = workers_or_serial(workers)
         for ci, (r0, r1) in enumerate(self.ranges):
-            shape, base, wk, fj, fi = self._stencil(r0, r1)
-            z = np.zeros(base.size, dtype=x.dtype)
-            buf = np.empty(base.size, dtype=x.dtype)
+            parts = workers.map(lambda ab: self._forward_part(xf, ab[0], ab[1], x.dtype),
+                                self._sub_ranges(r0, r1, workers))
+            yield ci, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
+
+    def adjoint_chunks(self, pairs, dt, workers=None):
+        out = np.zeros(int(np.prod(self.grid_shape)), dtype=dt)
+        workers = workers_or_serial(workers)
+        # The scatter is ``np.add.at`` per corner (numpy >= 1.25 runs it as a fast loop: 14x faster here than
+        # the earlier np.bincount over concatenated corners). It holds the GIL and the threads' pieces may
+        # overlap in ``out``, so the adds take turns; the stencils and products around them run in parallel.
+        lock = threading.Lock()
+
+        def part(zc, r0, a, b):
+            shape, base, wk, fj, fi = self._stencil(a, b)
+            sel = [slice(None)] * 3
+            sel[self.axis] = slice(a - r0, b - r0)
+            zf = np.ascontiguousarray(zc[tuple(sel)], dtype=dt).reshape(-1)
             idx = np.empty_like(base)
             for off, w in self._corners(wk, fj, fi):
+                contrib = np.multiply(w, zf, dtype=dt)
                 np.add(base, off, out=idx)
-                np.take(xf, idx, out=buf)
-                buf *= w
-                z += buf
-            yield ci, z.reshape(shape)
+                with lock:
+                    np.add.at(out, idx, contrib)
 
-    def adjoint_chunks(self, pairs, dt):
-        out = np.zeros(int(np.prod(self.grid_shape)), dtype=dt)
-        # A chunk of a tilted lattice still spans many grid slices; split it further along the lattice
-        # axis that moves fastest through grid k, so that each bincount covers a compact index range.
-        others = [a for a in range(3) if a != self.axis]
-        split = max(others, key=lambda a: abs(self.lin[0, a]) * self.shape[a])
-        pieces = max(1, int(abs(self.lin[0, split]) * self.shape[split] / 8.0))
         for ci, zc in pairs:
             r0, r1 = self.ranges[ci]
-            shape, base, wk, fj, fi = self._stencil(r0, r1)
-            corners = list(self._corners(wk, fj, fi))
-            span = max(off for off, _ in corners) + 1
-            zf = np.ascontiguousarray(zc).reshape(shape)
-            base = base.reshape(shape)
-            weights = [w.reshape(shape) for _, w in corners]
-            bounds = np.linspace(0, shape[split], pieces + 1).astype(int)
-            for s0, s1 in zip(bounds[:-1], bounds[1:]):
-                if s1 <= s0:
-                    continue
-                sel = [slice(None)] * 3
-                sel[split] = slice(s0, s1)
-                sel = tuple(sel)
-                b = base[sel].reshape(-1)
-                lo = int(b.min())
-                n = int(b.max()) - lo + span
-                zs = zf[sel].reshape(-1).astype(np.float64)
-                idx = np.concatenate([b - (lo - off) for off, _ in corners])
-                wz = np.concatenate([w[sel].reshape(-1) * zs for w in weights])
-                out[lo : lo + n] += np.bincount(idx, weights=wz, minlength=n).astype(dt)
+            workers.map(lambda ab, zc=zc, r0=r0: part(zc, r0, ab[0], ab[1]), self._sub_ranges(r0, r1, workers))
         return out.reshape(self.grid_shape)
 
 
