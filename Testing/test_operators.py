@@ -205,3 +205,26 @@ def test_stack_outside_the_grid_gives_no_valid_samples():
     op = make_operator(far, GRID)
     assert not op.valid.any()
     assert not op.adjoint(np.ones(far.shape)).any()
+
+
+@pytest.mark.parametrize("name", ["oblique", "tilted_sheared", "registration_rotation", "coronal_flipped"])
+def test_threaded_operators_are_the_serial_ones(name):
+    """With worker threads every path still has an exact adjoint and gives the serial results."""
+    from MultiPlaneFusionLib.reconstruction.operators import Scratch
+    from MultiPlaneFusionLib.reconstruction.parallel import Workers
+
+    stack = CASES[name]
+    rng = np.random.default_rng(7)
+    with Workers(3) as workers:
+        for label, op in _operators(stack, "gaussian").items():
+            x = rng.standard_normal(GRID.shape)
+            y = rng.standard_normal(stack.shape)
+            ax = op.forward(x, workers)
+            aty = op.adjoint(y, workers)
+            lhs, rhs = float(np.vdot(ax, y)), float(np.vdot(x, aty))
+            assert abs(lhs - rhs) <= 1e-5 * abs(lhs), (name, label, lhs, rhs)
+            np.testing.assert_allclose(ax, op.forward(x), rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(aty, op.adjoint(y), rtol=1e-10, atol=1e-10)
+            out = np.zeros(GRID.shape)
+            op.normal(x, out=out, scale=0.5, workers=workers, scratch=Scratch(), accumulate=False)
+            np.testing.assert_allclose(out, 0.5 * op.adjoint(op.forward(x)), rtol=1e-9, atol=1e-9)
