@@ -228,3 +228,6 @@ def test_threaded_operators_are_the_serial_ones(name):
             out = np.zeros(GRID.shape)
             op.normal(x, out=out, scale=0.5, workers=workers, scratch=Scratch(), accumulate=False)
             np.testing.assert_allclose(out, 0.5 * op.adjoint(op.forward(x)), rtol=1e-9, atol=1e-9)
+            acc = np.ones(GRID.shape)
+            op.adjoint_add(y, acc, workers)
+            np.testing.assert_allclose(acc, 1.0 + op.adjoint(y), rtol=1e-9, atol=1e-9)

@@ -961,7 +961,7 @@ class GeneralOperator(StackOperator):
             self._w_cache[key] = self.m_w.dense().astype(dt)
         return self._w_cache[key]
 
-    def _raw_adjoint(self, y, workers=None):
+    def _raw_adjoint(self, y, workers=None, out=None):
         dt = y.dtype
         z1 = self._slices_to_lattice(y, workers)
         name = self._interp.name
@@ -975,7 +975,7 @@ class GeneralOperator(StackOperator):
                 else:
                     yield ci, self.m_w.apply(z1[_canonical_index(name, r0, r1)], 0, transpose=True, workers=workers)
 
-        return self._interp.adjoint_chunks(chunks(), dt, workers)
+        return self._interp.adjoint_chunks(chunks(), dt, workers, out)
 
     def forward(self, x, workers=None):
         x = np.asarray(x, dtype=self._dtype(x))
@@ -987,6 +987,25 @@ class GeneralOperator(StackOperator):
         dt = self._dtype(y)
         y = np.asarray(y, dtype=dt) * self._scale_for(dt)
         return self._raw_adjoint(y, workers)
+
+    def adjoint_add(self, y, out, workers=None, scratch=None):
+        dt = out.dtype.type
+        y = np.asarray(y, dtype=dt) * self._scale_for(np.dtype(dt))
+        if not out.flags.c_contiguous:
+            out += self._raw_adjoint(y, workers)
+            return out
+        return self._raw_adjoint(y, workers, out)
+
+    def normal(self, x, out=None, scale=1.0, workers=None, scratch=None, accumulate=True):
+        # accumulates straight into ``out`` (no grid-sized temporary for the adjoint)
+        y = self.forward(x, workers=workers)
+        if scale != 1.0:
+            y *= y.dtype.type(scale)
+        if out is None:
+            return self.adjoint(y, workers)
+        if not accumulate:
+            out[...] = 0
+        return self.adjoint_add(y, out, workers, scratch)
 
 
 def _canonical_index(name, r0, r1):
@@ -1099,7 +1118,7 @@ class _SharedAxisInterp:
             workers.ranges(rows, flat_i.shape[0], 256)
             yield ci, np.transpose(z.reshape(shape + (n_ride,)), to_canon)
 
-    def adjoint_chunks(self, pairs, dt, workers=None):
+    def adjoint_chunks(self, pairs, dt, workers=None, out=None):
         # serial: the fancy-indexed sums hold the GIL (two threads measured no faster)
         n_ride = self.grid_shape[self.g]
         shape = [self.grid_shape[self.plane_g[0]], self.grid_shape[self.plane_g[1]], n_ride]
@@ -1115,7 +1134,11 @@ class _SharedAxisInterp:
                 contrib *= ww.astype(dt)[:, None]
                 x2[targets] += contrib
                 del contrib
-        return np.ascontiguousarray(np.moveaxis(x2.reshape(shape), -1, self.g))
+        moved = np.moveaxis(x2.reshape(shape), -1, self.g)
+        if out is None:
+            return np.ascontiguousarray(moved)
+        out += moved  # added in place: no grid-sized copy
+        return out
 
 
 class _TrilinearInterp:
@@ -1207,8 +1230,10 @@ class _TrilinearInterp:
                                 self._sub_ranges(r0, r1, workers))
             yield ci, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
 
-    def adjoint_chunks(self, pairs, dt, workers=None):
-        out = np.zeros(int(np.prod(self.grid_shape)), dtype=dt)
+    def adjoint_chunks(self, pairs, dt, workers=None, out=None):
+        """The transpose; added into ``out`` (grid-shaped, C-contiguous, ``dt``) when given."""
+        result = np.zeros(self.grid_shape, dtype=dt) if out is None else out
+        out = result.reshape(-1)  # a view: the scatter writes into ``result``
         workers = workers_or_serial(workers)
         # The scatter is ``np.add.at`` per corner (numpy >= 1.25 runs it as a fast loop: 14x faster here than
         # the earlier np.bincount over concatenated corners). It holds the GIL and the threads' pieces may
@@ -1230,7 +1255,7 @@ class _TrilinearInterp:
         for ci, zc in pairs:
             r0, r1 = self.ranges[ci]
             workers.map(lambda ab, zc=zc, r0=r0: part(zc, r0, ab[0], ab[1]), self._sub_ranges(r0, r1, workers))
-        return out.reshape(self.grid_shape)
+        return result
 
 
 # ----------------------------------------------------------------------------------------------- factory
