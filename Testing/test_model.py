@@ -578,3 +578,24 @@ def test_written_model_stays_closed_where_sheets_touch(tmp_path, ext):
     got, orig = points(read_model(path)), points(poly)
     moved = np.linalg.norm(got[:, None, :] - orig[None, :, :], axis=2).min(axis=1).max()
     assert moved < 0.01  # pushed apart by micrometres only
+
+
+def test_coincident_vertex_without_a_normal_is_still_separated(tmp_path, monkeypatch):
+    # Smoothing can squash a pinched wall flat: a vertex whose faces have no area gets a zero normal
+    # (found in the demo's model). It must still be moved off the vertex it coincides with.
+    from MultiPlaneFusionLib.model import meshio
+
+    real_add_normals = meshio.add_normals
+
+    def zero_normals_on_the_second_tetrahedron(poly):
+        out = real_add_normals(poly)
+        n = numpy_support.vtk_to_numpy(out.GetPointData().GetNormals())
+        n[4:] = 0.0
+        return out
+
+    monkeypatch.setattr(meshio, "add_normals", zero_normals_on_the_second_tetrahedron)
+    poly = _two_tetrahedra_touching_along_an_edge()
+    path = tmp_path / "touch.stl"
+    write_model(poly, path)
+    back = mesh_report(read_model(path))
+    assert back["closed"] and back["components"] == 2, back

@@ -6,6 +6,7 @@ Every file says its coordinate system the way 3D Slicer reads it: ``SPACE=LPS`` 
 STL header, an OBJ/PLY comment, or a VTP field-data string.
 """
 
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from ..writing import atomic_path
 
 MODEL_EXTENSIONS = (".stl", ".obj", ".ply", ".vtp")
 _LPS_TO_RAS = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
+
+LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
 
 def model_format(path):
@@ -291,15 +294,27 @@ def separate_coincident_vertices(poly, step_mm=_SEPARATION_MM):
         if out is None:
             out = add_normals(_shallow(poly))
             normals = numpy_support.vtk_to_numpy(out.GetPointData().GetNormals()).astype(np.float64)
+            normals[~np.isfinite(normals).all(axis=1)] = 0.0
         # rank within the group: 1, 2, ... so that three or more vertices end at different places
         order = np.argsort(inverse[extra], kind="stable")
         ranks = np.empty(len(extra))
         groups = inverse[extra][order]
         starts = np.r_[0, np.nonzero(np.diff(groups))[0] + 1]
         ranks[order] = np.arange(len(extra)) - np.repeat(starts, np.diff(np.r_[starts, len(extra)])) + 1
-        pts[extra] += normals[extra] * (step_mm * attempt * ranks)[:, None]
+        dirs = normals[extra].copy()
+        # A vertex squashed flat by smoothing can have no normal (its faces have no area): move it opposite
+        # the normal of the vertex kept in place (the other sheet), or along x when that has none either.
+        flat = np.linalg.norm(dirs, axis=1) < 0.5
+        if flat.any():
+            kept = normals[first[inverse[extra[flat]]]]
+            kept[np.linalg.norm(kept, axis=1) < 0.5] = (-1.0, 0.0, 0.0)
+            dirs[flat] = -kept
+        pts[extra] += dirs * (step_mm * attempt * ranks)[:, None]
     if out is None:
         return poly
+    if len(np.unique(pts.astype(np.float32), axis=0)) < len(pts):
+        LOGGER.warning("model: some vertices still share a float32 position after separating them; "
+                       "an STL reader may weld them into a non-manifold vertex")
     out.GetPoints().SetData(numpy_support.numpy_to_vtk(pts, deep=True))
     return out
 
