@@ -596,6 +596,7 @@ def test_coincident_vertex_without_a_normal_is_still_separated(tmp_path, monkeyp
     monkeypatch.setattr(meshio, "add_normals", zero_normals_on_the_second_tetrahedron)
     poly = _two_tetrahedra_touching_along_an_edge()
     path = tmp_path / "touch.stl"
-    write_model(poly, path)
+    report = write_model(poly, path)
+    assert report["coincident_vertices_in_file"] == 0
     back = mesh_report(read_model(path))
     assert back["closed"] and back["components"] == 2, back

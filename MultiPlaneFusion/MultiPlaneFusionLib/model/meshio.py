@@ -269,6 +269,12 @@ def add_normals(poly):
 _SEPARATION_MM = 1e-3
 
 
+def coincident_float32_vertices(pts):
+    """How many vertices share their float32 position with an earlier one (what STL readers weld)."""
+    pts = np.asarray(pts)
+    return int(len(pts) - len(np.unique(pts.astype(np.float32), axis=0))) if len(pts) else 0
+
+
 def separate_coincident_vertices(poly, step_mm=_SEPARATION_MM):
     """A copy of ``poly`` in which distinct vertices that share a float32 position are moved apart.
 
@@ -312,7 +318,7 @@ def separate_coincident_vertices(poly, step_mm=_SEPARATION_MM):
         pts[extra] += dirs * (step_mm * attempt * ranks)[:, None]
     if out is None:
         return poly
-    if len(np.unique(pts.astype(np.float32), axis=0)) < len(pts):
+    if coincident_float32_vertices(pts):
         LOGGER.warning("model: some vertices still share a float32 position after separating them; "
                        "an STL reader may weld them into a non-manifold vertex")
     out.GetPoints().SetData(numpy_support.numpy_to_vtk(pts, deep=True))
@@ -393,7 +399,9 @@ def write_model(polydata, path, ras=False):
     with atomic_path(path) as tmp:
         _write(out, tmp, fmt, space)
     report = mesh_report(polydata)
-    report.update(path=os.path.abspath(os.fspath(path)), format=fmt, space=space, bytes=os.path.getsize(path))
+    # the report is the mesh's; this says whether a reader welding by position sees the same topology
+    report.update(path=os.path.abspath(os.fspath(path)), format=fmt, space=space, bytes=os.path.getsize(path),
+                  coincident_vertices_in_file=coincident_float32_vertices(points(out)))
     return report
 
 
