@@ -10,7 +10,8 @@ volume whatever its resolution and both terms approximate integrals over the vol
 squared length (mm^2) and does not change with the grid spacing. Intensities are normalised internally
 ((value - background) / robust range), which makes alpha and the Huber delta scale-invariant. R is
 Huber on the gradient magnitude (edge-preserving, the default: iteratively reweighted least squares,
-each step a few conjugate-gradient iterations on the normal equations, started from the average fusion)
+each step a few conjugate-gradient iterations on the normal equations, started from the PSF-weighted
+average of the stacks)
 or first-order Tikhonov (conjugate gradients); see :mod:`.solvers`. Why Huber is the default: on the
 analytic head phantom (hard-edged bone, no inverse crime) Tikhonov cannot recover the frequencies every
 thick-slice stack has lost (those oblique to all three slice normals) and leaves the 300 HU surface
@@ -211,8 +212,9 @@ def reconstruct_srr(stacks, grid, options=None, initial=None, coverage=None, mon
     grid : Grid
     options : SrrOptions, optional
     initial : ndarray, float32, shape grid.shape, optional
-        Start of the iterations in input units, normally the average fusion. When not given, the
-        PSF-weighted average of the stacks is used (free: it falls out of the right-hand side).
+        Start of the iterations in input units (e.g. a previous result, or the average fusion). When not
+        given (what the pipeline does), the PSF-weighted average of the stacks is used (free: it falls out
+        of the right-hand side).
     coverage : ndarray, uint8, shape grid.shape, optional
         Stacks covering each voxel (comes with ``initial`` from the average fusion); computed from the
         stacks' geometry when not given or when a stack was left out, and then a stack that covers no
