@@ -197,3 +197,11 @@ def test_separable_normal_with_scratch_matches_plain():
             acc = np.ones(grid.shape, np.float32)
             op.adjoint_add(y, acc, workers, scratch)
             np.testing.assert_allclose(acc, 1.0 + op.adjoint(y), rtol=1e-4, atol=1e-5)
+
+
+def test_nested_map_runs_inline_instead_of_deadlocking():
+    with Workers(2) as workers:
+        def outer(v):
+            return sum(workers.map(lambda u: u * v, range(4)))
+
+        assert workers.map(outer, [1, 2, 3]) == [6, 12, 18]

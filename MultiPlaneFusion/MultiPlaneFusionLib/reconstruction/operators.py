@@ -446,12 +446,13 @@ def _index_box_mask(k, j, i, shape):
 
 
 class Scratch:
-    """Work arrays reused from one operator application to the next, by slot number.
+    """Reusable work memory: arrays by slot number (:meth:`array`, for the operators' intermediates) and
+    a pool of grid-sized arrays handed back and forth (:meth:`take`, :meth:`give`, for the solver's
+    vectors).
 
     A large array freshly allocated is backed by new pages the kernel must fault in and zero on first
     touch, one thread at a time: writing a 46 MB result into fresh memory took 17 ms against 12 ms into a
-    reused array, and with two threads 17 against 7 ms. The solver lends its operators one ``Scratch``
-    for their intermediates. Not for concurrent use of the same slot.
+    reused array, and with two threads 17 against 7 ms. Not for concurrent use of the same slot.
     """
 
     def __init__(self):

@@ -17,11 +17,14 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
+
+_THREAD_PREFIX = "MultiPlaneFusionWorker"
 
 # More threads than this gain nothing on the memory-bound passes (and cost memory for per-thread
 # temporaries).
@@ -120,7 +123,7 @@ class Workers:
 
     def __enter__(self):
         if self.n_threads > 1:
-            self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="MultiPlaneFusion")
+            self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix=_THREAD_PREFIX)
         self._blas = blas_threads(1)
         self._blas.__enter__()
         return self
@@ -135,9 +138,12 @@ class Workers:
         return False
 
     def map(self, fn, items):
-        """``[fn(item) for item in items]``, the items run concurrently; exceptions propagate."""
+        """``[fn(item) for item in items]``, the items run concurrently; exceptions propagate.
+
+        Called from one of the pool's own threads it runs inline (waiting on the pool from inside it
+        could deadlock)."""
         items = list(items)
-        if self._pool is None or len(items) < 2:
+        if self._pool is None or len(items) < 2 or threading.current_thread().name.startswith(_THREAD_PREFIX):
             return [fn(item) for item in items]
         futures = [self._pool.submit(fn, item) for item in items[1:]]
         # The calling thread takes the first item itself instead of idling.

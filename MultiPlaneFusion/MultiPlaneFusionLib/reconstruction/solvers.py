@@ -154,38 +154,25 @@ def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=Non
     ``diag(L_w)_v = sum_a (w_v + w_{v - e_a}) / h_a^2`` over the differences that exist."""
     diag = np.zeros(shape, dtype=dtype) if out is None else out
     nk, nj, ni = shape
-    c = [diag.dtype.type(scale / (h * h)) for h in spacing_kji]
+    coef = _PenaltyCoefficients(spacing_kji, scale, diag.dtype)
 
     def slab(k0, k1):
-        ds = diag[k0:k1]
-        if weights is None:
-            if nk > 1:
-                ds[: max(0, min(k1, nk - 1) - k0)] += c[0]  # rows with a difference to k + 1
-                ds[max(0, 1 - k0) :] += c[0]  # rows with a difference from k - 1
-            for a, n in ((1, nj), (2, ni)):
-                if n > 1:
-                    lo = [slice(None)] * 3
-                    hi = [slice(None)] * 3
-                    lo[a], hi[a] = slice(0, n - 1), slice(1, n)
-                    ds[tuple(lo)] += c[a]
-                    ds[tuple(hi)] += c[a]
+        if weights is not None:
+            lo = max(k0 - 1, 0)
+            _diagonal_rows(np.multiply(weights[lo:k1], coef.dt(coef.c_ref)), k0, k1, nk, diag[k0:k1], coef)
             return
-        ws = weights[k0:k1]
+        ds = diag[k0:k1]
+        c = coef.c
         if nk > 1:
-            n_own = max(0, min(k1, nk - 1) - k0)
-            if n_own:
-                ds[:n_own] += ws[:n_own] * c[0]
-            a = max(k0, 1)  # rows a..k1-1 gain w[row - 1]
-            if k1 > a:
-                ds[a - k0 :] += weights[a - 1 : k1 - 1] * c[0]
-        if nj > 1:
-            t = ws[:, :-1] * c[1]
-            ds[:, :-1] += t
-            ds[:, 1:] += t
-        if ni > 1:
-            t = ws[:, :, :-1] * c[2]
-            ds[:, :, :-1] += t
-            ds[:, :, 1:] += t
+            ds[: max(0, min(k1, nk - 1) - k0)] += coef.dt(c[0])  # rows with a difference to k + 1
+            ds[max(0, 1 - k0) :] += coef.dt(c[0])  # rows with a difference from k - 1
+        for a, n in ((1, nj), (2, ni)):
+            if n > 1:
+                lo_ = [slice(None)] * 3
+                hi_ = [slice(None)] * 3
+                lo_[a], hi_[a] = slice(0, n - 1), slice(1, n)
+                ds[tuple(lo_)] += coef.dt(c[a])
+                ds[tuple(hi_)] += coef.dt(c[a])
 
     _row_slabs(workers, shape, slab)
     return diag
