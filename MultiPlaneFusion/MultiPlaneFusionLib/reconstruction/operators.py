@@ -528,14 +528,11 @@ class StackOperator:
         y = self.forward(x, workers=workers)
         if scale != 1.0:
             y *= y.dtype.type(scale)
-        t = self.adjoint(y, workers=workers)
         if out is None:
-            return t
-        if accumulate:
-            out += t
-        else:
-            out[...] = t
-        return out
+            return self.adjoint(y, workers)
+        if not accumulate:
+            out[...] = 0
+        return self.adjoint_add(y, out, workers, scratch)
 
     def adjoint_add(self, y, out, workers=None, scratch=None):
         """``out += adjoint(y)`` (``scratch``: reusable intermediates); returns out."""
@@ -997,16 +994,6 @@ class GeneralOperator(StackOperator):
             return out
         return self._raw_adjoint(y, workers, out)
 
-    def normal(self, x, out=None, scale=1.0, workers=None, scratch=None, accumulate=True):
-        # accumulates straight into ``out`` (no grid-sized temporary for the adjoint)
-        y = self.forward(x, workers=workers)
-        if scale != 1.0:
-            y *= y.dtype.type(scale)
-        if out is None:
-            return self.adjoint(y, workers)
-        if not accumulate:
-            out[...] = 0
-        return self.adjoint_add(y, out, workers, scratch)
 
 
 def _canonical_index(name, r0, r1):

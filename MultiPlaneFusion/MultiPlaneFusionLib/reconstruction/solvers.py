@@ -259,9 +259,8 @@ def conjugate_gradient(
     Parameters
     ----------
     apply_h : callable
-        ``apply_h(p) -> H p`` (a new array). If it has ``accepts_out = True``, ``apply_h(p, out=q)``
-        reuses the previous ``q``; if it has ``apply_with_dot(p, out=None) -> (H p, <p, H p>)`` (as
-        :class:`NormalEquations` does), that is used instead.
+        ``apply_h(p) -> H p`` (a new array). If it has ``apply_with_dot(p, out=None) -> (H p, <p, H p>)``
+        (as :class:`NormalEquations` does), that is used instead, writing into the previous ``H p``.
     b : ndarray
         Right-hand side; not modified.
     x : ndarray
@@ -327,14 +326,13 @@ def conjugate_gradient(
     dt = x.dtype.type
     it = 0
     rel = rel0
-    reuse = getattr(apply_h, "accepts_out", False)
     with_dot = getattr(apply_h, "apply_with_dot", None)
-    q = pool.take(x.shape, x.dtype) if (pool is not None and reuse) else None
+    q = pool.take(x.shape, x.dtype) if (pool is not None and with_dot is not None) else None
     while it < max_iterations:
         if with_dot is not None:
             q, pq = with_dot(p, out=q)
         else:
-            q = apply_h(p, out=q) if reuse and q is not None else apply_h(p)
+            q = apply_h(p)
             pq = dot(p, q, workers)
         fq = q.reshape(-1)
         if not pq > 0:  # H lost definiteness numerically: stop with what we have
@@ -366,7 +364,7 @@ def conjugate_gradient(
             break
         beta = dt(rz_new / rz)
 
-        if not reuse:
+        if with_dot is None:
             q = None
         del fq
 
@@ -414,9 +412,6 @@ class NormalEquations:
         self.weights = None  # Huber IRLS weights (None: Tikhonov)
         self.workers = workers
         self.scratch = Scratch() if scratch is None else scratch
-
-    # conjugate_gradient may pass ``out`` (its previous H p) to reuse that memory
-    accepts_out = True
 
     def __call__(self, x, out=None):
         return self.apply_with_dot(x, out, with_dot=False)
