@@ -36,20 +36,15 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MultiPlaneFusionLib import slicer_boundary
+from MultiPlaneFusionLib.model.options import ISLAND_MODES, SURFACE_METHODS
+from MultiPlaneFusionLib.pipeline import EXTENTS, METHODS
+from MultiPlaneFusionLib.reconstruction.srr import REGULARIZERS
+from MultiPlaneFusionLib.slicer_boundary import COORDINATE_SYSTEMS as EXPORT_COORDINATES
+from MultiPlaneFusionLib.slicer_boundary import EXPORT_FORMATS, EXPORT_SOURCES, THRESHOLD_CHOICES
 
 README_URL = "https://github.com/multiplanefusion/SlicerMultiPlaneFusion#readme"
 
-METHODS = ["srr", "average"]
-EXTENTS = ["overlap", "union"]
-REGULARIZERS = ["huber", "tikhonov"]
-# The library's CT presets (MultiPlaneFusionLib/model/thresholds.py, kept in step by
-# Testing/test_slicer_module_static.py), then a user range and the automatic (Otsu) threshold.
-THRESHOLD_PRESETS = ["bone", "compact bone", "spongy bone", "teeth", "soft tissue", "skin", "custom", "automatic"]
-ISLAND_MODES = ["largest", "all"]
-SURFACE_METHODS = ["iso", "labelmap"]
-EXPORT_SOURCES = ["model", "segment"]
-EXPORT_FORMATS = ["STL", "OBJ"]
-EXPORT_COORDINATES = ["LPS", "RAS"]
+# The choice lists shown in the combo boxes are the library's own (imported above), so they cannot drift.
 
 BONE_SEGMENT_NAME = "Bone"
 # Slicer's GenericAnatomyColors "bone" (241, 214, 145).
@@ -121,28 +116,28 @@ class MultiPlaneFusionParameterNode:
     sagittalVolume: vtkMRMLScalarVolumeNode
     extraVolumes: list[vtkMRMLScalarVolumeNode]
 
-    method: Annotated[str, Choice(METHODS)] = "srr"
+    method: Annotated[str, Choice(list(METHODS))] = "srr"
     spacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
-    extent: Annotated[str, Choice(EXTENTS)] = "overlap"
+    extent: Annotated[str, Choice(list(EXTENTS))] = "overlap"
     register: bool = True
     regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
-    regularizer: Annotated[str, Choice(REGULARIZERS)] = "huber"
+    regularizer: Annotated[str, Choice(list(REGULARIZERS))] = "huber"
     memoryLimitGb: Annotated[float, WithinRange(0.5, 1024.0)] = 16.0
 
     buildModel: bool = True
-    thresholdPreset: Annotated[str, Choice(THRESHOLD_PRESETS)] = "bone"
+    thresholdPreset: Annotated[str, Choice(list(THRESHOLD_CHOICES))] = "bone"
     thresholdRange: Annotated[FloatRange, RangeBounds(-3024.0, 10000.0)] = FloatRange(226.0, 3071.0)
-    islands: Annotated[str, Choice(ISLAND_MODES)] = "largest"
+    islands: Annotated[str, Choice(list(ISLAND_MODES))] = "largest"
     minIslandMm3: Annotated[float, WithinRange(0.0, 1.0e7)] = 0.0
     fillCavities: bool = False
     removeThinMm: Annotated[float, WithinRange(0.0, 50.0)] = 0.0
-    surfaceMethod: Annotated[str, Choice(SURFACE_METHODS)] = "iso"
+    surfaceMethod: Annotated[str, Choice(list(SURFACE_METHODS))] = "iso"
     smoothing: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     decimation: Annotated[float, WithinRange(0.0, 0.95)] = 0.0
 
-    exportSource: Annotated[str, Choice(EXPORT_SOURCES)] = "model"
-    exportFormat: Annotated[str, Choice(EXPORT_FORMATS)] = "STL"
-    exportCoordinates: Annotated[str, Choice(EXPORT_COORDINATES)] = "LPS"
+    exportSource: Annotated[str, Choice(list(EXPORT_SOURCES))] = "model"
+    exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS))] = "STL"
+    exportCoordinates: Annotated[str, Choice(list(EXPORT_COORDINATES))] = "LPS"
     exportPath: pathlib.Path = pathlib.Path.home() / "MultiPlaneFusion-bone.stl"
     exportAfterApply: bool = False
 
@@ -472,8 +467,76 @@ class MultiPlaneFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 #
-# MultiPlaneFusionJob
+# Settings, outputs and one run
 #
+
+
+class MultiPlaneFusionExport:
+    """Where :meth:`MultiPlaneFusionLogic.process` writes the bone surface after the run.
+
+    path : file to write; fileFormat 'STL' or 'OBJ' (None: from the path's extension); source 'model' (the
+    library's surface) or 'segment' (the Bone segment's closed surface, with the user's edits);
+    coordinates 'LPS' (default, what Slicer writes) or 'RAS'. Raises ValueError for a bad choice.
+    """
+
+    def __init__(self, path, source="model", fileFormat=None, coordinates="LPS"):
+        if source not in EXPORT_SOURCES:
+            raise ValueError(_("export source must be one of {choices}, not '{value}'").format(
+                choices=", ".join(EXPORT_SOURCES), value=source))
+        if coordinates not in EXPORT_COORDINATES:
+            raise ValueError(_("export coordinates must be one of {choices}, not '{value}'").format(
+                choices=", ".join(EXPORT_COORDINATES), value=coordinates))
+        self.path = MultiPlaneFusionLogic.exportFilePath(path, fileFormat)
+        self.source = source
+        self.fileFormat = fileFormat
+        self.coordinates = coordinates
+
+
+class MultiPlaneFusionSettings:
+    """Every setting of a run, as the library's own option classes (they validate themselves).
+
+    fusion : MultiPlaneFusionLib.pipeline.FuseOptions
+        method, spacing_mm, extent, register, memory_limit_gb, srr (SrrOptions or None)...
+    model : MultiPlaneFusionLib.model.ModelOptions or None
+        The bone model (threshold, islands, surface method, smoothing, decimate); None: no model, the run
+        stops after the fused volume. Its smoothing and decimation also set the Bone segment's
+        closed-surface conversion.
+    export : MultiPlaneFusionExport or None
+        Write the model or segment to a file after the run.
+
+    ``MultiPlaneFusionSettings()`` is the default run: srr, registration on, CT bone preset, smoothing 0.5.
+    """
+
+    def __init__(self, fusion=None, model=True, export=None):
+        from MultiPlaneFusionLib.model import ModelOptions
+        from MultiPlaneFusionLib.pipeline import FuseOptions
+
+        self.fusion = FuseOptions() if fusion is None else fusion
+        self.model = ModelOptions() if model is True else (model or None)
+        self.export = export
+
+    def validate(self):
+        """Raise the library's InputError (or ValueError) for a setting out of range; returns self."""
+        self.fusion.validate()
+        if self.model is not None:
+            self.model.validate()
+        if self.export is not None and self.model is None:
+            raise ValueError(_("export needs the bone model: build the model (settings.model) or export nothing"))
+        return self
+
+
+class MultiPlaneFusionOutputs:
+    """The nodes a run writes into; None creates "Fused volume", "Bone segmentation", "Bone model".
+
+    createSegmentation / createModel False leave that output out (the segmentation takes memory on big grids).
+    """
+
+    def __init__(self, volume=None, segmentation=None, model=None, createSegmentation=True, createModel=True):
+        self.volume = volume
+        self.segmentation = segmentation
+        self.model = model
+        self.createSegmentation = createSegmentation
+        self.createModel = createModel
 
 
 class MultiPlaneFusionJob:
@@ -484,29 +547,35 @@ class MultiPlaneFusionJob:
     writes them into the nodes (main thread).
     """
 
-    def __init__(self):
+    def __init__(self, settings, outputs):
+        self.settings = settings
         self.inputNodes = []
         self.stacks = []
         self.modality = "CT"
-        self.fuseOptions = None
-        self.modelOptions = None  # None: no model
-        self.outputVolumeNode = None
-        self.segmentationNode = None
-        self.modelNode = None
-        self.createSegmentation = True
-        self.createModel = True
-        self.smoothing = 0.5
-        self.decimation = 0.0
-        self.exportPath = None
-        self.exportSource = "model"
-        self.exportFormat = None
-        self.exportCoordinates = "LPS"
+        self.fuseOptions = settings.fusion
+        self.modelOptions = settings.model  # None: no model
+        self.export = settings.export
+        self.outputVolumeNode = outputs.volume
+        self.segmentationNode = outputs.segmentation
+        self.modelNode = outputs.model
+        self.createSegmentation = outputs.createSegmentation
+        self.createModel = outputs.createModel
         self.showResult = True
         self.fusion = None
         self.model = None
         self.segmentId = None
         self.exportReport = None
         self.timings = {}
+
+    @property
+    def smoothing(self):
+        return self.modelOptions.smoothing if self.modelOptions is not None else 0.0
+
+    @property
+    def decimation(self):
+        """The fraction removed (the segment's "Decimation factor"); a triangle count has no such factor."""
+        d = self.modelOptions.decimate if self.modelOptions is not None else None
+        return float(d) if isinstance(d, float) else 0.0
 
     @property
     def summary(self):
@@ -530,129 +599,60 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
 
     Use it from the Python console without the GUI::
 
-        logic = slicer.util.getModuleLogic("MultiPlaneFusion")  # or MultiPlaneFusionLogic()
-        job = logic.process(axialNode, coronalNode, sagittalNode, None, spacingMm=0.5,
-                            exportPath="/tmp/bone.stl")
+        import MultiPlaneFusion
+        from MultiPlaneFusionLib.pipeline import FuseOptions
+        logic = MultiPlaneFusion.MultiPlaneFusionLogic()
+        settings = MultiPlaneFusion.MultiPlaneFusionSettings(
+            fusion=FuseOptions(spacing_mm=0.5), export=MultiPlaneFusion.MultiPlaneFusionExport("/tmp/bone.stl"))
+        job = logic.process([axialNode, coronalNode, sagittalNode], settings)
         job.outputVolumeNode, job.segmentationNode, job.modelNode, job.summary
+
+    ``showResult`` (default True) shows the fused volume in the slice views.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.showResult = True
 
     def getParameterNode(self):
         return MultiPlaneFusionParameterNode(super().getParameterNode())
 
-    # ------------------------------------------------------------------------- console entry point
-    def process(
-        self,
-        axialVolumeNode,
-        coronalVolumeNode=None,
-        sagittalVolumeNode=None,
-        outputVolumeNode=None,
-        extraVolumeNodes=None,
-        method="srr",
-        spacingMm=None,
-        extent="overlap",
-        register=True,
-        regularization=None,
-        regularizer="huber",
-        memoryLimitGb=16.0,
-        buildModel=True,
-        thresholdPreset="bone",
-        thresholdRange=None,
-        islands="largest",
-        minIslandMm3=0.0,
-        fillCavities=False,
-        removeThinMm=0.0,
-        surfaceMethod="iso",
-        smoothing=0.5,
-        decimation=0.0,
-        segmentationNode=None,
-        modelNode=None,
-        createSegmentation=True,
-        createModel=True,
-        exportPath=None,
-        exportSource="model",
-        exportFormat=None,
-        exportCoordinates="LPS",
-        showResult=True,
-        progressCallback=None,
-        cancel=None,
-    ):
+    # ------------------------------------------------------------------------- console entry points
+    def process(self, inputNodes, settings=None, outputs=None, progressCallback=None, cancel=None):
         """Fuse the series, build the bone model, show and optionally export it (synchronously).
 
         Parameters
         ----------
-        axialVolumeNode, coronalVolumeNode, sagittalVolumeNode : vtkMRMLScalarVolumeNode or None
-            The series; at least one input (these or ``extraVolumeNodes``) is needed. The first given
-            is the reference: its axes orient the fused volume and the others register to it.
-        outputVolumeNode : vtkMRMLScalarVolumeNode or None
-            Receives the fused volume; None creates "Fused volume".
-        extraVolumeNodes : list of vtkMRMLScalarVolumeNode
-            More series (oblique, tilted, repeated).
-        method : 'srr' or 'average'
-        spacingMm : float or None
-            Isotropic output spacing; None or 0 = the finest input pixel spacing.
-        extent : 'overlap' or 'union'
-        register : bool
-            Rigid registration of the series to the reference before (and with srr during) fusion.
-        regularization : float or None
-            Weight alpha of the srr regulariser (mm^2, scale-invariant); None or 0 = the library's default.
-        regularizer : 'huber' or 'tikhonov'
-            Edge-preserving (Huber, default) or smooth (first-order Tikhonov) srr prior.
-        memoryLimitGb : float
-        buildModel : bool
-            False stops after the fused volume.
-        thresholdPreset : str
-            One of ``THRESHOLD_PRESETS``; 'custom' uses ``thresholdRange``; 'automatic' is Otsu (MR).
-        thresholdRange : (float, float)
-        islands, minIslandMm3, fillCavities, removeThinMm : mask clean-up (see the library's ModelOptions)
-        surfaceMethod : 'iso' or 'labelmap'
-        smoothing : float in [0, 1]
-            Slicer's smoothing factor, for the library's model and the segment's closed surface.
-        decimation : float in [0, 1)
-            Fraction of triangles removed (0 = none).
-        segmentationNode, modelNode : existing nodes to update, or None to create them
-        createSegmentation, createModel : bool
-            Whether to create/update the "Bone" segmentation and the model node.
-        exportPath : str or None
-            Write the model (or segment, ``exportSource``) there after the run.
-        exportFormat : 'STL' or 'OBJ' or None (from the path's extension)
-        exportCoordinates : 'LPS' (default, like Slicer) or 'RAS'
-        showResult : bool
-            Show the fused volume in the slice views.
+        inputNodes : vtkMRMLScalarVolumeNode or list of them
+            The series (any planes, tilted, with gaps). The first is the reference: its axes orient the
+            fused volume and the others register to it.
+        settings : MultiPlaneFusionSettings or None
+            The library's options for the fusion and the model, and the export; None: the defaults.
+        outputs : MultiPlaneFusionOutputs or None
+            Nodes to update; None creates new ones.
         progressCallback : callable(stageText, fraction)
         cancel : callable returning True, or an object with is_set(), to stop the run
 
         Returns
         -------
         MultiPlaneFusionJob
-            With outputVolumeNode, segmentationNode, modelNode, segmentId, summary.
+            With outputVolumeNode, segmentationNode, modelNode, segmentId, exportReport, summary.
 
         Raises
         ------
         ValueError
-            Bad input or settings (a one-line message).
+            Bad input or settings (a one-line message naming the setting).
         MultiPlaneFusionLib.errors.CancelledError
             When ``cancel`` fired; the scene is unchanged.
         """
-        job = self.prepare(
-            axialVolumeNode, coronalVolumeNode, sagittalVolumeNode, outputVolumeNode, extraVolumeNodes,
-            method=method, spacingMm=spacingMm, extent=extent, register=register, regularization=regularization,
-            regularizer=regularizer, memoryLimitGb=memoryLimitGb, buildModel=buildModel,
-            thresholdPreset=thresholdPreset, thresholdRange=thresholdRange, islands=islands,
-            minIslandMm3=minIslandMm3, fillCavities=fillCavities,
-            removeThinMm=removeThinMm, surfaceMethod=surfaceMethod, smoothing=smoothing, decimation=decimation,
-            segmentationNode=segmentationNode, modelNode=modelNode, createSegmentation=createSegmentation,
-            createModel=createModel, exportPath=exportPath, exportSource=exportSource, exportFormat=exportFormat,
-            exportCoordinates=exportCoordinates, showResult=showResult,
-        )
+        job = self.prepare(inputNodes, settings, outputs)
         self.compute(job, progressCallback or self._logProgress, cancel)
         self.publish(job)
         return job
 
     def processParameterNode(self, parameterNode, progressCallback=None, cancel=None):
-        """:meth:`process` with every setting taken from a :class:`MultiPlaneFusionParameterNode`."""
+        """:meth:`process` with the inputs, settings and outputs of a :class:`MultiPlaneFusionParameterNode`;
+        the output nodes are stored back so the next run updates them."""
         job = self.prepareFromParameterNode(parameterNode)
         self.compute(job, progressCallback or self._logProgress, cancel)
         self.publish(job)
@@ -670,134 +670,93 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             parameterNode.outputModel = job.modelNode
 
     # ------------------------------------------------------------------------------ step 1: prepare
+    @staticmethod
+    def inputNodesFromParameterNode(p):
+        return [n for n in (p.axialVolume, p.coronalVolume, p.sagittalVolume) if n is not None] + [
+            n for n in p.extraVolumes if n is not None]
+
+    @staticmethod
+    def settingsFromParameterNode(p):
+        """The :class:`MultiPlaneFusionSettings` the parameter node describes (library errors propagate)."""
+        from MultiPlaneFusionLib.model import ModelOptions
+        from MultiPlaneFusionLib.pipeline import FuseOptions
+        from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+
+        srr = None
+        if p.method == "srr":
+            srr = SrrOptions(alpha=p.regularization or None, regularizer=p.regularizer)
+        fusion = FuseOptions(method=p.method, spacing_mm=p.spacingMm or None, extent=p.extent, register=p.register,
+                             memory_limit_gb=p.memoryLimitGb, srr=srr)
+        model = None
+        if p.buildModel:
+            preset = p.thresholdPreset
+            model = ModelOptions(
+                preset=None if preset in ("custom", "automatic") else preset,
+                threshold=(p.thresholdRange.minimum, p.thresholdRange.maximum) if preset == "custom" else None,
+                auto_threshold=preset == "automatic",
+                islands=p.islands, min_island_mm3=p.minIslandMm3, fill_cavities=p.fillCavities,
+                remove_thin_mm=p.removeThinMm, surface_method=p.surfaceMethod, smoothing=p.smoothing,
+                decimate=p.decimation or None, ras=p.exportCoordinates == "RAS",
+            )
+        export = None
+        if p.exportAfterApply:
+            export = MultiPlaneFusionExport(p.exportPath, p.exportSource, p.exportFormat, p.exportCoordinates)
+        return MultiPlaneFusionSettings(fusion=fusion, model=model, export=export)
+
     def prepareFromParameterNode(self, p):
         if p is None:
             raise ValueError(_("No parameter node"))
-        export = p.exportPath if p.exportAfterApply else None
-        return self.prepare(
-            p.axialVolume, p.coronalVolume, p.sagittalVolume, p.outputVolume, list(p.extraVolumes),
-            method=p.method, spacingMm=p.spacingMm, extent=p.extent, register=p.register,
-            regularization=p.regularization, regularizer=p.regularizer, memoryLimitGb=p.memoryLimitGb,
-            buildModel=p.buildModel,
-            thresholdPreset=p.thresholdPreset,
-            thresholdRange=(p.thresholdRange.minimum, p.thresholdRange.maximum),
-            islands=p.islands, minIslandMm3=p.minIslandMm3, fillCavities=p.fillCavities,
-            removeThinMm=p.removeThinMm, surfaceMethod=p.surfaceMethod, smoothing=p.smoothing,
-            decimation=p.decimation, segmentationNode=p.outputSegmentation, modelNode=p.outputModel,
-            exportPath=export, exportSource=p.exportSource, exportFormat=p.exportFormat,
-            exportCoordinates=p.exportCoordinates,
-        )
+        outputs = MultiPlaneFusionOutputs(p.outputVolume, p.outputSegmentation, p.outputModel)
+        return self.prepare(self.inputNodesFromParameterNode(p), lambda: self.settingsFromParameterNode(p), outputs)
 
-    def prepare(self, axialVolumeNode, coronalVolumeNode=None, sagittalVolumeNode=None, outputVolumeNode=None,
-                extraVolumeNodes=None, **settings):
+    def prepare(self, inputNodes, settings=None, outputs=None):
         """Validate the inputs and convert them for the library (main thread; raises ValueError).
 
-        ``settings`` are the keyword arguments of :meth:`process` after ``extraVolumeNodes``.
+        ``settings`` may also be a callable returning the settings (so that the library's errors while
+        building them are reported like the others).
         """
         from MultiPlaneFusionLib.errors import MultiPlaneFusionError
+        from MultiPlaneFusionLib.writing import check_writable
 
-        job = MultiPlaneFusionJob()
-        nodes = [n for n in (axialVolumeNode, coronalVolumeNode, sagittalVolumeNode) if n is not None]
-        nodes += [n for n in (extraVolumeNodes or []) if n is not None]
+        if inputNodes is None:
+            inputNodes = []
+        elif not isinstance(inputNodes, (list, tuple)):
+            inputNodes = [inputNodes]
+        nodes = [n for n in inputNodes if n is not None]
         if not nodes:
             raise ValueError(_("Select at least one input volume (axial, coronal, sagittal or extra)."))
         ids = [n.GetID() for n in nodes]
         if len(set(ids)) != len(ids):
             raise ValueError(_("The same volume is selected twice as an input."))
-        if outputVolumeNode is not None and outputVolumeNode.GetID() in ids:
+        outputs = outputs if outputs is not None else MultiPlaneFusionOutputs()
+        if isinstance(outputs, dict):
+            outputs = MultiPlaneFusionOutputs(**outputs)
+        if outputs.volume is not None and outputs.volume.GetID() in ids:
             raise ValueError(_("The output volume is one of the inputs: choose another output or create a new one."))
-        job.inputNodes = nodes
         try:
+            settings = settings() if callable(settings) else settings
+            settings = (settings if settings is not None else MultiPlaneFusionSettings()).validate()
+            job = MultiPlaneFusionJob(settings, outputs)
+            job.inputNodes = nodes
+            job.showResult = self.showResult
             job.stacks = [self.stackFromVolumeNode(n) for n in nodes]
-            self._applySettings(job, settings)
+            job.modality = "CT" if all(st.modality == "CT" for st in job.stacks) else job.stacks[0].modality
+            m = job.modelOptions
+            if m is not None and m.threshold is None and not m.auto_threshold and job.modality != "CT":
+                # Checked now, not after the fusion. Stricter than the library (which trusts a named preset on
+                # a volume of unknown modality): a node without DICOM details and without air is not CT.
+                raise ValueError(_(
+                    "The inputs are not CT (modality {modality}): HU presets do not apply. Choose the "
+                    "'custom' or 'automatic' threshold.").format(modality=job.modality))
+            if job.export is not None:
+                check_writable(job.export.path)  # fail now, not after minutes of work
         except MultiPlaneFusionError as e:
             raise ValueError(str(e)) from e
-        job.outputVolumeNode = outputVolumeNode
+        if len(job.stacks) < 2 and job.fuseOptions.register:
+            from dataclasses import replace
+
+            job.fuseOptions = replace(job.fuseOptions, register=False)  # nothing to register
         return job
-
-    def _applySettings(self, job, s):
-        from MultiPlaneFusionLib.model import ModelOptions
-        from MultiPlaneFusionLib.pipeline import FuseOptions
-        from MultiPlaneFusionLib.writing import check_writable
-
-        method = s.get("method", "srr")
-        if method not in METHODS:
-            raise ValueError(_("Unknown method '{method}': use one of {choices}.").format(
-                method=method, choices=", ".join(METHODS)))
-        spacing = s.get("spacingMm") or None
-        if spacing is not None and not spacing > 0:
-            raise ValueError(_("The output spacing must be positive (or 0 for automatic)."))
-        job.modality = "CT" if all(st.modality == "CT" for st in job.stacks) else job.stacks[0].modality
-        srr = self._srrOptions(s.get("regularization"), s.get("regularizer", "huber")) if method == "srr" else None
-        job.fuseOptions = FuseOptions(
-            method=method,
-            spacing_mm=spacing,
-            extent=s.get("extent", "overlap"),
-            reference=0,
-            register=bool(s.get("register", True)) and len(job.stacks) > 1,
-            memory_limit_gb=float(s.get("memoryLimitGb", 16.0)),
-            srr=srr,
-        )
-        job.showResult = bool(s.get("showResult", True))
-        if s.get("buildModel", True):
-            preset = s.get("thresholdPreset", "bone")
-            if preset not in THRESHOLD_PRESETS:
-                raise ValueError(_("Unknown threshold preset '{preset}'.").format(preset=preset))
-            threshold = None
-            if preset == "custom":
-                rng = s.get("thresholdRange")
-                if rng is None or len(rng) != 2 or not float(rng[0]) < float(rng[1]):
-                    raise ValueError(_("A custom threshold needs a range with lower < upper."))
-                threshold = (float(rng[0]), float(rng[1]))
-            elif preset != "automatic" and job.modality != "CT":
-                raise ValueError(
-                    _("The inputs are not CT (modality {modality}): HU presets do not apply. Choose the 'custom' "
-                      "or 'automatic' threshold.").format(modality=job.modality))
-            job.smoothing = float(s.get("smoothing", 0.5))
-            job.decimation = float(s.get("decimation", 0.0) or 0.0)
-            job.modelOptions = ModelOptions(
-                preset=preset if preset not in ("custom", "automatic") else "bone",
-                threshold=threshold,
-                auto_threshold=preset == "automatic",
-                islands=s.get("islands", "largest"),
-                min_island_mm3=float(s.get("minIslandMm3", 0.0)),
-                fill_cavities=bool(s.get("fillCavities", False)),
-                remove_thin_mm=float(s.get("removeThinMm", 0.0)),
-                surface_method=s.get("surfaceMethod", "iso"),
-                smoothing=job.smoothing,
-                decimate=job.decimation if job.decimation > 0 else None,
-                ras=False,
-            )
-            job.segmentationNode = s.get("segmentationNode")
-            job.modelNode = s.get("modelNode")
-            job.createSegmentation = bool(s.get("createSegmentation", True))
-            job.createModel = bool(s.get("createModel", True))
-        job.exportSource = s.get("exportSource", "model")
-        if job.exportSource not in EXPORT_SOURCES:
-            raise ValueError(_("Export source must be 'model' or 'segment'."))
-        job.exportCoordinates = s.get("exportCoordinates", "LPS")
-        if job.exportCoordinates not in EXPORT_COORDINATES:
-            raise ValueError(_("Export coordinates must be 'LPS' or 'RAS'."))
-        if s.get("exportPath"):
-            if job.modelOptions is None:
-                raise ValueError(_("Export needs the bone model: turn 'Build bone model' on."))
-            job.exportFormat = s.get("exportFormat")
-            job.exportPath = self.exportFilePath(s["exportPath"], job.exportFormat)
-            check_writable(job.exportPath)  # fail now, not after minutes of work
-
-    @staticmethod
-    def _srrOptions(regularization=None, regularizer="huber"):
-        """The library's SRR options from the user's prior (None when everything is the default)."""
-        if regularizer not in REGULARIZERS:
-            raise ValueError(_("Unknown regularizer '{name}': use tikhonov or huber.").format(name=regularizer))
-        if not regularization and regularizer == "huber":
-            return None  # the library's defaults
-        from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
-
-        settings = {"regularizer": regularizer}
-        if regularization:
-            settings["alpha"] = float(regularization)
-        return SrrOptions(**settings)
 
     def stackFromVolumeNode(self, volumeNode):
         """A library stack (LPS, per-slice geometry) from a scalar volume node, parent transform included.
@@ -923,11 +882,11 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         if job.showResult:
             slicer.util.setSliceViewerLayers(background=job.outputVolumeNode, fit=True)
         job.timings["publish_s"] = time.perf_counter() - t
-        if job.exportPath:
+        if job.export is not None:
+            e = job.export
             job.exportReport = self.exportModel(
-                job.exportPath, source=job.exportSource, modelNode=job.modelNode,
-                segmentationNode=job.segmentationNode, fileFormat=job.exportFormat,
-                coordinates=job.exportCoordinates,
+                e.path, source=e.source, modelNode=job.modelNode, segmentationNode=job.segmentationNode,
+                fileFormat=e.fileFormat, coordinates=e.coordinates,
             )
         logging.info("MultiPlaneFusion: %s", self.describeResult(job))
         return job
@@ -1178,13 +1137,16 @@ class _ProgressMapper:
 
 class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
     """End-to-end tests on the library's head phantom (no network): series are simulated, pushed as
-    volume nodes, fused by the real logic, and checked against the phantom's ground truth."""
+    volume nodes, fused by the real logic, and checked against the phantom's ground truth and against
+    geometry read from the nodes themselves (not through the module's own conversion functions)."""
 
     # Small and coarse so the test runs in well under a minute.
     SCALE = 0.5
     THICKNESS_MM = 4.0
     PIXEL_MM = 1.0
     SPACING_MM = 1.0
+    # The phantom is centred on the origin, where an LPS/RAS mix-up moves nothing: shift it (RAS mm).
+    OFFSET_RAS = (40.0, -25.0, 10.0)
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -1207,30 +1169,80 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
         nodes = {}
         for stack in stacks:
             pixels, ijkToRAS = slicer_boundary.volume_from_stack(stack)
+            ijkToRAS = np.array(ijkToRAS)
+            ijkToRAS[:3, 3] += self.OFFSET_RAS
             nodes[stack.orientation] = slicer.util.addVolumeFromArray(
                 pixels, ijkToRAS, name=f"{stack.orientation} {self.THICKNESS_MM:g} mm")
         self.assertEqual(set(nodes), {"axial", "coronal", "sagittal"})
         return nodes
 
+    @staticmethod
+    def _centreRAS(volumeNode):
+        """Centre of a volume's voxel box in RAS, from its own IJKToRAS (independent of the module)."""
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        dims = volumeNode.GetImageData().GetDimensions()
+        return np.array(m.MultiplyPoint([(d - 1) / 2.0 for d in dims] + [1.0])[:3])
+
+    @staticmethod
+    def _pointsOf(polydata):
+        from vtk.util.numpy_support import vtk_to_numpy
+
+        return vtk_to_numpy(polydata.GetPoints().GetData()).astype(float)
+
+    def _closedSurface(self, seg, segmentId):
+        poly = vtk.vtkPolyData()
+        self.assertTrue(slicer.modules.segmentations.logic().GetSegmentClosedSurfaceRepresentation(
+            seg, segmentId, poly, True))
+        copy = vtk.vtkPolyData()
+        copy.DeepCopy(poly)
+        return copy
+
+    def _assertFileAtNode(self, path, report, polyRAS):
+        """The file's points are the node's, in the coordinates its report claims (checked by position)."""
+        from MultiPlaneFusionLib.model import read_model
+
+        filePoints = self._pointsOf(read_model(path))
+        nodePoints = self._pointsOf(polyRAS)
+        expected = nodePoints.mean(axis=0)
+        if report["space"] == "LPS":
+            expected = expected * (-1.0, -1.0, 1.0)
+        # The offset phantom makes the two spaces differ by far more than the tolerance.
+        self.assertGreater(float(np.linalg.norm(nodePoints.mean(axis=0)[:2])), 10.0)
+        self.assertLess(float(np.linalg.norm(filePoints.mean(axis=0) - expected)), 0.05)
+        lo, hi = filePoints.min(axis=0), filePoints.max(axis=0)
+        nlo, nhi = nodePoints.min(axis=0), nodePoints.max(axis=0)
+        if report["space"] == "LPS":
+            nlo, nhi = np.array([-nhi[0], -nhi[1], nlo[2]]), np.array([-nlo[0], -nlo[1], nhi[2]])
+        self.assertTrue(np.allclose(lo, nlo, atol=1e-3) and np.allclose(hi, nhi, atol=1e-3))
+
     def test_MultiPlaneFusion_BadInput(self):
         self.delayDisplay("Bad input is refused with ValueError")
+        from MultiPlaneFusionLib.model import ModelOptions
+        from MultiPlaneFusionLib.pipeline import FuseOptions
+
         logic = MultiPlaneFusionLogic()
         with self.assertRaises(ValueError):
             logic.process(None)
         volume = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32))
         with self.assertRaises(ValueError):
-            logic.process(volume, volume)  # the same series twice
+            logic.process([volume, volume])  # the same series twice
         with self.assertRaises(ValueError):
-            logic.process(volume, outputVolumeNode=volume)  # output overwrites an input
-        with self.assertRaises(ValueError):
-            logic.process(volume, thresholdPreset="custom", thresholdRange=(500.0, 100.0))
-        with self.assertRaises(ValueError):
-            logic.process(volume, method="magic")
+            logic.process(volume, outputs=MultiPlaneFusionOutputs(volume=volume))  # output overwrites an input
+        # The library's options validate themselves, naming the setting.
+        with self.assertRaisesRegex(Exception, "threshold range is empty"):
+            logic.process(volume, MultiPlaneFusionSettings(model=ModelOptions(threshold=(500.0, 100.0))))
+        with self.assertRaisesRegex(Exception, "method"):
+            logic.process(volume, MultiPlaneFusionSettings(fusion=FuseOptions(method="magic")))
+        with self.assertRaisesRegex(ValueError, "coordinates"):
+            MultiPlaneFusionExport("/tmp/bone.stl", coordinates="XYZ")
         self.delayDisplay("Test passed")
 
     def test_MultiPlaneFusion_EndToEnd(self):
+        import dataclasses
+
         from MultiPlaneFusionLib.metrics import psnr
-        from MultiPlaneFusionLib.model import read_model
+        from MultiPlaneFusionLib.model import ModelOptions, read_model
         from MultiPlaneFusionLib.model.meshio import mesh_report
         from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
         from MultiPlaneFusionLib.simulation import phantom_truth
@@ -1243,19 +1255,25 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
             os.remove(exportPath)
 
         self.delayDisplay("Fusing")
-        job = logic.process(
-            nodes["axial"], nodes["coronal"], nodes["sagittal"], None,
-            method="srr", spacingMm=self.SPACING_MM, register=False, exportPath=exportPath,
-        )
+        smoothing = 0.7
+        settings = MultiPlaneFusionSettings(
+            fusion=FuseOptions(method="srr", spacing_mm=self.SPACING_MM, register=False),
+            model=ModelOptions(preset="bone", smoothing=smoothing),
+            export=MultiPlaneFusionExport(exportPath))
+        job = logic.process([nodes["axial"], nodes["coronal"], nodes["sagittal"]], settings)
         fused = job.outputVolumeNode
         self.assertIsNotNone(fused)
 
+        # The fused volume sits where the inputs are (centres agree to a few mm: overlap of three boxes).
+        self.assertLess(float(np.linalg.norm(self._centreRAS(fused) - self._centreRAS(nodes["axial"]))), 5.0)
         # The fused volume on its grid, read back through the node (geometry included).
         m = vtk.vtkMatrix4x4()
         fused.GetIJKToRASMatrix(m)
         fusedArray = slicer.util.arrayFromVolume(fused)
         grid = slicer_boundary.grid_from_ijk_to_ras(slicer.util.arrayFromVTKMatrix(m), fusedArray.shape)
-        truth = phantom_truth(grid, scale=self.SCALE)
+        offsetLPS = np.array(self.OFFSET_RAS) * (-1.0, -1.0, 1.0)
+        truthGrid = dataclasses.replace(grid, origin_mm=tuple(np.array(grid.origin_mm) - offsetLPS))
+        truth = phantom_truth(truthGrid, scale=self.SCALE)
         # The axial series alone on the same grid, also read back from its node.
         axialStack = logic.stackFromVolumeNode(nodes["axial"])
         axialOnly = fuse_stacks([axialStack], FuseOptions(method="average", grid=grid, register=False))
@@ -1265,19 +1283,35 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
         logging.info("MultiPlaneFusionTest: PSNR fused %.2f dB, axial only %.2f dB", fusedPsnr, axialPsnr)
         self.assertGreater(fusedPsnr, axialPsnr + 1.0)
 
-        # Segmentation hand-off: Bone segment on the fused grid, smoothing from the parameter.
+        # Segmentation hand-off: Bone segment on the fused grid.
         seg = job.segmentationNode
         self.assertIsNotNone(seg)
         segmentId = seg.GetSegmentation().GetSegmentIdBySegmentName("Bone")
         self.assertTrue(segmentId)
         boneVoxels = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segmentId, fused)
         self.assertEqual(boneVoxels.shape, fusedArray.shape)
-        self.assertGreater(int(boneVoxels.sum()), 0)
-        self.assertAlmostEqual(float(seg.GetSegmentation().GetConversionParameter(SMOOTHING_FACTOR_PARAMETER)), 0.5)
+        self.assertEqual(int(boneVoxels.sum()), int(sitk.GetArrayFromImage(job.model.mask).sum()))
         self.assertTrue(seg.GetSegmentation().ContainsRepresentation(
             slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()))
+        # The smoothing reaches the segment's closed surface: checked by its effect, not by reading the
+        # parameter back (a misspelled parameter name would be read back just as well).
+        smoothed = self._closedSurface(seg, segmentId)
+        segmentation = seg.GetSegmentation()
+        segmentation.SetConversionParameter(SMOOTHING_FACTOR_PARAMETER, "0")
+        seg.RemoveClosedSurfaceRepresentation()
+        seg.CreateClosedSurfaceRepresentation()
+        raw = self._closedSurface(seg, segmentId)
+        segmentation.SetConversionParameter(SMOOTHING_FACTOR_PARAMETER, f"{smoothing:g}")
+        seg.RemoveClosedSurfaceRepresentation()
+        seg.CreateClosedSurfaceRepresentation()
+        self.assertEqual(raw.GetNumberOfPoints(), smoothed.GetNumberOfPoints())  # smoothing moves points only
+        moved = np.linalg.norm(self._pointsOf(raw) - self._pointsOf(smoothed), axis=1)
+        self.assertGreater(float(np.mean(moved)), 0.05 * self.SPACING_MM)
+        again = self._closedSurface(seg, segmentId)
+        self.assertTrue(np.allclose(self._pointsOf(again), self._pointsOf(smoothed)))
 
-        # The model node holds the library's surface in RAS; the file written is closed, in LPS.
+        # The model node holds the library's surface in RAS; the file written is closed, in LPS, at the
+        # node's position (compared by coordinates, not by the report's label).
         self.assertIsNotNone(job.modelNode)
         self.assertGreater(job.modelNode.GetPolyData().GetNumberOfPoints(), 0)
         self.assertTrue(os.path.isfile(exportPath))
@@ -1285,24 +1319,29 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
         written = mesh_report(read_model(exportPath))
         self.assertTrue(written["closed"])
         self.assertGreater(written["triangles"], 100)
+        self._assertFileAtNode(exportPath, job.exportReport, job.modelNode.GetPolyData())
 
-        # Exporting the segment as OBJ in RAS works too.
-        objPath = logic.exportModel(
+        # Exporting the segment as OBJ in RAS works too, at the segment's position.
+        report = logic.exportModel(
             os.path.join(slicer.app.temporaryPath, "MultiPlaneFusionTest-segment"), source="segment",
-            segmentationNode=seg, fileFormat="OBJ", coordinates="RAS")["path"]
-        self.assertTrue(objPath.endswith(".obj") and os.path.isfile(objPath))
+            segmentationNode=seg, fileFormat="OBJ", coordinates="RAS")
+        self.assertTrue(report["path"].endswith(".obj") and os.path.isfile(report["path"]))
+        self.assertEqual(report["space"], "RAS")
+        self._assertFileAtNode(report["path"], report, smoothed)
         self.delayDisplay("Test passed")
 
     def test_MultiPlaneFusion_Cancel(self):
         from MultiPlaneFusionLib.errors import CancelledError
+        from MultiPlaneFusionLib.pipeline import FuseOptions
 
         nodes = self._pushPhantomSeries()
         output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "untouched")
         before = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaises(CancelledError):
             MultiPlaneFusionLogic().process(
-                nodes["axial"], nodes["coronal"], nodes["sagittal"], output, method="average",
-                spacingMm=2.0, register=False, cancel=lambda: True)
+                [nodes["axial"], nodes["coronal"], nodes["sagittal"]],
+                MultiPlaneFusionSettings(fusion=FuseOptions(method="average", spacing_mm=2.0, register=False)),
+                MultiPlaneFusionOutputs(volume=output), cancel=lambda: True)
         self.assertIsNone(output.GetImageData())
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
         self.delayDisplay("Test passed")
@@ -1331,6 +1370,8 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
         self.assertEqual(finished, [None])
         self.assertTrue(reports and max(reports) <= 1.0)
         logic.publish(job)
+        logic.storeOutputs(p, job)
         self.assertEqual(slicer.util.arrayFromVolume(job.outputVolumeNode).shape, job.fusion.grid.shape)
         self.assertIsNone(job.segmentationNode)
+        self.assertIs(p.outputVolume, job.outputVolumeNode)
         self.delayDisplay("Test passed")

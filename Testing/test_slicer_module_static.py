@@ -186,11 +186,11 @@ def test_module_classes_follow_the_template():
     assert re.search(r'title = _\("Multi-Plane Fusion"\)', text)
     assert re.search(r'categories = \[translate\("qSlicerAbstractCoreModule", "Surface Models"\)\]', text)
     assert re.search(r'loadUI\(self\.resourcePath\("UI/MultiPlaneFusion\.ui"\)\)', text)
-    # The Logic's console entry point takes the three planes and the output in this order.
+    # The Logic's console entry points, in SlicerElastix's shape (issue 15).
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiPlaneFusionLogic")
-    process = next(f for f in logic.body if isinstance(f, ast.FunctionDef) and f.name == "process")
-    assert [a.arg for a in process.args.args[:5]] == [
-        "self", "axialVolumeNode", "coronalVolumeNode", "sagittalVolumeNode", "outputVolumeNode"]
+    methods = {f.name: [a.arg for a in f.args.args] for f in logic.body if isinstance(f, ast.FunctionDef)}
+    assert methods["process"] == ["self", "inputNodes", "settings", "outputs", "progressCallback", "cancel"]
+    assert methods["processParameterNode"][:2] == ["self", "parameterNode"]
     test_methods = [f.name for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "MultiPlaneFusionTest"
                     for f in c.body if isinstance(f, ast.FunctionDef)]
     assert sum(name.startswith("test_") for name in test_methods) >= 2
@@ -389,38 +389,20 @@ def test_every_parameter_reaches_the_gui_and_names_are_allowed():
         assert needed in fields, needed
 
 
-def test_parameter_choices_match_the_library():
-    fields, _ = parameter_fields(module_tree())
-    presets = None
-    tree = ast.parse(read(os.path.join(LIB_DIR, "model", "thresholds.py")))
+def test_parameter_choices_come_from_the_library():
+    """Every Choice of the parameter node names a list imported from MultiPlaneFusionLib (one place)."""
+    tree = module_tree()
+    fields, _ = parameter_fields(tree)
+    imported = set()
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in node.targets):
-            presets = list(ast.literal_eval(node.value))
-    assert presets, "PRESETS not found in the library"
-    choices = fields["thresholdPreset"][1]["Choice"][0]
-    assert choices[: len(presets)] == presets, "the module's threshold presets differ from the library's"
-    assert set(choices[len(presets):]) == {"custom", "automatic"}
-    lib_options = read(os.path.join(LIB_DIR, "model", "options.py"))
-    surfaces = ast.literal_eval(re.search(r"SURFACE_METHODS\s*=\s*(\(.*?\))", lib_options).group(1))
-    assert tuple(fields["surfaceMethod"][1]["Choice"][0]) == tuple(surfaces)
-    islands = ast.literal_eval(re.search(r"ISLAND_MODES\s*=\s*(\(.*?\))", lib_options).group(1))
-    assert tuple(fields["islands"][1]["Choice"][0]) == tuple(islands)
-    pipeline = read(os.path.join(LIB_DIR, "pipeline.py"))
-    methods = ast.literal_eval(re.search(r"METHODS\s*=\s*(\(.*?\))", pipeline).group(1))
-    assert tuple(fields["method"][1]["Choice"][0]) == tuple(methods)
-    # Defaults lie within their ranges and choices.
-    for name, (_, extras, default) in fields.items():
-        if default is None:
-            continue
-        try:
-            value = ast.literal_eval(default)
-        except ValueError:
-            continue
-        if "Choice" in extras:
-            assert value in extras["Choice"][0], f"default of {name} is not one of its choices"
-        if "WithinRange" in extras:
-            lo, hi = extras["WithinRange"]
-            assert lo <= value <= hi, f"default of {name} is outside its range"
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("MultiPlaneFusionLib"):
+            imported |= {a.asname or a.name for a in node.names}
+    choices = {name: extras["Choice"][0] for name, (_, extras, _) in fields.items() if "Choice" in extras}
+    assert len(choices) >= 8
+    for name, arg in choices.items():
+        m = re.fullmatch(r"list\((\w+)\)", str(arg))
+        assert m and m.group(1) in imported, f"the choices of '{name}' ({arg}) are not a list from the library"
+
 
 
 # ------------------------------------------------------------------------------------------ CMake
@@ -763,9 +745,13 @@ def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, pha
     assert np.allclose(logic.stackFromVolumeNode(moved).slice_origins_mm,
                        logic.stackFromVolumeNode(nodes["coronal"]).slice_origins_mm)
 
+    from MultiPlaneFusionLib.model import ModelOptions
+    from MultiPlaneFusionLib.pipeline import FuseOptions
+
     reports = []
-    job = logic.prepare(nodes["axial"], nodes["coronal"], nodes["sagittal"], None, method="srr", spacingMm=2.0,
-                        register=False, smoothing=0.3)
+    settings = stubbed_module.MultiPlaneFusionSettings(
+        fusion=FuseOptions(method="srr", spacing_mm=2.0, register=False), model=ModelOptions(smoothing=0.3))
+    job = logic.prepare([nodes["axial"], nodes["coronal"], nodes["sagittal"]], settings)
     logic.compute(job, lambda text, fraction: reports.append(fraction), None)
     assert reports[-1] == 1.0 and all(b >= a for a, b in zip(reports, reports[1:]))
     assert job.fusion.grid.spacing_mm == pytest.approx((2.0, 2.0, 2.0))
@@ -783,32 +769,51 @@ def test_logic_refuses_bad_input_with_value_error(stubbed_module, phantom_series
     import numpy as np
 
     from MultiPlaneFusionLib.errors import CancelledError
+    from MultiPlaneFusionLib.model import ModelOptions
+    from MultiPlaneFusionLib.pipeline import FuseOptions
+    from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
 
-    px, m = phantom_series["axial"]
-    axial = _FakeVolumeNode(px, m, "axial")
-    logic = stubbed_module.MultiPlaneFusionLogic()
+    m = stubbed_module
+    px, ijk = phantom_series["axial"]
+    axial = _FakeVolumeNode(px, ijk, "axial")
+    logic = m.MultiPlaneFusionLogic()
+    # Settings are the library's option classes: they refuse bad values themselves, naming the setting.
+    S = m.MultiPlaneFusionSettings
     bad = [
-        dict(),  # no input at all (axial None below)
-        dict(method="magic"),
-        dict(thresholdPreset="custom", thresholdRange=(500.0, 100.0)),
-        dict(regularizer="tv"),
-        dict(spacingMm=-1.0),
-        dict(exportPath=os.path.join(ROOT, "no such folder", "bone.stl")),
-        dict(exportPath="bone.ply"),
-        dict(exportSource="everything"),
+        (lambda: S(fusion=FuseOptions(method="magic")), "method"),
+        (lambda: S(fusion=FuseOptions(spacing_mm=-1.0)), "spacing_mm"),
+        (lambda: S(fusion=FuseOptions(extent="everything")), "extent"),
+        (lambda: S(fusion=FuseOptions(srr=SrrOptions(regularizer="tv"))), "regularizer"),
+        (lambda: S(model=ModelOptions(threshold=(500.0, 100.0))), "threshold range is empty"),
+        (lambda: S(model=ModelOptions(preset="granite")), "preset"),
+        (lambda: S(model=ModelOptions(remove_thin_mm=-1.0)), "remove_thin_mm"),
     ]
-    for n, kwargs in enumerate(bad):
-        with pytest.raises(ValueError):
-            logic.prepare(None if n == 0 else axial, None, None, None, **kwargs)
+    for make, message in bad:
+        # Settings built by a callable: the library's InputError reaches the user as ValueError.
+        with pytest.raises(ValueError, match=message):
+            logic.prepare(axial, make)
+    with pytest.raises(ValueError, match="not writable|does not exist|folder"):
+        logic.prepare(axial, m.MultiPlaneFusionSettings(
+            export=m.MultiPlaneFusionExport(os.path.join(ROOT, "no such folder", "bone.stl"))))
+    with pytest.raises(ValueError):
+        m.MultiPlaneFusionExport("bone.ply")
+    with pytest.raises(ValueError, match="export source"):
+        m.MultiPlaneFusionExport("bone.stl", source="everything")
+    with pytest.raises(ValueError, match="export needs the bone model"):
+        logic.prepare(axial, m.MultiPlaneFusionSettings(model=None, export=m.MultiPlaneFusionExport("/tmp/b.stl")))
+    with pytest.raises(ValueError, match="at least one"):
+        logic.prepare(None)
     with pytest.raises(ValueError, match="twice"):
-        logic.prepare(axial, axial)
+        logic.prepare([axial, axial])
     with pytest.raises(ValueError, match="output"):
-        logic.prepare(axial, None, None, axial)
-    mr = _FakeVolumeNode(np.abs(px) + 1.0, m, "mr")  # no air at -1000 HU: not CT
+        logic.prepare(axial, None, m.MultiPlaneFusionOutputs(volume=axial))
+    mr = _FakeVolumeNode(np.abs(px) + 1.0, ijk, "mr")  # no air at -1000 HU: not CT
     with pytest.raises(ValueError, match="not CT"):
-        logic.prepare(mr)
-    logic.prepare(mr, thresholdPreset="automatic")  # the MR route is accepted
-    job = logic.prepare(axial, None, None, None, method="average", spacingMm=3.0, buildModel=False)
+        logic.prepare(mr, m.MultiPlaneFusionSettings(model=ModelOptions(preset="bone")))
+    logic.prepare(mr, m.MultiPlaneFusionSettings(model=ModelOptions(auto_threshold=True)))  # the MR route
+    job = logic.prepare(axial, m.MultiPlaneFusionSettings(
+        fusion=FuseOptions(method="average", spacing_mm=3.0), model=None))
+    assert job.fuseOptions.register is False  # one series: nothing to register
     with pytest.raises(CancelledError):
         logic.compute(job, None, lambda: True)
     assert job.fusion is None

@@ -22,6 +22,7 @@ from .writing import check_volume_path, write_image
 log = logging.getLogger("MultiPlaneFusionLib")
 
 METHODS = ("srr", "average")
+EXTENTS = ("overlap", "union")
 
 
 @dataclass
@@ -51,6 +52,27 @@ class FuseOptions:
     interpolation: str = "linear"
     srr: Any = None
     registration: Any = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise InputError (one line, naming the setting) for a setting out of range; returns self.
+
+        The stage options (``srr``, ``registration``) are checked too when they have a ``validate``.
+        """
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        if self.extent not in EXTENTS:
+            raise InputError(f"extent must be one of {', '.join(EXTENTS)}, not '{self.extent}'")
+        if self.spacing_mm is not None and not float(self.spacing_mm) > 0:
+            raise InputError(f"spacing_mm must be positive (or None for the finest input pixel), got {self.spacing_mm}")
+        if not float(self.memory_limit_gb) > 0:
+            raise InputError(f"memory_limit_gb must be positive, got {self.memory_limit_gb}")
+        for stage in (self.srr, self.registration):
+            if stage is not None and hasattr(stage, "validate"):
+                stage.validate()
+        return self
 
 
 @dataclass

@@ -47,7 +47,16 @@ import numpy as np
 
 from .errors import InputError
 from .grid import Grid
+from .model.thresholds import PRESETS
 from .stack import Stack
+
+# Choices of the settings that exist only at the Slicer boundary (the module's combo boxes show them; the
+# other choice lists live next to their option classes: pipeline.METHODS, model.options.SURFACE_METHODS...).
+EXPORT_SOURCES = ("model", "segment")  # the library's surface, or the (edited) Bone segment's closed surface
+EXPORT_FORMATS = ("STL", "OBJ")
+COORDINATE_SYSTEMS = ("LPS", "RAS")  # of exported files; LPS is what Slicer writes by default
+# The library's CT presets, then a user range and the automatic (Otsu) threshold.
+THRESHOLD_CHOICES = (*PRESETS, "custom", "automatic")
 
 # F = diag(-1, -1, 1, 1): RAS <-> LPS, its own inverse.
 LPS_RAS_4X4 = np.diag([-1.0, -1.0, 1.0, 1.0])

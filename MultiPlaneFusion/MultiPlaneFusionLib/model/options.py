@@ -82,7 +82,7 @@ class ModelOptions:
             raise InputError(f"minimum island volume must be >= 0 mm^3, got {self.min_island_mm3:g}")
         self.remove_thin_mm = float(self.remove_thin_mm)
         if not self.remove_thin_mm >= 0:
-            raise InputError(f"--remove-thin-mm must be >= 0, got {self.remove_thin_mm:g}")
+            raise InputError(f"remove_thin_mm must be >= 0, got {self.remove_thin_mm:g}")
         if self.surface_method not in SURFACE_METHODS:
             raise InputError(
                 f"surface method must be one of {', '.join(SURFACE_METHODS)}, not '{self.surface_method}'"

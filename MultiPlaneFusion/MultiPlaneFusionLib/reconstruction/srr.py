@@ -49,6 +49,8 @@ LOGGER = logging.getLogger("MultiPlaneFusionLib")
 DEFAULT_ALPHA = {"tikhonov": 0.1, "huber": 0.5}
 DEFAULT_HUBER_DELTA = 0.05
 DEFAULT_REGULARIZER = "huber"
+# The choices of SrrOptions.regularizer (the default first), for front ends that list them.
+REGULARIZERS = ("huber", "tikhonov")
 # Cap on CG iterations: Tikhonov stops on the tolerance long before. Huber spends its budget over 4
 # reweightings (2 + 2 + 2 + 1 CG iterations): on the phantom the number of reweightings matters more than
 # CG iterations per reweighting (bench_srr.py: 4 x 2 beat 3 x 3 in every sweep case at the same cost;
@@ -139,8 +141,8 @@ class SrrOptions:
         return int(self.max_iterations)
 
     def validate(self):
-        if self.regularizer not in ("tikhonov", "huber"):
-            raise InputError(f"unknown regularizer '{self.regularizer}' (use tikhonov or huber)")
+        if self.regularizer not in REGULARIZERS:
+            raise InputError(f"unknown regularizer '{self.regularizer}' (use {' or '.join(REGULARIZERS)})")
         if self.alpha is not None and not (self.alpha >= 0 and np.isfinite(self.alpha)):
             raise InputError(f"alpha must be a non-negative number, got {self.alpha}")
         if self.psf not in ("gaussian", "box"):
