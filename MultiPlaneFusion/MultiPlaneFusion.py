@@ -497,10 +497,10 @@ class MultiPlaneFusionSettings:
 
     fusion : MultiPlaneFusionLib.pipeline.FuseOptions
         method, spacing_mm, extent, register, memory_limit_gb, srr (SrrOptions or None)...
-    model : MultiPlaneFusionLib.model.ModelOptions or None
-        The bone model (threshold, islands, surface method, smoothing, decimate); None: no model, the run
-        stops after the fused volume. Its smoothing and decimation also set the Bone segment's
-        closed-surface conversion.
+    model : MultiPlaneFusionLib.model.ModelOptions, True or None
+        The bone model (threshold, islands, surface method, smoothing, decimate); True (the default): the
+        library's default ModelOptions; None: no model, the run stops after the fused volume. Its smoothing
+        and decimation also set the Bone segment's closed-surface conversion.
     export : MultiPlaneFusionExport or None
         Write the model or segment to a file after the run.
 
