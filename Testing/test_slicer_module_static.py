@@ -628,8 +628,8 @@ def test_icons_are_128_png(path):
 # ------------------------------------------------------------------- Logic wiring, Slicer stubbed out
 # The Logic's prepare/compute steps touch only a volume node's array and matrices, so with a few stand-ins
 # for Slicer's Python modules they run here against the real library: a renamed library option or a
-# broken conversion fails CI instead of the first user. (MRML output nodes need the real Slicer: the
-# self-test MultiPlaneFusionTest covers publish and export there.)
+# broken conversion fails in the main environment too. (Publish, export and the self-test run on Slicer's
+# real MRML libraries in Testing/slicer_core, in their own environment: bash .ci/slicer-core.)
 class _Annotation:
     def __init__(self, *args, **kwargs):
         self.args = args
