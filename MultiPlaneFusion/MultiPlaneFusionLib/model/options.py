@@ -47,8 +47,12 @@ class ModelOptions:
         'iso': sub-voxel isosurface of the grey levels restricted to the cleaned mask (default);
         'labelmap': Slicer's closed-surface recipe on the binary mask (parity with the Segment Editor).
     smoothing : float in [0, 1]
-        Slicer's smoothing factor s: windowed sinc with pass band 10^(-4 s) and 20 + 40 s iterations;
-        0 = no smoothing.
+        Factor s of Slicer's windowed-sinc smoothing (pass band 10^(-4 s), 20 + 40 s iterations);
+        0 = no smoothing. 'labelmap': exactly Slicer's smoothing. 'iso' (constrained): after the
+        windowed sinc each vertex is kept within s/2 of the finest voxel spacing of where flying edges
+        put it and brought back onto the volume's (trilinear) isosurface, so the smoothing evens out
+        the triangles (facet normals) without moving the surface; the default 0.5 was the most
+        faithful in bench_model.py --panel.
     decimate : None, float in (0, 1) or int >= 1
         None: keep every triangle; a float: fraction of triangles to remove; an int: target count.
     ras : bool
@@ -165,8 +169,9 @@ def add_model_arguments(parser):
         type=float,
         default=0.5,
         metavar="S",
-        help="surface smoothing 0..1, Slicer's factor: windowed sinc, pass band 10^(-4 S), 20+40 S "
-        "iterations (default 0.5; 0 = off)",
+        help="surface smoothing 0..1: Slicer's windowed sinc (pass band 10^(-4 S), 20+40 S iterations); "
+        "with --surface-method iso it is constrained: vertices move at most S/2 voxel and stay on the "
+        "volume's isosurface (default 0.5; 0 = off)",
     )
     g.add_argument("--ras", action="store_true", help="write the model in RAS (Slicer's view) instead of LPS")
     g.add_argument(
