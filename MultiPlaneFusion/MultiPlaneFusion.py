@@ -103,7 +103,7 @@ class MultiPlaneFusionParameterNode:
     regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('huber'
     edge-preserving, default, or 'tikhonov' smooth), memoryLimitGb.
     Bone model: buildModel, thresholdPreset (CT presets in HU, 'custom' uses thresholdRange,
-    'automatic' = Otsu for MR), islands ('largest' or 'all' above minIslandMm3), fillCavities,
+    'automatic' = Otsu for MR), islands ('region': the largest piece and the bones near it, 'largest', or 'all' above minIslandMm3), fillCavities,
     removeThinMm, surfaceMethod ('iso' grey-level isosurface or 'labelmap' like Slicer), smoothing
     (Slicer's factor 0..1), decimation (fraction of triangles removed, 0 = none).
     Export: exportSource ('model' or 'segment'), exportFormat, exportCoordinates (LPS default),
@@ -127,7 +127,7 @@ class MultiPlaneFusionParameterNode:
     buildModel: bool = True
     thresholdPreset: Annotated[str, Choice(list(THRESHOLD_CHOICES))] = "bone"
     thresholdRange: Annotated[FloatRange, RangeBounds(-3024.0, 10000.0)] = FloatRange(226.0, 3071.0)
-    islands: Annotated[str, Choice(list(ISLAND_MODES))] = "largest"
+    islands: Annotated[str, Choice(list(ISLAND_MODES))] = "region"
     minIslandMm3: Annotated[float, WithinRange(0.0, 1.0e7)] = 0.0
     fillCavities: bool = False
     removeThinMm: Annotated[float, WithinRange(0.0, 50.0)] = 0.0

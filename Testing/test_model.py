@@ -234,19 +234,37 @@ def test_unsmoothed_iso_model_is_the_exact_isosurface(oblique_model):
     assert d["mean"] < 1e-3 and d["max"] < 0.05, d
 
 
-def test_smoothing_is_monotonic():
+def test_labelmap_smoothing_is_monotonic():
+    # The labelmap method keeps Slicer's smoothing: stronger = smoother.
     img, _, _ = sample((0.7, 0.7, 1.4), OBLIQUE)
     exact = exact_surface(img)
     rough, dist = [], []
     for s in (0.0, 0.25, 0.5, 1.0):
-        res = build_model(img, ModelOptions(smoothing=s, islands="all"))
+        res = build_model(img, ModelOptions(smoothing=s, islands="all", surface_method="labelmap"))
         assert res.report["closed"] and res.report["outward"]
         rough.append(roughness_deg(res.polydata))
         dist.append(surface_distance(res.polydata, exact)["mean"])
     assert all(a > b for a, b in zip(rough, rough[1:])), rough
-    assert all(a < b for a, b in zip(dist, dist[1:])), dist
+    # the first smoothing takes the stairs off (closer to the isosurface), more of it rounds the shape
+    assert dist[1] < dist[0] and all(a < b for a, b in zip(dist[1:], dist[2:])), dist
     assert smoothing_parameters(0.5) == (pytest.approx(0.01), 40)
     assert smoothing_parameters(1.0) == (pytest.approx(1e-4), 60)
+
+
+def test_iso_smoothing_regularises_the_triangles_without_moving_the_surface():
+    img, _, _ = sample((0.7, 0.7, 1.4), OBLIQUE)
+    exact = exact_surface(img)
+    rough0 = roughness_deg(build_model(img, ModelOptions(smoothing=0, islands="all")).polydata)
+    for s in (0.5, 1.0):
+        res = build_model(img, ModelOptions(smoothing=s, islands="all"))
+        rep = res.report
+        assert rep["closed"] and rep["outward"]
+        assert roughness_deg(res.polydata) < rough0 - 0.3
+        d = surface_distance(res.polydata, exact)
+        assert d["mean"] < 0.02 and d["p95"] < 0.05, (s, d)
+        # the report gives the smoothing's displacement: it moved vertices, by less than a voxel
+        assert 0 < rep["smoothing_displacement_mm"]["mean"] < rep["smoothing_displacement_mm"]["max"] < 1.4
+        assert abs(rep["smoothing_volume_change_percent"]) < 0.5
 
 
 def test_shape_cut_by_the_field_of_view_is_capped_and_closed():
@@ -308,10 +326,10 @@ def two_balls(p):
     return np.maximum(solid_hu(p), ellipsoid_hu(p, SMALL_CENTRE, np.array([4.0, 4.0, 4.0])))
 
 
-def test_islands_largest_all_and_minimum_volume():
+def test_islands_region_largest_all_and_minimum_volume():
     lo = CENTRE - OUTER - np.array([3.0, 3.0, 20.0])
     img, _, _ = sample((1.0, 1.0, 1.0), fn=two_balls, box=(lo, CENTRE + OUTER + 3.0))
-    largest = build_model(img, ModelOptions(smoothing=0))
+    largest = build_model(img, ModelOptions(smoothing=0, islands="largest"))
     both = build_model(img, ModelOptions(smoothing=0, islands="all"))
     assert largest.report["islands"] == {"mode": "largest", "found": 2, "kept": 1}
     assert largest.report["components"] == 1 and both.report["components"] == 2
@@ -320,6 +338,16 @@ def test_islands_largest_all_and_minimum_volume():
     big_only = build_model(img, ModelOptions(smoothing=0, islands="all", min_island_mm3=2 * small_volume))
     assert big_only.report["components"] == 1
     assert big_only.report["volume_mm3"] == pytest.approx(largest.report["volume_mm3"])
+    # The default ('region') keeps the ball about 5 mm below the body; it drops it when the allowed
+    # gap is smaller than that, or when the ball is below the fragment size.
+    region = build_model(img, ModelOptions(smoothing=0))
+    assert region.report["islands"]["mode"] == "region" and region.report["islands"]["kept"] == 2
+    assert region.report["volume_mm3"] == pytest.approx(both.report["volume_mm3"])
+    near_only = build_model(img, ModelOptions(smoothing=0, island_gap_mm=3.0))
+    assert near_only.report["islands"]["kept"] == 1 and near_only.report["islands"]["dropped_far"] == 1
+    assert near_only.report["volume_mm3"] == pytest.approx(largest.report["volume_mm3"])
+    big = build_model(img, ModelOptions(smoothing=0, fragment_min_mm3=2 * small_volume))
+    assert big.report["islands"]["kept"] == 1 and big.report["islands"]["dropped_far"] == 0
 
 
 def test_fill_cavities():
@@ -443,7 +471,10 @@ def test_command_line_options():
     defaults = options_from_args(parser.parse_args([]))
     assert defaults == ModelOptions()
     assert (defaults.smoothing, defaults.surface_method) == (0.5, "iso")
-    assert (defaults.islands, defaults.decimate) == ("largest", None)
+    assert (defaults.islands, defaults.decimate) == ("region", None)
+    assert (defaults.island_gap_mm, defaults.fragment_min_mm3) == (10.0, 20.0)
+    o = options_from_args(parser.parse_args("--island-gap-mm 4 --fragment-min-mm3 5".split()))
+    assert (o.islands, o.island_gap_mm, o.fragment_min_mm3) == ("region", 4.0, 5.0)
     args = parser.parse_args(
         "--threshold 300 2000 --smoothing 0.2 --ras --surface-method labelmap --decimate 50000 "
         "--min-island-mm3 100 --fill-cavities --remove-thin-mm 1.5".split()
@@ -455,7 +486,8 @@ def test_command_line_options():
     assert options_from_args(parser.parse_args(["--decimate", "0.75"])).decimate == 0.75
     assert options_from_args(parser.parse_args(["--preset", "teeth"])).preset == "teeth"
     assert options_from_args(parser.parse_args(["--auto-threshold"])).auto_threshold
-    for bad in (["--smoothing", "1.5"], ["--decimate", "2.5"], ["--keep", "largest", "--min-island-mm3", "5"]):
+    for bad in (["--smoothing", "1.5"], ["--decimate", "2.5"], ["--keep", "largest", "--min-island-mm3", "5"],
+                ["--island-gap-mm", "-1"]):
         with pytest.raises(InputError):
             options_from_args(parser.parse_args(bad))
     # The CLI may hand over an argument group instead of a parser.

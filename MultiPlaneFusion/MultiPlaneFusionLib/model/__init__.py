@@ -34,8 +34,10 @@ from .surface import (
     contour_iso,
     contour_labelmap,
     decimate,
+    iso_band_mm,
     orient_outward,
     smooth,
+    smooth_iso,
     smoothing_parameters,
     to_patient,
 )
@@ -129,6 +131,8 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
         min_island_mm3=options.min_island_mm3,
         fill_cavities=options.fill_cavities,
         remove_thin_mm=options.remove_thin_mm,
+        island_gap_mm=options.island_gap_mm,
+        fragment_min_mm3=options.fragment_min_mm3,
         monitor=monitor,
         array=values,
     )
@@ -137,16 +141,26 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
 
     spacing = image.GetSpacing()
     monitor.report("surface", 0.0)
+    field = None
     if options.surface_method == "iso":
         vmin = float(np.nanmin(values))
-        poly = contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor)
+        poly, field = contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor, keep_field=True)
     else:
         poly = contour_labelmap(mask, box, spacing, monitor)
     t2 = time.perf_counter()
     timings["contour_s"] = t2 - t1
 
     volume_before = _volume(poly)
-    poly = smooth(poly, options.smoothing, monitor)
+    before = points(poly).copy()
+    if field is not None:
+        poly = smooth_iso(poly, field, options.smoothing, spacing, monitor)
+    else:
+        poly = smooth(poly, options.smoothing, monitor)
+    del field
+    # Smoothing moves vertices without adding or removing any: their displacement is the smoothing's
+    # effect on the shape (scaled index space is mm, the direction only rotates it).
+    moved = np.linalg.norm(points(poly) - before, axis=1) if len(before) else np.zeros(1)
+    del before
     volume_after = _volume(poly)
     t3 = time.perf_counter()
     timings["smooth_s"] = t3 - t2
@@ -167,6 +181,7 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
     timings["report_s"] = time.perf_counter() - t5
     timings["total_s"] = time.perf_counter() - t0
     pass_band, iterations = smoothing_parameters(options.smoothing)
+    band = iso_band_mm(options.smoothing, spacing) if options.surface_method == "iso" else None
     change = 100.0 * (abs(volume_after) - abs(volume_before)) / abs(volume_before) if volume_before else 0.0
     report.update(
         threshold=[lo, hi],
@@ -175,13 +190,19 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
         smoothing=options.smoothing,
         smoothing_pass_band=pass_band if options.smoothing > 0 else None,
         smoothing_iterations=iterations if options.smoothing > 0 else 0,
+        smoothing_iso_band_mm=band if options.smoothing > 0 else None,
         smoothing_volume_change_percent=change,
+        smoothing_displacement_mm={"mean": float(moved.mean()), "max": float(moved.max())},
         decimation=decimation,
         mask_voxels=seg["voxels"],
         mask_volume_mm3=seg["volume_mm3"],
         islands={"mode": options.islands, "found": seg["pieces_found"], "kept": seg["pieces_kept"]},
         timings=timings,
     )
+    if "pieces_dropped_far" in seg:
+        report["islands"].update(gap_mm=options.island_gap_mm, fragment_min_mm3=options.fragment_min_mm3,
+                                 dropped_far=seg["pieces_dropped_far"],
+                                 dropped_far_mm3=seg["dropped_far_voxels"] * seg["volume_mm3"] / max(seg["voxels"], 1))
     if "cavity_voxels_filled" in seg:
         report["cavity_voxels_filled"] = seg["cavity_voxels_filled"]
     monitor.report("surface", 1.0)

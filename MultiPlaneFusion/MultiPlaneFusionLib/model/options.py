@@ -8,7 +8,7 @@ from ..errors import InputError
 from .thresholds import PRESETS, canonical_preset
 
 SURFACE_METHODS = ("iso", "labelmap")
-ISLAND_MODES = ("largest", "all")
+ISLAND_MODES = ("region", "largest", "all")
 
 
 @dataclass
@@ -26,10 +26,18 @@ class ModelOptions:
         Custom inclusive intensity range; overrides the preset.
     auto_threshold : bool
         Otsu on the foreground (for MR, where there are no HU); reported as automatic.
-    islands : 'largest' or 'all'
-        Keep only the largest connected piece, or every piece of at least ``min_island_mm3``.
+    islands : 'region', 'largest' or 'all'
+        'region' (default): the largest connected piece plus, transitively, every piece of at least
+        ``fragment_min_mm3`` within ``island_gap_mm`` of a kept piece (bones the resolution
+        disconnected: mandible, vertebrae, fragments), without large objects farther away (head
+        holder, table) or noise specks. 'largest': the largest piece only. 'all': every piece of at
+        least ``min_island_mm3``.
     min_island_mm3 : float
         With ``islands='all'``: drop pieces smaller than this volume (mm^3); 0 keeps everything.
+    island_gap_mm : float
+        With ``islands='region'``: largest gap (mm) between a kept piece and another piece that is kept.
+    fragment_min_mm3 : float
+        With ``islands='region'``: smallest piece (mm^3) kept besides the largest.
     fill_cavities : bool
         Fill background regions enclosed by the mask (not connected to the volume's border).
     remove_thin_mm : float
@@ -39,8 +47,12 @@ class ModelOptions:
         'iso': sub-voxel isosurface of the grey levels restricted to the cleaned mask (default);
         'labelmap': Slicer's closed-surface recipe on the binary mask (parity with the Segment Editor).
     smoothing : float in [0, 1]
-        Slicer's smoothing factor s: windowed sinc with pass band 10^(-4 s) and 20 + 40 s iterations;
-        0 = no smoothing.
+        Factor s of Slicer's windowed-sinc smoothing (pass band 10^(-4 s), 20 + 40 s iterations);
+        0 = no smoothing. 'labelmap': exactly Slicer's smoothing. 'iso' (constrained): after the
+        windowed sinc each vertex is kept within s/2 of the finest voxel spacing of where flying edges
+        put it and brought back onto the volume's (trilinear) isosurface, so the smoothing evens out
+        the triangles (facet normals) without moving the surface; the default 0.5 was the most
+        faithful in bench_model.py --panel.
     decimate : None, float in (0, 1) or int >= 1
         None: keep every triangle; a float: fraction of triangles to remove; an int: target count.
     ras : bool
@@ -50,8 +62,10 @@ class ModelOptions:
     preset: Optional[str] = None
     threshold: Optional[Tuple[float, float]] = None
     auto_threshold: bool = False
-    islands: str = "largest"
+    islands: str = "region"
     min_island_mm3: float = 0.0
+    island_gap_mm: float = 10.0
+    fragment_min_mm3: float = 20.0
     fill_cavities: bool = False
     remove_thin_mm: float = 0.0
     surface_method: str = "iso"
@@ -80,6 +94,12 @@ class ModelOptions:
         self.min_island_mm3 = float(self.min_island_mm3)
         if not self.min_island_mm3 >= 0:
             raise InputError(f"minimum island volume must be >= 0 mm^3, got {self.min_island_mm3:g}")
+        self.island_gap_mm = float(self.island_gap_mm)
+        if not self.island_gap_mm >= 0:
+            raise InputError(f"--island-gap-mm must be >= 0, got {self.island_gap_mm:g}")
+        self.fragment_min_mm3 = float(self.fragment_min_mm3)
+        if not self.fragment_min_mm3 >= 0:
+            raise InputError(f"--fragment-min-mm3 must be >= 0, got {self.fragment_min_mm3:g}")
         self.remove_thin_mm = float(self.remove_thin_mm)
         if not self.remove_thin_mm >= 0:
             raise InputError(f"remove_thin_mm must be >= 0, got {self.remove_thin_mm:g}")
@@ -149,8 +169,9 @@ def add_model_arguments(parser):
         type=float,
         default=0.5,
         metavar="S",
-        help="surface smoothing 0..1, Slicer's factor: windowed sinc, pass band 10^(-4 S), 20+40 S "
-        "iterations (default 0.5; 0 = off)",
+        help="surface smoothing 0..1: Slicer's windowed sinc (pass band 10^(-4 S), 20+40 S iterations); "
+        "with --surface-method iso it is constrained: vertices move at most S/2 voxel and stay on the "
+        "volume's isosurface (default 0.5; 0 = off)",
     )
     g.add_argument("--ras", action="store_true", help="write the model in RAS (Slicer's view) instead of LPS")
     g.add_argument(
@@ -170,7 +191,23 @@ def add_model_arguments(parser):
         "--keep",
         choices=ISLAND_MODES,
         default=None,
-        help="keep the largest connected piece (default) or all pieces",
+        help="region (default): the largest connected piece and the pieces near it (see --island-gap-mm); "
+        "largest: that piece only; all: every piece",
+    )
+    g.add_argument(
+        "--island-gap-mm",
+        type=float,
+        default=10.0,
+        metavar="D",
+        help="with --keep region: keep pieces of at least --fragment-min-mm3 within D mm of a kept piece "
+        "(default 10; farther pieces such as a head holder or the table are dropped)",
+    )
+    g.add_argument(
+        "--fragment-min-mm3",
+        type=float,
+        default=20.0,
+        metavar="V",
+        help="with --keep region: smallest piece kept besides the largest, mm^3 (default 20)",
     )
     g.add_argument(
         "--min-island-mm3",
@@ -202,7 +239,7 @@ def options_from_args(args):
     if min_island is not None and keep == "largest":
         raise InputError("--min-island-mm3 keeps several pieces: it cannot be combined with --keep largest")
     if keep is None:
-        keep = "all" if min_island is not None else "largest"
+        keep = "all" if min_island is not None else "region"
     threshold = getattr(args, "threshold", None)
     return ModelOptions(
         preset=getattr(args, "preset", None),
@@ -210,6 +247,8 @@ def options_from_args(args):
         auto_threshold=bool(getattr(args, "auto_threshold", False)),
         islands=keep,
         min_island_mm3=min_island or 0.0,
+        island_gap_mm=10.0 if getattr(args, "island_gap_mm", None) is None else args.island_gap_mm,
+        fragment_min_mm3=20.0 if getattr(args, "fragment_min_mm3", None) is None else args.fragment_min_mm3,
         fill_cavities=bool(getattr(args, "fill_cavities", False)),
         remove_thin_mm=getattr(args, "remove_thin_mm", 0.0) or 0.0,
         surface_method=getattr(args, "surface_method", None) or "iso",

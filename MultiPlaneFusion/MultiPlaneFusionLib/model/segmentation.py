@@ -57,8 +57,15 @@ def _distance_mm(mask_img):
     return sitk.SignedMaurerDistanceMap(mask_img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
 
 
-def select_islands(mask_img, islands="largest", min_voxels=0):
-    """Keep the largest 26-connected piece, or all pieces of at least ``min_voxels`` voxels.
+def select_islands(mask_img, islands="region", min_voxels=0, gap_mm=10.0, fragment_voxels=0):
+    """Keep the connected (26-connected) pieces of a mask that the island mode asks for.
+
+    - 'region': the largest piece and, transitively, every piece of at least ``fragment_voxels``
+      whose nearest voxel lies within ``gap_mm`` of a kept piece (mandible, vertebrae, fragments that
+      a coarse resolution disconnected); pieces farther away (head holder, table) and smaller ones
+      (noise) are dropped.
+    - 'largest': the largest piece only.
+    - 'all': every piece of at least ``min_voxels`` voxels.
 
     Returns
     -------
@@ -72,22 +79,43 @@ def select_islands(mask_img, islands="largest", min_voxels=0):
         relabel.SetMinimumObjectSize(int(min_voxels))
     labels = relabel.Execute(labels)
     found = int(relabel.GetOriginalNumberOfObjects())
-    if islands == "largest":
+    info = {"pieces_found": found}
+    if islands == "largest" or (islands == "region" and found <= 1):
         kept_img = labels == 1
         kept = min(found, 1)
+    elif islands == "region":
+        sizes = relabel.GetSizeOfObjectsInPixels()  # label l has sizes[l - 1] voxels
+        candidates = {lab for lab in range(2, found + 1) if sizes[lab - 1] >= max(1, fragment_voxels)}
+        kept_labels = {1}
+        kept_img = labels == 1
+        while candidates:
+            stats = sitk.LabelStatisticsImageFilter()
+            stats.Execute(_distance_mm(kept_img), labels)
+            near = {lab for lab in candidates if stats.GetMinimum(lab) <= gap_mm}
+            if not near:
+                break
+            kept_labels |= near
+            candidates -= near
+            for lab in near:
+                kept_img = kept_img | (labels == lab)
+        kept = len(kept_labels)
+        far = sorted(candidates)
+        info["pieces_dropped_far"] = len(far)
+        info["dropped_far_voxels"] = int(sum(sizes[lab - 1] for lab in far))
     else:
         kept_img = labels > 0
         kept = int(relabel.GetNumberOfObjects())
-    return sitk.Cast(kept_img, sitk.sitkUInt8), {"pieces_found": found, "pieces_kept": kept}
+    info["pieces_kept"] = kept
+    return sitk.Cast(kept_img, sitk.sitkUInt8), info
 
 
-def remove_thin(mask_img, radius_mm, islands="largest", min_voxels=0):
+def remove_thin(mask_img, radius_mm, islands="region", min_voxels=0, **region):
     """Drop thin structures reaching farther than ``radius_mm`` from the main body.
 
     1. Opening by a ball of ``radius_mm`` (erosion then dilation, through distance maps in mm): what
        is thinner than about 2 x radius disappears, thin bridges to the scanner table break.
-    2. The main body is the largest piece of the opened mask (or, with ``islands='all'``, every piece
-       of at least ``min_voxels``).
+    2. The main body: the pieces of the opened mask that :func:`select_islands` keeps (``islands`` and
+       ``min_voxels``; ``region`` holds its ``gap_mm`` and ``fragment_voxels``).
     3. The original mask is restored within ``radius_mm`` of the main body, so its surface detail
        (which the opening rounded off) comes back; thin parts extending farther are removed.
 
@@ -100,14 +128,14 @@ def remove_thin(mask_img, radius_mm, islands="largest", min_voxels=0):
     if not int(sitk.GetArrayViewFromImage(core).any()):
         return sitk.Image(mask_img.GetSize(), sitk.sitkUInt8), {"thin_removed_all": True}
     opened = sitk.Cast((_distance_mm(core) <= radius_mm) & (mask_img > 0), sitk.sitkUInt8)
-    main, _ = select_islands(opened, islands, min_voxels)
+    main, _ = select_islands(opened, islands, min_voxels, **region)
     kept = sitk.Cast((_distance_mm(main) <= radius_mm) & (mask_img > 0), sitk.sitkUInt8)
     kept.CopyInformation(mask_img)
     return kept, {"thin_removed_all": False}
 
 
-def segment(image, lo, hi, islands="largest", min_island_mm3=0.0, fill_cavities=False, remove_thin_mm=0.0,
-            monitor=None, array=None):
+def segment(image, lo, hi, islands="region", min_island_mm3=0.0, fill_cavities=False, remove_thin_mm=0.0,
+            monitor=None, array=None, island_gap_mm=10.0, fragment_min_mm3=20.0):
     """The cleaned bone mask of ``image`` for the inclusive range [lo, hi].
 
     Parameters
@@ -116,7 +144,7 @@ def segment(image, lo, hi, islands="largest", min_island_mm3=0.0, fill_cavities=
         3-D scalar volume (LPS, any spacing and direction).
     lo, hi : float
         Inclusive intensity range (HU for CT).
-    islands, min_island_mm3, fill_cavities, remove_thin_mm
+    islands, min_island_mm3, fill_cavities, remove_thin_mm, island_gap_mm, fragment_min_mm3
         Cleanup, see :class:`~MultiPlaneFusionLib.model.options.ModelOptions`.
     monitor : progress.Monitor, optional
         Reports stage "segment".
@@ -149,14 +177,15 @@ def segment(image, lo, hi, islands="largest", min_island_mm3=0.0, fill_cavities=
     spacing, direction = image.GetSpacing(), image.GetDirection()
     vox_mm3 = voxel_volume_mm3(image)
     min_voxels = int(np.ceil(min_island_mm3 / vox_mm3)) if min_island_mm3 > 0 else 0
+    region = {"gap_mm": float(island_gap_mm), "fragment_voxels": int(np.ceil(fragment_min_mm3 / vox_mm3))}
     mask_img = _mask_image(raw, spacing, direction)
     stats = {"threshold_voxels": int(np.count_nonzero(raw))}
     del raw
     if remove_thin_mm > 0:
-        mask_img, thin = remove_thin(mask_img, remove_thin_mm, islands, min_voxels)
+        mask_img, thin = remove_thin(mask_img, remove_thin_mm, islands, min_voxels, **region)
         stats.update(thin)
     monitor.report("segment", 0.5)
-    mask_img, pieces = select_islands(mask_img, islands, min_voxels)
+    mask_img, pieces = select_islands(mask_img, islands, min_voxels, **region)
     stats.update(pieces)
     monitor.report("segment", 0.75)
     if fill_cavities:

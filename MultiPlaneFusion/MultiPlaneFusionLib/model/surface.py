@@ -29,6 +29,12 @@ from .meshio import defect_vertices, mesh_facts, points, set_triangles, triangle
 # Relative size of the tie guard (fraction of the value range in the contoured box).
 _TIE_EPS = 1e-3
 
+# Constrained iso smoothing (chosen by measurement against truth, see README 'Bone model'): a vertex
+# moves at most ISO_SHIFT_VOXELS * s of the finest spacing from where flying edges put it, and ends within
+# ISO_BAND_VOXELS * s of the volume's isosurface.
+ISO_SHIFT_VOXELS = 0.5
+ISO_BAND_VOXELS = 0.0
+
 
 def smoothing_parameters(smoothing):
     """(pass band, iterations) of Slicer's closed-surface smoothing for factor ``smoothing`` in [0, 1].
@@ -120,12 +126,14 @@ def _scaled_origin(box, spacing):
     return [float((box[2 - a].start - 1) * spacing[a]) for a in range(3)]
 
 
-def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None):
+def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None, keep_field=False):
     """Unsmoothed isosurface of the masked grey levels, in scaled index space (mm).
 
     ``values`` is the FULL [k, j, i] volume, ``mask`` the cleaned mask inside ``box``; the box is
     padded by one voxel of a value below the threshold (the one :func:`metrics.iso_surface` uses,
-    ``min(vmin, lo) - 1``), so a surface cut by the field of view is capped and closed.
+    ``min(vmin, lo) - 1``), so a surface cut by the field of view is capped and closed. With
+    ``keep_field`` the contoured field comes back too, as a :class:`SampledField` (for
+    :func:`constrain_to_isosurface`): ``(polydata, field)``.
     """
     monitor = Monitor.wrap(monitor)
     crop = values[box]
@@ -143,7 +151,9 @@ def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None):
     fe.ComputeScalarsOff()
     fe.InterpolateAttributesOff()
     out = _run(fe, monitor, "surface", 0.0, 0.3)
-    del fe, img, field  # the image shares the field's memory: release them together
+    del fe, img  # the image shares the field's memory
+    if keep_field:
+        return out, SampledField(field, np.asarray(_scaled_origin(box, spacing)), np.asarray(spacing, float))
     return out
 
 
@@ -184,6 +194,126 @@ def smooth(poly, smoothing, monitor=None, start=0.3, stop=0.85):
     ws.NonManifoldSmoothingOn()
     ws.NormalizeCoordinatesOn()
     return _run(ws, monitor, "surface", start, stop)
+
+
+class SampledField:
+    """A [k, j, i] float32 field on a regular grid in scaled index space, sampled trilinearly.
+
+    ``origin`` and ``spacing`` (mm, x y z = i j k) place sample ``[k, j, i]`` at
+    ``origin + (i, j, k) * spacing``. Points outside the grid are clamped to its border cells.
+    """
+
+    def __init__(self, array, origin, spacing):
+        self.array = array
+        self.origin = np.asarray(origin, dtype=float)
+        self.spacing = np.asarray(spacing, dtype=float)
+
+    def sample(self, pts, chunk=1_000_000):
+        """Value and gradient (per mm) of the trilinear interpolant at ``pts`` (n, 3) in mm.
+
+        The gradient is the trilinear cell's own (exact inside a cell, continuous in value across
+        cells); returns ``(values (n,), gradients (n, 3))``.
+        """
+        a = self.array
+        n = len(pts)
+        values = np.empty(n)
+        grads = np.empty((n, 3))
+        hi = np.array([a.shape[2] - 2, a.shape[1] - 2, a.shape[0] - 2])
+        for s in range(0, n, chunk):
+            u = (np.asarray(pts[s:s + chunk], dtype=float) - self.origin) / self.spacing
+            c = np.clip(np.floor(u).astype(np.int64), 0, hi)
+            f = np.clip(u - c, 0.0, 1.0)
+            i, j, k = c[:, 0], c[:, 1], c[:, 2]
+            fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+            c000, c100 = a[k, j, i], a[k, j, i + 1]
+            c010, c110 = a[k, j + 1, i], a[k, j + 1, i + 1]
+            c001, c101 = a[k + 1, j, i], a[k + 1, j, i + 1]
+            c011, c111 = a[k + 1, j + 1, i], a[k + 1, j + 1, i + 1]
+            # along x first, then y, then z
+            x00, x10 = c000 + fx * (c100 - c000), c010 + fx * (c110 - c010)
+            x01, x11 = c001 + fx * (c101 - c001), c011 + fx * (c111 - c011)
+            y0, y1 = x00 + fy * (x10 - x00), x01 + fy * (x11 - x01)
+            values[s:s + chunk] = y0 + fz * (y1 - y0)
+            dx0 = (c100 - c000) + fy * ((c110 - c010) - (c100 - c000))
+            dx1 = (c101 - c001) + fy * ((c111 - c011) - (c101 - c001))
+            grads[s:s + chunk, 0] = (dx0 + fz * (dx1 - dx0)) / self.spacing[0]
+            grads[s:s + chunk, 1] = ((x10 - x00) + fz * ((x11 - x01) - (x10 - x00))) / self.spacing[1]
+            grads[s:s + chunk, 2] = (y1 - y0) / self.spacing[2]
+        return values, grads
+
+
+def constrain_to_isosurface(pts, field, band_mm, max_step_mm, steps=4):
+    """Bring vertices back to within ``band_mm`` of the zero level of ``field`` (in place; returns pts).
+
+    Each step estimates a vertex's signed distance to the level set as d = g / |grad g| (trilinear
+    value and gradient; positive inside) and moves it along the gradient by the part of d beyond the
+    band, at most ``max_step_mm`` per step. Vertices already inside the band do not move, so the
+    smoothing keeps every change smaller than the band and the surface stays where the volume puts
+    it; thin walls keep their two sides (each vertex is pulled to its own side's level set, and one
+    step moves less than half a voxel).
+    """
+    for _ in range(steps):
+        g, grad = field.sample(pts)
+        norm = np.linalg.norm(grad, axis=1)
+        ok = norm > 1e-12
+        d = np.zeros(len(pts))
+        d[ok] = g[ok] / norm[ok]
+        excess = np.clip(d - np.clip(d, -band_mm, band_mm), -max_step_mm, max_step_mm)
+        move = np.flatnonzero(ok & (excess != 0))
+        if len(move) == 0:
+            break
+        pts[move] -= (excess[move] / norm[move])[:, None] * grad[move]
+    return pts
+
+
+def smooth_iso(poly, field, smoothing, spacing, monitor=None, start=0.3, stop=0.85):
+    """Constrained smoothing of an isosurface: windowed sinc, then back to within a band of the level set.
+
+    Parameters
+    ----------
+    poly : vtkPolyData
+        The unsmoothed isosurface of ``field`` (scaled index space, mm).
+    field : SampledField
+        The contoured field (:func:`contour_iso` with ``keep_field``).
+    smoothing : float in [0, 1]
+        Slicer's factor s for the windowed sinc (:func:`smoothing_parameters`); the band's half width
+        is ``iso_band_mm(s, spacing)``. 0 returns ``poly``.
+    spacing : (3,) float
+        Voxel spacing in mm.
+
+    Returns
+    -------
+    vtkPolyData
+        Same vertices (ids and count) and triangles, moved.
+    """
+    if smoothing <= 0 or poly.GetNumberOfCells() == 0:
+        return poly
+    out = smooth(poly, smoothing, monitor, start, start + 0.8 * (stop - start))
+    pts = points(out).astype(float, copy=True)
+    # Tangential drift is limited too: at a rim (the edge of a hole, of a thin wall cut by the
+    # threshold) it would widen the hole.
+    x0 = points(poly)
+    shift = pts - x0
+    length = np.linalg.norm(shift, axis=1)
+    r = ISO_SHIFT_VOXELS * float(smoothing) * float(min(spacing))
+    far = length > r
+    pts[far] = x0[far] + shift[far] * (r / length[far])[:, None]
+    del x0, shift, length
+    band = iso_band_mm(smoothing, spacing)
+    constrain_to_isosurface(pts, field, band, 0.25 * float(min(spacing)))
+    res = vtk.vtkPolyData()
+    res.ShallowCopy(out)
+    vp = vtk.vtkPoints()
+    vp.SetData(numpy_support.numpy_to_vtk(pts, deep=True))
+    res.SetPoints(vp)
+    Monitor.wrap(monitor).report("surface", stop)
+    return res
+
+
+def iso_band_mm(smoothing, spacing):
+    """Half width (mm) of the band around the isosurface that constrained smoothing may use:
+    ``ISO_BAND_VOXELS * s`` of the finest voxel spacing."""
+    return ISO_BAND_VOXELS * float(smoothing) * float(min(spacing))
 
 
 def _decimate_pro(pts, tris, reduction):
