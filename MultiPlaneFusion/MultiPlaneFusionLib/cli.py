@@ -68,7 +68,7 @@ def _add_fuse_arguments(p):
                    help="resampling of the average method (default linear)")
     g.add_argument("--coverage", metavar="FILE", help="also write the coverage mask (stacks covering each voxel)")
     g.add_argument("--memory-limit-gb", type=positive_float, default=memory.DEFAULT_MEMORY_LIMIT_GB,
-                   help=f"refuse reconstructions estimated above this (default {memory.DEFAULT_MEMORY_LIMIT_GB:g})")
+                   help="refuse reconstructions estimated above this (default: 90%% of the memory available)")
     _optional_stage_arguments(p)
 
 
@@ -102,6 +102,7 @@ def build_parser():
     p = sub.add_parser("fuse", help="fuse stacks into one volume")
     p.add_argument("stacks", nargs="+", metavar="STACK", help="DICOM series folder, folder tree, or volume file")
     p.add_argument("-o", "--output", required=True, metavar="FUSED.nrrd", help="output volume (.nrrd, .nii.gz, .mha)")
+    p.add_argument("--report", metavar="PICTURE.png", help="also write the report picture (inputs beside the result)")
     _add_fuse_arguments(p)
     _add_common(p)
 
@@ -112,7 +113,7 @@ def build_parser():
     _add_model_arguments(p)
     _add_common(p)
 
-    p = sub.add_parser("run", help="fuse then model: OUTDIR/fused.nrrd and OUTDIR/bone.stl")
+    p = sub.add_parser("run", help="fuse then model: OUTDIR/fused.nrrd, OUTDIR/bone.stl, OUTDIR/report.png")
     p.add_argument("stacks", nargs="+", metavar="STACK")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     p.add_argument("--model-format", choices=("stl", "obj", "ply", "vtp"), default="stl")
@@ -180,17 +181,24 @@ def cmd_inspect(args, progress):
 
 def cmd_fuse(args, progress):
     from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
-    from .writing import check_volume_path
+    from .report_picture import write_report_picture
+    from .writing import check_volume_path, check_writable
 
     check_volume_path(args.output)  # fail before the long work, not after
     if args.coverage:
         check_volume_path(args.coverage)
+    if args.report:
+        check_writable(args.report)
     options = fuse_options_from_args(args)
     result = fuse_paths(args.stacks, options, progress)
     monitor = Monitor.wrap(progress)
     monitor.report("write", 0.0)
     written = write_fusion(result, args.output, args.coverage)
     tfms = write_transforms_if_asked(result, options)
+    if args.report:
+        picture = write_report_picture(args.report, result)
+        if picture:
+            written["report"] = picture
     monitor.report("write", 1.0)
     if tfms:
         written["transforms"] = tfms
@@ -245,7 +253,7 @@ def run_pipeline(stacks, outdir, fuse_options, model_options, model_format="stl"
     fused_path = os.path.join(outdir, "fused.nrrd")
     model_path = os.path.join(outdir, f"bone.{model_format}")
     if not overwrite:
-        existing = [p for p in (fused_path, model_path) if os.path.exists(p)]
+        existing = [p for p in (fused_path, model_path, os.path.join(outdir, "report.png")) if os.path.exists(p)]
         if existing:
             raise OutputError(f"'{existing[0]}' exists; use --overwrite to replace it")
     created = make_outdir(outdir)
@@ -265,9 +273,11 @@ def run_pipeline(stacks, outdir, fuse_options, model_options, model_format="stl"
 def _run_pipeline(stacks, outdir, fused_path, model_path, fuse_options, model_options, progress, quiet, done):
     from .model import build_model, write_model
     from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
+    from .report_picture import write_report_picture
     from .writing import check_writable
 
     check_writable(fused_path)
+    report_path = os.path.join(outdir, "report.png")
     result = fuse_paths(stacks, fuse_options, progress)
     modality = result.stacks[0].modality
     t = time.perf_counter()
@@ -285,6 +295,11 @@ def _run_pipeline(stacks, outdir, fused_path, model_path, fuse_options, model_op
     written["model"] = os.path.abspath(model_path)
     export = write_model(model.polydata, model_path, ras=model_options.ras)
     done.append(model_path)
+    monitor.report("write", 0.7)
+    picture = write_report_picture(report_path, result, model.polydata)
+    if picture:
+        done.append(picture)
+        written["report"] = picture
     monitor.report("write", 1.0)
     if not quiet:
         _end_progress_line(progress)

@@ -1,10 +1,16 @@
 """Memory estimates made before allocating, and the peak-memory reading for summaries."""
 
+import os
 import sys
 
 from .errors import MemoryLimitError
 
-DEFAULT_MEMORY_LIMIT_GB = 16.0
+# None: the memory available on this machine when the run starts, less a margin (see default_limit_gb).
+DEFAULT_MEMORY_LIMIT_GB = None
+
+# Share of the available memory a run may plan to use: the rest is for the other programs' growth
+# and for the estimate's own error.
+AVAILABLE_MARGIN = 0.9
 
 # float32 volumes on the reconstruction grid each method holds at its peak (measured by the
 # benchmarks; keep in step with the implementations).
@@ -19,13 +25,67 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average"):
 
 def check_limit(n_bytes, limit_gb, what="this reconstruction"):
     """Raise MemoryLimitError when ``n_bytes`` exceeds ``limit_gb`` gibibytes."""
+    source = ""
     if limit_gb is None:
-        limit_gb = DEFAULT_MEMORY_LIMIT_GB
+        limit_gb = default_limit_gb()
+        source = " (the memory available now)"
     if n_bytes > limit_gb * 1024**3:
         raise MemoryLimitError(
-            f"{what} needs about {n_bytes / 1024**3:.1f} GB, above the {limit_gb:g} GB limit: "
-            "use a coarser --spacing, a smaller region, or raise --memory-limit-gb"
+            f"{what} needs about {n_bytes / 1024**3:.1f} GB, above the {limit_gb:.3g} GB limit{source}: "
+            "use a coarser --spacing, a smaller region, or set --memory-limit-gb"
         )
+
+
+def available_bytes():
+    """Memory available to a new allocation on this machine now, in bytes (None when unknown).
+
+    Linux: MemAvailable of /proc/meminfo (free memory plus reclaimable caches); other POSIX systems:
+    free physical pages; Windows: GlobalMemoryStatusEx's available physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if sys.platform == "win32":
+        return _windows_available()
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:  # macOS has no SC_AVPHYS_PAGES: half the physical memory, a cautious guess
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE")) // 2
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _windows_available():
+    import ctypes
+
+    class MemoryStatus(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+    status = MemoryStatus()
+    status.dwLength = ctypes.sizeof(MemoryStatus)
+    try:
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return int(status.ullAvailPhys)
+    except (AttributeError, OSError):
+        pass
+    return None
+
+
+def default_limit_gb():
+    """The default memory limit: ``AVAILABLE_MARGIN`` of the available memory (16 GB when unknown)."""
+    n = available_bytes()
+    if n is None:
+        return 16.0
+    return AVAILABLE_MARGIN * n / 1024**3
 
 
 def peak_rss_mb():

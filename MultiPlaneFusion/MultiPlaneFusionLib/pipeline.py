@@ -34,7 +34,8 @@ class FuseOptions:
     extent : 'overlap' (region all stacks cover, default) or 'union'.
     reference : index of the reference stack (grid axes, registration target).
     register : rigid registration of the stacks before (and, with srr, during) reconstruction.
-    memory_limit_gb : refuse a reconstruction whose estimated peak memory is above this.
+    memory_limit_gb : refuse a reconstruction whose estimated peak memory is above this; None: 90 % of the
+        memory available when the run starts.
     background : value of voxels no stack covers; default -1024 for CT, 0 otherwise.
     interpolation : resampling of the average method ('linear', 'bspline').
     srr, registration : options of those stages (their modules' dataclasses), None for defaults.
@@ -46,7 +47,7 @@ class FuseOptions:
     extent: str = "overlap"
     reference: int = 0
     register: bool = True
-    memory_limit_gb: float = memory.DEFAULT_MEMORY_LIMIT_GB
+    memory_limit_gb: Optional[float] = memory.DEFAULT_MEMORY_LIMIT_GB
     background: Optional[float] = None
     interpolation: str = "linear"
     srr: Any = None

@@ -41,6 +41,7 @@ class ProgressDisplay:
         self._shown = False  # a progress line is on the terminal, not yet ended
         self._last_print = None
         self._last_text = None
+        self._printed_state = None
 
     def __call__(self, stage, fraction):
         self.stage = stage
@@ -54,9 +55,13 @@ class ProgressDisplay:
             if text != self._last_text:
                 self._draw(text)
         elif self._last_print is None or now - self._last_print >= self.interval_s:
-            self._last_print = now
-            self.stream.write(self.text(now) + "\n")
-            self.stream.flush()
+            self._print_line(now)
+
+    def _print_line(self, now):
+        self._last_print = now
+        self._printed_state = (self.overall, self.stage)
+        self.stream.write(self.text(now) + "\n")
+        self.stream.flush()
 
     def text(self, now=None):
         now = self.clock() if now is None else now
@@ -77,8 +82,8 @@ class ProgressDisplay:
             if self._shown:
                 self.stream.write("\n")
                 self._shown = False
-        elif self._last_print is not None:
-            self.stream.write(self.text() + "\n")
+        elif self._last_print is not None and self._printed_state != (self.overall, self.stage):
+            self._print_line(self.clock())
         self.stream.flush()
 
     def write_log(self, message):
