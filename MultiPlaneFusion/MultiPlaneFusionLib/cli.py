@@ -170,13 +170,24 @@ def cmd_inspect(args, progress):
         if d["gaps"]:
             flags.append("GAPS")
         if d["sheared"]:
-            flags.append(f"TILT {d['tilt_deg']:.1f}deg (sheared)")
+            d["signed_tilt_deg"], along = signed_tilt(s)
+            flags.append(f"TILT {d['signed_tilt_deg']:+.1f}deg along {along} (sheared)")
         matrix = "x".join(str(v) for v in d["matrix"])
         pixel = "x".join(f"{v:.4g}" for v in d["pixel_spacing_mm"])
         print(f"{n:>2} {d['description'][:28]:<28} {d['orientation']:<9} {matrix:<13} {pixel:<15} "
               f"{d['thickness_mm']:>6.3g} {steps:<16} {' '.join(flags)}")
+        print(f"{'':>2} {d['source']}")  # the path tells rows with the same description apart
         rows.append(d)
     return {"stacks": rows}
+
+
+def signed_tilt(stack):
+    """Gantry tilt in degrees with its sign, and the in-plane axis the slices drift along ("rows" when
+    the slice origins move along the row direction i, "columns" along j)."""
+    shear = stack.shear_per_mm
+    axis = int(abs(shear[1]) >= abs(shear[0]))
+    sign = 1.0 if shear[axis] >= 0 else -1.0
+    return sign * stack.tilt_deg, ("columns" if axis else "rows")
 
 
 def cmd_fuse(args, progress):

@@ -6,12 +6,13 @@ The CLI and the Slicer module both call these functions; nothing here parses arg
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional
 
 import numpy as np
 
 from . import memory
+from .duplicates import drop_duplicates
 from .errors import InputError, OutputError
 from .grid import Grid, grid_for_stacks
 from .progress import Monitor
@@ -102,6 +103,8 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         raise InputError(f"unknown method '{options.method}' (use {' or '.join(METHODS)})")
     if not 0 <= options.reference < len(stacks):
         raise InputError(f"--reference {options.reference} is out of range: {len(stacks)} stacks were found")
+    stacks, reference, duplicates = drop_duplicates(stacks, options.reference)
+    options = replace(options, reference=reference)
     if options.reference != 0:
         # The reference goes first: grid axes and registration target are stack 0 downstream.
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
@@ -147,6 +150,7 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         "reconstruction": info,
         "timings_s": timings,
         "estimated_peak_memory_mb": need / 1024**2,
+        "duplicates_dropped": [{"stack": a, "same_as": b} for a, b in duplicates],
     }
     return FusionResult(image=image, coverage=coverage_image, grid=grid, stacks=stacks, summary=summary)
 
