@@ -109,7 +109,8 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # The reference goes first: grid axes and registration target are stack 0 downstream.
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
     grid = plan_grid(stacks, FuseOptions(**{**options.__dict__, "reference": 0}))
-    need = memory.estimate_bytes(grid.n_voxels, sum(s.n_voxels for s in stacks), options.method)
+    need = memory.estimate_bytes(grid.n_voxels, sum(s.n_voxels for s in stacks), options.method,
+                                 memory.current_rss_bytes())
     memory.check_limit(need, options.memory_limit_gb, f"a {options.method} reconstruction on a {grid.shape[::-1]} grid")
     log.info("grid %s voxels at %s mm, estimated peak memory %.2f GB",
              "x".join(str(v) for v in grid.shape[::-1]), grid.spacing_mm, need / 1024**3)
