@@ -105,6 +105,15 @@ def default_limit_gb():
 
 def peak_rss_mb():
     """Peak resident memory of this process so far, in MB (None where the platform cannot tell)."""
+    # Linux: this process image's own high-water mark. getrusage's ru_maxrss carries over exec the peak
+    # of the parent that forked it (a run started from a large process seemed to peak at the parent's size).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
