@@ -5,64 +5,70 @@ Every user error ends with one line on stderr (no traceback) and a non-zero exit
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import time
 
 from . import __version__, memory
 from .errors import CancelledError, MultiPlaneFusionError, OutputError
 from .pipeline import METHODS, FuseOptions
+from .progress import Monitor
+from .progress_display import DEMO_PLAN, FUSE_PLAN, MODEL_PLAN, RUN_PLAN, ProgressDisplay
 
 log = logging.getLogger("MultiPlaneFusionLib")
 
 
-class ProgressPrinter:
-    """Stage and percent on stderr: one updating line on a terminal, a line per 10 % otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.last = (None, -1)
-
-    def __call__(self, stage, fraction):
-        pct = int(fraction * 100)
-        step = 1 if self.tty else 10
-        if stage == self.last[0] and pct // step == self.last[1] // step:
-            return
-        self.last = (stage, pct)
-        if self.tty:
-            self.stream.write(f"\r{stage:<12s} {pct:3d}%" + ("\n" if pct >= 100 else ""))
-        else:
-            self.stream.write(f"{stage:<12s} {pct:3d}%\n")
-        self.stream.flush()
-
-
 # --------------------------------------------------------------------------------------------- arguments
+def positive_float(text):
+    """argparse type: a float > 0 (bad values are argument errors, exit 2, before any reading)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _add_common(p):
     p.add_argument("--quiet", action="store_true", help="no progress or info messages on stderr")
     p.add_argument("--verbose", action="store_true", help="debug messages on stderr")
     p.add_argument("--json", metavar="SUMMARY.json", help="write a JSON summary of inputs, settings, timings, outputs")
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _add_fuse_arguments(p):
     g = p.add_argument_group("fusion")
     grid = g.add_mutually_exclusive_group()
-    grid.add_argument("--spacing", type=float, metavar="MM", help="isotropic output spacing (default: finest in-plane)")
+    grid.add_argument("--spacing", type=positive_float, metavar="MM",
+                      help="isotropic output spacing (default: finest in-plane)")
     grid.add_argument("--grid-like", metavar="VOLUME", help="use exactly the grid of this volume file or DICOM series")
     g.add_argument("--method", choices=METHODS, default="srr", help="srr (super-resolution, default) or average")
     g.add_argument("--extent", choices=("overlap", "union"), default="overlap",
                    help="grid covers the region all stacks share (default) or any stack covers")
-    g.add_argument("--reference", type=int, default=0, metavar="N",
+    g.add_argument("--reference", type=_non_negative_int, default=0, metavar="N",
                    help="reference stack index (grid axes, registration target); default 0")
     g.add_argument("--no-register", action="store_true", help="trust the scanner geometry; skip registration")
     g.add_argument("--background", type=float, help="value where no stack covers (default -1024 for CT, else 0)")
     g.add_argument("--interpolation", choices=("linear", "bspline"), default="linear",
                    help="resampling of the average method (default linear)")
     g.add_argument("--coverage", metavar="FILE", help="also write the coverage mask (stacks covering each voxel)")
-    g.add_argument("--memory-limit-gb", type=float, default=memory.DEFAULT_MEMORY_LIMIT_GB,
-                   help=f"refuse reconstructions estimated above this (default {memory.DEFAULT_MEMORY_LIMIT_GB:g})")
+    g.add_argument("--memory-limit-gb", type=positive_float, default=memory.DEFAULT_MEMORY_LIMIT_GB,
+                   help="refuse reconstructions estimated above this (default: 90%% of the memory available)")
     _optional_stage_arguments(p)
 
 
@@ -96,6 +102,7 @@ def build_parser():
     p = sub.add_parser("fuse", help="fuse stacks into one volume")
     p.add_argument("stacks", nargs="+", metavar="STACK", help="DICOM series folder, folder tree, or volume file")
     p.add_argument("-o", "--output", required=True, metavar="FUSED.nrrd", help="output volume (.nrrd, .nii.gz, .mha)")
+    p.add_argument("--report", metavar="PICTURE.png", help="also write the report picture (inputs beside the result)")
     _add_fuse_arguments(p)
     _add_common(p)
 
@@ -106,19 +113,21 @@ def build_parser():
     _add_model_arguments(p)
     _add_common(p)
 
-    p = sub.add_parser("run", help="fuse then model: OUTDIR/fused.nrrd and OUTDIR/bone.stl")
+    p = sub.add_parser("run", help="fuse then model: OUTDIR/fused.nrrd, OUTDIR/bone.stl, OUTDIR/report.png")
     p.add_argument("stacks", nargs="+", metavar="STACK")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created)")
     p.add_argument("--model-format", choices=("stl", "obj", "ply", "vtp"), default="stl")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in OUTDIR")
     _add_fuse_arguments(p)
     _add_model_arguments(p)
     _add_common(p)
 
     p = sub.add_parser("demo", help="simulate a head phantom's three thick-slice DICOM series and run the pipeline")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    p.add_argument("--thickness", type=float, default=4.0, metavar="MM", help="slice thickness of the series (4)")
-    p.add_argument("--pixel", type=float, default=0.8, metavar="MM", help="pixel spacing of the series (0.8)")
-    p.add_argument("--scale", type=float, default=1.0, help="phantom size factor (1 = adult head)")
+    p.add_argument("--thickness", type=positive_float, default=4.0, metavar="MM",
+                   help="slice thickness of the series (4)")
+    p.add_argument("--pixel", type=positive_float, default=0.8, metavar="MM", help="pixel spacing of the series (0.8)")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="phantom size factor (1 = adult head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", choices=METHODS, default="srr")
     _add_common(p)
@@ -161,29 +170,51 @@ def cmd_inspect(args, progress):
         if d["gaps"]:
             flags.append("GAPS")
         if d["sheared"]:
-            flags.append(f"TILT {d['tilt_deg']:.1f}deg (sheared)")
+            d["signed_tilt_deg"], along = signed_tilt(s)
+            flags.append(f"TILT {d['signed_tilt_deg']:+.1f}deg along {along} (sheared)")
         matrix = "x".join(str(v) for v in d["matrix"])
         pixel = "x".join(f"{v:.4g}" for v in d["pixel_spacing_mm"])
         print(f"{n:>2} {d['description'][:28]:<28} {d['orientation']:<9} {matrix:<13} {pixel:<15} "
               f"{d['thickness_mm']:>6.3g} {steps:<16} {' '.join(flags)}")
+        print(f"{'':>2} {d['source']}")  # the path tells rows with the same description apart
         rows.append(d)
     return {"stacks": rows}
 
 
+def signed_tilt(stack):
+    """Gantry tilt in degrees with its sign, and the in-plane axis the slices drift along ("rows" when
+    the slice origins move along the row direction i, "columns" along j)."""
+    shear = stack.shear_per_mm
+    axis = int(abs(shear[1]) >= abs(shear[0]))
+    sign = 1.0 if shear[axis] >= 0 else -1.0
+    return sign * stack.tilt_deg, ("columns" if axis else "rows")
+
+
 def cmd_fuse(args, progress):
     from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
-    from .writing import check_volume_path
+    from .report_picture import write_report_picture
+    from .writing import check_volume_path, check_writable
 
     check_volume_path(args.output)  # fail before the long work, not after
     if args.coverage:
         check_volume_path(args.coverage)
+    if args.report:
+        check_writable(args.report)
     options = fuse_options_from_args(args)
     result = fuse_paths(args.stacks, options, progress)
+    monitor = Monitor.wrap(progress)
+    monitor.report("write", 0.0)
     written = write_fusion(result, args.output, args.coverage)
     tfms = write_transforms_if_asked(result, options)
+    if args.report:
+        picture = write_report_picture(args.report, result)
+        if picture:
+            written["report"] = picture
+    monitor.report("write", 1.0)
     if tfms:
         written["transforms"] = tfms
     if not args.quiet:
+        _end_progress_line(progress)
         print(f"fused volume: {written['volume']}")
     return {**result.summary, "outputs": written}
 
@@ -196,43 +227,93 @@ def cmd_model(args, progress):
 
     check_writable(args.output)
     t = time.perf_counter()
+    monitor = Monitor.wrap(progress)
+    monitor.report("read", 0.0)
     image = read_volume(args.volume)
+    monitor.report("read", 1.0)
     modality = guess_modality(image, args.modality)
     options = options_from_args(args)
     result = build_model(image, options, modality=modality, progress=progress)
+    monitor.report("write", 0.0)
     report = write_model(result.polydata, args.output, ras=options.ras)
+    monitor.report("write", 1.0)
     if not args.quiet:
+        _end_progress_line(progress)
         print(f"model: {os.path.abspath(args.output)}")
     return {"input": args.volume, "modality": modality, "mesh": result.report, "export": report,
             "outputs": {"model": os.path.abspath(args.output)}, "timings_s": {"total_s": time.perf_counter() - t}}
 
 
-def run_pipeline(stacks, outdir, fuse_options, model_options, model_format="stl", progress=None, quiet=False):
-    """fuse + model into ``outdir``; returns the summary dict."""
-    from .model import build_model, write_model
-    from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
-
+def make_outdir(outdir):
+    """Create ``outdir`` if needed; True when this call created it (a failed run then removes it)."""
+    if os.path.isdir(outdir):
+        return False
     try:
-        os.makedirs(outdir, exist_ok=True)
+        os.makedirs(outdir)
     except OSError as e:
         raise OutputError(f"cannot create output folder '{outdir}': {e.strerror}") from None
+    return True
+
+
+def run_pipeline(stacks, outdir, fuse_options, model_options, model_format="stl", progress=None, quiet=False,
+                 overwrite=True):
+    """fuse + model into ``outdir``; returns the summary dict.
+
+    Nothing is left behind on failure or cancel: outputs already renamed are removed, and so is
+    ``outdir`` when this call created it. With ``overwrite=False`` existing outputs are an OutputError."""
     fused_path = os.path.join(outdir, "fused.nrrd")
     model_path = os.path.join(outdir, f"bone.{model_format}")
+    if not overwrite:
+        existing = [p for p in (fused_path, model_path, os.path.join(outdir, "report.png")) if os.path.exists(p)]
+        if existing:
+            raise OutputError(f"'{existing[0]}' exists; use --overwrite to replace it")
+    created = make_outdir(outdir)
+    written = []
+    try:
+        return _run_pipeline(stacks, outdir, fused_path, model_path, fuse_options, model_options, progress,
+                             quiet, written)
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+        if created:
+            shutil.rmtree(outdir, ignore_errors=True)
+        raise
+
+
+def _run_pipeline(stacks, outdir, fused_path, model_path, fuse_options, model_options, progress, quiet, done):
+    from .model import build_model, write_model
+    from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
+    from .report_picture import write_report_picture
     from .writing import check_writable
 
     check_writable(fused_path)
+    report_path = os.path.join(outdir, "report.png")
     result = fuse_paths(stacks, fuse_options, progress)
     modality = result.stacks[0].modality
     t = time.perf_counter()
     model = build_model(result.image, model_options, modality=modality, progress=progress)
     result.summary["timings_s"]["model_s"] = time.perf_counter() - t
+    monitor = Monitor.wrap(progress)
+    monitor.report("write", 0.0)
     written = write_fusion(result, fused_path)
+    done.append(fused_path)
+    monitor.report("write", 0.4)
     tfms = write_transforms_if_asked(result, fuse_options)
+    done.extend(tfms)
     if tfms:
         written["transforms"] = tfms
     written["model"] = os.path.abspath(model_path)
     export = write_model(model.polydata, model_path, ras=model_options.ras)
+    done.append(model_path)
+    monitor.report("write", 0.7)
+    picture = write_report_picture(report_path, result, model.polydata)
+    if picture:
+        done.append(picture)
+        written["report"] = picture
+    monitor.report("write", 1.0)
     if not quiet:
+        _end_progress_line(progress)
         print(f"fused volume: {written['volume']}")
         print(f"bone model:   {written['model']}")
     return {**result.summary, "mesh": model.report, "export": export, "outputs": written}
@@ -242,7 +323,7 @@ def cmd_run(args, progress):
     from .model import options_from_args
 
     return run_pipeline(args.stacks, args.output, fuse_options_from_args(args), options_from_args(args),
-                        args.model_format, progress, args.quiet)
+                        args.model_format, progress, args.quiet, overwrite=args.overwrite)
 
 
 def cmd_demo(args, progress):
@@ -275,12 +356,52 @@ def _json_default(o):
     return str(o)
 
 
+def _plan(args):
+    """Stages of this command and their shares of its time (see progress_display)."""
+    plans = {"fuse": FUSE_PLAN, "run": RUN_PLAN, "demo": DEMO_PLAN, "model": MODEL_PLAN}
+    plan = dict(plans.get(args.command, FUSE_PLAN))
+    if getattr(args, "method", "srr") != "srr":
+        plan.pop("refine", None)
+    if getattr(args, "no_register", False):
+        plan.pop("register", None)
+        plan.pop("refine", None)
+    return plan
+
+
+def _end_progress_line(progress):
+    end = getattr(progress, "finish", None)
+    if end is not None:
+        end()
+
+
+def _interrupt_hook(progress):
+    """Test hook: ``MULTIPLANEFUSION_TEST_SIGINT_AT=STAGE`` sends this process a real SIGINT the first time
+    ``STAGE`` reports a fraction above 0, i.e. from inside that stage's callbacks (tests of Ctrl-C)."""
+    stage = os.environ.get("MULTIPLANEFUSION_TEST_SIGINT_AT")
+    if not stage:
+        return progress
+    fired = []
+
+    def hooked(name, fraction):
+        if progress is not None:
+            progress(name, fraction)
+        if name == stage and fraction > 0 and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hooked
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    progress = None if args.quiet else ProgressPrinter()
+    progress = None if args.quiet else ProgressDisplay(_plan(args))
+    if progress is None:
+        logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    else:  # log lines go above the progress line, never glued to it
+        logging.basicConfig(level=level, handlers=[progress.log_handler()])
+    display, progress = progress, _interrupt_hook(progress)
     t = time.perf_counter()
     try:
         if args.json:
@@ -295,16 +416,21 @@ def main(argv=None):
             summary["peak_memory_mb"] = memory.peak_rss_mb()
             summary["version"] = __version__
             _write_json(args.json, summary)
+        _end_progress_line(display)
     except CancelledError as e:
-        print(f"multiplanefusion: {e}", file=sys.stderr)
+        _end_progress_line(display)
+        print(f"multiplanefusion: error: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("multiplanefusion: interrupted; nothing was written", file=sys.stderr)
+        _end_progress_line(display)
+        print("multiplanefusion: error: interrupted; nothing was written", file=sys.stderr)
         return 130
     except MultiPlaneFusionError as e:
+        _end_progress_line(display)
         print(f"multiplanefusion: error: {e}", file=sys.stderr)
         return 1
     except MemoryError:
+        _end_progress_line(display)
         print("multiplanefusion: error: out of memory; use a coarser --spacing or a smaller region", file=sys.stderr)
         return 1
     return 0

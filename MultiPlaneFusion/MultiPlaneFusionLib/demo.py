@@ -4,11 +4,14 @@ The series go through the same path as a user's data (DICOM files -> reader -> f
 demo exercises everything end to end; the phantom's ground truth is saved next to them for comparison.
 """
 
+import logging
 import os
+import shutil
 import time
 
-from .errors import OutputError
 from .writing import write_image
+
+log = logging.getLogger("MultiPlaneFusionLib")
 
 
 def run_demo(outdir, thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, seed=0, method="srr", noise_hu=15.0,
@@ -17,16 +20,24 @@ def run_demo(outdir, thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, seed=0, 
 
     Returns the pipeline summary (dict) with the paths written under ``outputs``.
     """
+    from .cli import make_outdir
+
+    created = make_outdir(outdir)
+    try:
+        return _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu, progress, quiet)
+    except BaseException:
+        if created:  # a failed or cancelled demo leaves nothing behind
+            shutil.rmtree(outdir, ignore_errors=True)
+        raise
+
+
+def _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu, progress, quiet):
     from .cli import run_pipeline
     from .grid import Grid
     from .model import ModelOptions
     from .pipeline import FuseOptions
     from .simulation import phantom_truth, simulate_orthogonal_stacks, write_dicom_series
 
-    try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output folder '{outdir}': {e.strerror}") from None
     t = time.perf_counter()
     if progress:
         progress("simulate", 0.0)
@@ -41,7 +52,7 @@ def run_demo(outdir, thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, seed=0, 
             progress("simulate", (n + 1) / len(stacks))
     simulate_s = time.perf_counter() - t
     if not quiet:
-        print(f"simulated series: {', '.join(folders)}")
+        log.info("simulated series: %s", ", ".join(folders))
     summary = run_pipeline(folders, outdir, FuseOptions(method=method), ModelOptions(), progress=progress, quiet=quiet)
     # Ground truth on the same grid, for a side-by-side look in any viewer.
     g = summary["grid"]

@@ -6,12 +6,13 @@ The CLI and the Slicer module both call these functions; nothing here parses arg
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional
 
 import numpy as np
 
 from . import memory
+from .duplicates import drop_duplicates
 from .errors import InputError, OutputError
 from .grid import Grid, grid_for_stacks
 from .progress import Monitor
@@ -35,7 +36,8 @@ class FuseOptions:
     extent : 'overlap' (region all stacks cover, default) or 'union'.
     reference : index of the reference stack (grid axes, registration target).
     register : rigid registration of the stacks before (and, with srr, during) reconstruction.
-    memory_limit_gb : refuse a reconstruction whose estimated peak memory is above this.
+    memory_limit_gb : refuse a reconstruction whose estimated peak memory is above this; None: 90 % of the
+        memory available when the run starts.
     background : value of voxels no stack covers; default -1024 for CT, 0 otherwise.
     interpolation : resampling of the average method ('linear', 'bspline').
     srr, registration : options of those stages (their modules' dataclasses), None for defaults.
@@ -47,7 +49,7 @@ class FuseOptions:
     extent: str = "overlap"
     reference: int = 0
     register: bool = True
-    memory_limit_gb: float = memory.DEFAULT_MEMORY_LIMIT_GB
+    memory_limit_gb: Optional[float] = memory.DEFAULT_MEMORY_LIMIT_GB
     background: Optional[float] = None
     interpolation: str = "linear"
     srr: Any = None
@@ -123,11 +125,14 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         raise InputError(f"unknown method '{options.method}' (use {' or '.join(METHODS)})")
     if not 0 <= options.reference < len(stacks):
         raise InputError(f"--reference {options.reference} is out of range: {len(stacks)} stacks were found")
+    stacks, reference, duplicates = drop_duplicates(stacks, options.reference)
+    options = replace(options, reference=reference)
     if options.reference != 0:
         # The reference goes first: grid axes and registration target are stack 0 downstream.
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
     grid = plan_grid(stacks, FuseOptions(**{**options.__dict__, "reference": 0}))
-    need = memory.estimate_bytes(grid.n_voxels, sum(s.n_voxels for s in stacks), options.method)
+    need = memory.estimate_bytes(grid.n_voxels, sum(s.n_voxels for s in stacks), options.method,
+                                 memory.current_rss_bytes())
     memory.check_limit(need, options.memory_limit_gb, f"a {options.method} reconstruction on a {grid.shape[::-1]} grid")
     log.info("grid %s voxels at %s mm, estimated peak memory %.2f GB",
              "x".join(str(v) for v in grid.shape[::-1]), grid.spacing_mm, need / 1024**3)
@@ -168,6 +173,7 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         "reconstruction": info,
         "timings_s": timings,
         "estimated_peak_memory_mb": need / 1024**2,
+        "duplicates_dropped": [{"stack": a, "same_as": b} for a, b in duplicates],
     }
     return FusionResult(image=image, coverage=coverage_image, grid=grid, stacks=stacks, summary=summary)
 
@@ -207,7 +213,7 @@ def _srr_with_refinement(stacks, grid, options, background, monitor):
 
         t = time.perf_counter()
         stacks, cycle_reports = refine_registration(
-            stacks, result.volume, grid, options.registration, monitor.sub("register", 0, 1),
+            stacks, result.volume, grid, options.registration, monitor.sub("refine", 0, 1),
             coverage=result.coverage,
         )
         timings[f"refine{cycle}_s"] = time.perf_counter() - t

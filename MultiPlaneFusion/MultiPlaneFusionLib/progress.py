@@ -52,3 +52,31 @@ class Monitor:
             parent.report(stage, start + (stop - start) * fraction)
 
         return Monitor(cb if self._progress is not None else None, self._cancel)
+
+
+class CallbackGuard:
+    """Carries an interrupt out of a SimpleITK/VTK callback, where the wrappers would swallow it.
+
+    An exception raised inside a SWIG callback (Ctrl-C's KeyboardInterrupt, CancelledError) is printed
+    and lost, and the filter carries on. ``guard.call(fn)`` runs ``fn`` and, on such an exception,
+    records it and calls ``stop`` (``StopRegistration``, ``SetAbortExecute``); after the filter returns,
+    ``guard.reraise()`` raises it in the caller's frame.
+    """
+
+    def __init__(self, stop):
+        self._stop = stop
+        self.error = None
+
+    def call(self, fn, *args):
+        if self.error is not None:
+            return
+        try:
+            fn(*args)
+        except (KeyboardInterrupt, CancelledError) as e:
+            self.error = e
+            self._stop()
+
+    def reraise(self):
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

@@ -38,6 +38,7 @@ def atomic_path(path):
         yield tmp
         if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:
             raise OutputError(f"writing '{path}' produced no data")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except OSError as e:
         _remove(tmp)
@@ -45,6 +46,12 @@ def atomic_path(path):
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _split_ext(name):

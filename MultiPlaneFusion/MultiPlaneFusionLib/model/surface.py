@@ -23,7 +23,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..metrics import transform_polydata
-from ..progress import Monitor
+from ..progress import CallbackGuard, Monitor
 from .meshio import defect_vertices, mesh_facts, points, set_triangles, triangles
 
 # Relative size of the tie guard (fraction of the value range in the contoured box).
@@ -48,24 +48,20 @@ def smoothing_parameters(smoothing):
 
 def _observe(algorithm, monitor, stage, start, stop):
     """Forward a VTK filter's progress to ``monitor``; abort the filter when the user cancels."""
-    state = {"cancelled": False}
+    # Ctrl-C or a cancel inside the observer aborts the filter and is raised again after Update.
+    guard = CallbackGuard(lambda: algorithm.SetAbortExecute(1))
 
     def on_progress(obj, _event):
-        if monitor.cancelled():
-            state["cancelled"] = True
-            obj.SetAbortExecute(1)
-            return
-        monitor.report(stage, start + (stop - start) * obj.GetProgress())
+        guard.call(monitor.report, stage, start + (stop - start) * obj.GetProgress())
 
     algorithm.AddObserver(vtk.vtkCommand.ProgressEvent, on_progress)
-    return state
+    return guard
 
 
 def _run(algorithm, monitor, stage, start, stop):
-    state = _observe(algorithm, monitor, stage, start, stop)
+    guard = _observe(algorithm, monitor, stage, start, stop)
     algorithm.Update()
-    if state["cancelled"]:
-        monitor.check()
+    guard.reraise()
     monitor.report(stage, stop)
     out = vtk.vtkPolyData()
     out.ShallowCopy(algorithm.GetOutput())

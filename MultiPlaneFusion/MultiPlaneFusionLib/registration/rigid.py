@@ -51,9 +51,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import CancelledError, InputError, OutputError
+from ..errors import InputError, OutputError
 from ..grid import Grid, _orthonormal_frame
-from ..progress import Monitor
+from ..progress import CallbackGuard, Monitor
 from ..reconstruction.operators import psf_sigma_mm
 from ..reconstruction.resample import resample_stack
 from ..writing import atomic_path
@@ -398,26 +398,23 @@ def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, mo
     reg = _method(options, pair)
     reg.SetInitialTransform(_euler(r_init, pair.centre_mm), inPlace=False)
     total = int(options.iterations) * len(options.shrink_factors)
-    state = {"iterations": 0, "cancelled": False}
+    state = {"iterations": 0}
+    # Ctrl-C or a cancel inside the callback stops the optimiser and is raised again after Execute.
+    guard = CallbackGuard(reg.StopRegistration)
 
     def on_iteration():
         state["iterations"] += 1
-        try:
-            monitor.report(STAGE, span[0] + (span[1] - span[0]) * min(1.0, state["iterations"] / total))
-        except CancelledError:
-            state["cancelled"] = True
-            reg.StopRegistration()
+        monitor.report(STAGE, span[0] + (span[1] - span[0]) * min(1.0, state["iterations"] / total))
 
-    reg.AddCommand(sitk.sitkIterationEvent, on_iteration)
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: guard.call(on_iteration))
     try:
         result = reg.Execute(pair.fixed, pair.moving)
     except RuntimeError as e:  # e.g. every sample left the moving image
-        if state["cancelled"]:
-            raise CancelledError("cancelled by the user; nothing was written") from None
+        guard.reraise()
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else "SimpleITK error"
         return _kept(r_start, f"registration failed ({reason}); kept the starting geometry", t0)
-    if state["cancelled"]:
-        raise CancelledError("cancelled by the user; nothing was written")
+    guard.reraise()
+    monitor.report(STAGE, span[1])  # the optimiser may converge before ``total`` iterations
     r_final = matrix_from_sitk(result)
     initial_metric = _metric_at(options, pair, r_start)
     final_metric = _metric_at(options, pair, r_final)
