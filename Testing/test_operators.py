@@ -74,10 +74,10 @@ EXPECTED_PATH = {
     "coronal_flipped": "separable",
     "sagittal": "separable",
     "irregular_gaps": "separable",
-    "oblique": "shear",
-    "tilted_sheared": "shear",
+    "oblique": "general",
+    "tilted_sheared": "general",
     "registration_rotation": "shear",
-    "inplane_rotated": "shear",
+    "inplane_rotated": "general",
 }
 
 
