@@ -19,6 +19,7 @@ from MultiPlaneFusionLib.reconstruction.operators import (
     psf_rows,
     separable_axes,
 )
+from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator, shear_path_applies
 from MultiPlaneFusionLib.stack import Stack, stack_from_affine
 
 GRID = Grid(shape=(20, 22, 24), spacing_mm=(1.0, 1.0, 1.0), origin_mm=(0.0, 0.0, 0.0))
@@ -75,16 +76,18 @@ EXPECTED_PATH = {
     "irregular_gaps": "separable",
     "oblique": "general",
     "tilted_sheared": "general",
-    "registration_rotation": "general",
+    "registration_rotation": "shear",
     "inplane_rotated": "general",
 }
 
 
 def _operators(stack, psf):
-    """Every path the stack can take: auto, general (shared-axis where possible) and general trilinear."""
+    """Every path the stack can take: auto, general (shared-axis where possible), general trilinear and shear."""
     ops = {"auto": make_operator(stack, GRID, psf)}
     ops["general"] = GeneralOperator(stack, GRID, psf)
     ops["trilinear"] = GeneralOperator(stack, GRID, psf, shared_axis=None)
+    if shear_path_applies(stack, GRID):
+        ops["shear"] = ShearOperator(stack, GRID, psf)
     return ops
 
 
@@ -148,7 +151,8 @@ def test_separable_and_general_agree(name):
     sep = make_operator(stack, GRID)
     assert isinstance(sep, SeparableOperator)
     ref = sep.forward(x)
-    for op in (GeneralOperator(stack, GRID), GeneralOperator(stack, GRID, shared_axis=None)):
+    for op in (GeneralOperator(stack, GRID), GeneralOperator(stack, GRID, shared_axis=None),
+               ShearOperator(stack, GRID)):
         y = op.forward(x)
         v = sep.valid & op.valid
         assert v.sum() > 0.8 * sep.valid.sum()

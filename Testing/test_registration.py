@@ -224,6 +224,60 @@ def test_refinement_against_a_reconstruction_converges():
         assert np.isclose(report["cycle_max_shift_mm"], moved) and moved > 1.0
 
 
+def _fake_refinement(monkeypatch, shift_mm):
+    """Make the refinement's registration return its start moved by ``shift_mm`` along x (0: the start as a
+    kept result comes back, inv(inv(T)), i.e. off by round-off only)."""
+    from MultiPlaneFusionLib.registration import refine
+
+    def fake(target, sigmas, moving, r_start, r_init, options, monitor, span):
+        r = np.linalg.inv(np.linalg.inv(r_start))
+        r[0, 3] += shift_mm
+        info = {"initial_metric": -0.5, "final_metric": -0.5, "result_metric": -0.5, "iterations": 1,
+                "accepted": True, "warning": None, "note": None, "spacing_mm": 2.0, "stop": None, "seconds": 0.0}
+        return r, info
+
+    monkeypatch.setattr(refine, "register_pair", fake)
+
+
+@pytest.mark.parametrize("shift_mm, moved", [(0.0, False), (1e-12, False), (0.009, False), (0.05, True)])
+def test_refinement_update_below_the_tolerance_is_no_motion(monkeypatch, shift_mm, moved):
+    """A stack whose update moves no corner of the head's box by more than unmoved_tolerance_mm (0.01 mm) keeps
+    its transform bit for bit and is reported unmoved."""
+    _, centre = head_box()
+    grid = phantom_grid(3.0, SCALE)
+    turned = rigid_matrix((1.3, -0.7, 0.4), (2.0, -1.0, 0.5), centre)  # a registered (non-identity) transform
+    stacks = [simulate("axial", 0), simulate("coronal", 1).with_transform(turned)]
+    _fake_refinement(monkeypatch, shift_mm)
+    out, reports = refine_registration(stacks, np.zeros(grid.shape, np.float32), grid, RegistrationOptions())
+    assert reports[1]["moved"] is moved and not reports[0].get("moved", False)
+    assert np.isclose(reports[1]["cycle_box_shift_mm"], abs(shift_mm), atol=1e-9)
+    if moved:
+        assert not np.array_equal(out[1].transform, turned)
+    else:
+        assert out[1] is stacks[1] and np.array_equal(out[1].transform, turned)
+
+
+def test_no_stack_moved_means_no_second_solve(monkeypatch):
+    """The refinement cycle does not re-solve when every update is round-off (it used to: 1e-15 mm is not 0)."""
+    from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
+    from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+
+    _, centre = head_box()
+    turned = rigid_matrix((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), centre)
+    stacks = [simulate("axial", 0), simulate("coronal", 1).with_transform(turned)]
+    options = FuseOptions(spacing_mm=3.0, register=True, registration=replace(FAST, refine_cycles=2),
+                          srr=SrrOptions(max_iterations=3, outer_iterations=1))
+    from MultiPlaneFusionLib.registration import rigid
+
+    monkeypatch.setattr(rigid, "register_pair", lambda t, s, m, r_start, *a: (np.asarray(r_start, float), {
+        "initial_metric": None, "final_metric": None, "result_metric": None, "iterations": 0, "accepted": False,
+        "warning": None, "note": None, "spacing_mm": None, "stop": None, "seconds": 0.0}))
+    for shift_mm, solves in ((1e-12, 1), (0.05, 3)):
+        _fake_refinement(monkeypatch, shift_mm)
+        timings = fuse_stacks(stacks, options).summary["timings_s"]
+        assert sorted(k for k in timings if k.startswith("srr_cycle")) == [f"srr_cycle{c}_s" for c in range(solves)]
+
+
 # ------------------------------------------------------------------------------------- transform files
 def test_transform_files_hold_the_fixed_to_moving_map(tmp_path):
     _, centre = head_box()

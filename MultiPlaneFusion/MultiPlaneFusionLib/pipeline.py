@@ -218,8 +218,8 @@ def _srr_with_refinement(stacks, grid, options, background, monitor):
         )
         timings[f"refine{cycle}_s"] = time.perf_counter() - t
         reports.extend({**r, "cycle": cycle + 1} for r in cycle_reports)
-        if all(float(r.get("cycle_max_shift_mm") or 0.0) == 0.0 for r in cycle_reports):
-            break  # no stack moved: solving again would give the same volume
+        if not any(r.get("moved", False) for r in cycle_reports):
+            break  # no stack moved beyond unmoved_tolerance_mm: solving again would give the same volume
         initial = result.volume
     timings["srr_s"] = sum(v for k, v in timings.items() if k.startswith("srr_cycle"))
     return result.volume, result.coverage, result.info, stacks, reports, timings

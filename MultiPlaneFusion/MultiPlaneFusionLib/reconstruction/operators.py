@@ -808,6 +808,7 @@ class GeneralOperator(StackOperator):
             steps.append(pix / math.ceil(pix / (1.25 * g_along[a]) - 1e-9))
         sig_w = sig_n if psf == "gaussian" else sig_n / 3.0
         steps.append(min(g_along[2], max(sig_w, 0.5 * g_along[2])))
+        steps = self._lattice_steps(steps, frame)
         # Shared axis: a stack axis parallel to a grid axis takes that axis's grid nodes as lattice nodes.
         self.shared = None
         if shared_axis == "auto":
@@ -836,7 +837,7 @@ class GeneralOperator(StackOperator):
             n0, n1 = _axis_nodes(lo, hi, steps[a])
             starts.append(n0 * steps[a])
             sizes.append(n1 - n0 + 1)
-        self.lattice = _Lattice(p0, frame, starts, steps, sizes)
+        self.lattice = self._adjust_lattice(_Lattice(p0, frame, starts, steps, sizes))
         # Valid samples: pixel centre inside the grid box.
         valid = np.zeros(self.shape, dtype=bool)
         jj, ii = np.meshgrid(np.arange(nj, dtype=float), np.arange(ni, dtype=float), indexing="ij")
@@ -852,9 +853,7 @@ class GeneralOperator(StackOperator):
         # In-plane: one matrix per slice when slices drift (shear), else one for all.
         self.m_v = self._inplane(dv, np.arange(nj) * dj, st[1], sp[1], sz[1], sig_j)
         self.m_u = self._inplane(du, np.arange(ni) * di, st[0], sp[0], sz[0], sig_i)
-        self._interp = (
-            _SharedAxisInterp(self.lattice, grid, self.shared) if self.shared else _TrilinearInterp(self.lattice, grid)
-        )
+        self._interp = self._make_interp()
         # Normalisation: each valid sample's weights over the valid lattice nodes sum to 1.
         self._w_cache = {}
         mass = self._raw_forward(np.ones(self.grid_shape, dtype=np.float32))
@@ -862,6 +861,20 @@ class GeneralOperator(StackOperator):
         self._valid = ok
         self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
         self._scale64 = None
+
+    def _lattice_steps(self, steps, frame):
+        """Lattice node spacing (mm) along the frame axes u, v, w; subclasses choose other lattices."""
+        return steps
+
+    def _adjust_lattice(self, lattice):
+        """Hook for subclasses that need the lattice moved (it only has to cover the samples' PSF support)."""
+        return lattice
+
+    def _make_interp(self):
+        """The grid -> lattice interpolation (protocol of :class:`_SharedAxisInterp`)."""
+        if self.shared:
+            return _SharedAxisInterp(self.lattice, self.grid, self.shared)
+        return _TrilinearInterp(self.lattice, self.grid)
 
     def coverage(self):
         if not self.stack.is_regular or self.shape[0] < 2:
@@ -1257,8 +1270,9 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
     grid : Grid
     psf : {"gaussian", "box"}
         Through-plane slice profile (in-plane is always Gaussian, FWHM 1.2 x pixel spacing).
-    path : {"auto", "separable", "general"}
-        ``auto`` takes the separable path when :func:`separable_axes` allows it.
+    path : {"auto", "separable", "shear", "general"}
+        ``auto`` takes the separable path when :func:`separable_axes` allows it, else the shear path
+        (:mod:`.shear_operator`) for a stack within ``SHEAR_MAX_DEG`` of the grid axes, else the general one.
 
     Returns
     -------
@@ -1266,11 +1280,18 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
     """
     if psf not in ("gaussian", "box"):
         raise InputError(f"unknown PSF '{psf}' (use gaussian or box)")
-    if path not in ("auto", "separable", "general"):
-        raise InputError(f"unknown operator path '{path}' (use auto, separable or general)")
-    axes = separable_axes(stack, grid) if path != "general" else None
+    if path not in ("auto", "separable", "shear", "general"):
+        raise InputError(f"unknown operator path '{path}' (use auto, separable, shear or general)")
+    axes = separable_axes(stack, grid) if path in ("auto", "separable") else None
     if path == "separable" and axes is None:
         raise InputError(f"'{stack.description}' is not aligned with the grid axes; use the general path")
     if axes is not None:
         return SeparableOperator(stack, grid, psf, axes)
+    if path in ("auto", "shear"):
+        from .shear_operator import ShearOperator, shear_path_applies
+
+        if shear_path_applies(stack, grid):
+            return ShearOperator(stack, grid, psf)
+        if path == "shear":
+            raise InputError(f"'{stack.description}' is rotated too far from the grid axes for the shear path")
     return GeneralOperator(stack, grid, psf)

@@ -29,6 +29,10 @@ class RegistrationOptions:
         A result that moves no corner of the stack by more than this (mm) counts as no change and the start
         geometry is kept: below the registration's precision (TRE about 0.05-0.1 mm on the phantom), and it
         keeps exactly orthogonal reformats of one acquisition exactly orthogonal.
+    unmoved_tolerance_mm : float
+        Refinement cycles: a stack whose update moves no corner of the head's bounding box (the covered part
+        of the grid) by more than this (mm) counts as unmoved and keeps its transform bit for bit; when no
+        stack moved, the reconstruction is not solved again (it would come out the same).
     refine_cycles : int
         Registration cycles against the current super-resolution reconstruction (used only by srr). One by
         default, as a safety net: benchmarks/bench_registration.py found the first registration already
@@ -66,6 +70,7 @@ class RegistrationOptions:
     max_translation_mm: float = 20.0
     max_rotation_deg: float = 10.0
     min_shift_mm: float = 0.25
+    unmoved_tolerance_mm: float = 0.01
     refine_cycles: int = 1
     shrink_factors: Tuple[int, ...] = (4, 2, 1)
     smoothing_sigmas: Tuple[float, ...] = (2.0, 1.0, 0.0)
@@ -86,6 +91,8 @@ class RegistrationOptions:
             raise InputError("registration bounds --max-translation-mm and --max-rotation-deg must be positive")
         if self.min_shift_mm < 0:
             raise InputError(f"registration min_shift_mm must be 0 or more, got {self.min_shift_mm}")
+        if not self.unmoved_tolerance_mm >= 0:
+            raise InputError(f"registration unmoved_tolerance_mm must be 0 or more, got {self.unmoved_tolerance_mm}")
         if int(self.refine_cycles) < 0:
             raise InputError(f"--refine-cycles must be 0 or more, got {self.refine_cycles}")
         self.refine_cycles = int(self.refine_cycles)

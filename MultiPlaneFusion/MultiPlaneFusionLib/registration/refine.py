@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..progress import Monitor
 from ..stack import stack_from_affine
 from .options import RegistrationOptions
-from .report import describe_motion
+from .report import apply, box_corners, describe_motion
 from .rigid import STAGE, _log_report, _stack_report, reference_report, register_pair
 
 
@@ -29,6 +29,28 @@ def reconstruction_as_stack(volume, grid, modality="OT"):
         volume, grid.index_to_lps_affine, thickness_mm=float(min(grid.spacing_mm)), modality=modality,
         description="reconstruction",
     )
+
+
+def head_box_corners(grid, coverage=None):
+    """The 8 LPS corners (mm) of the head's bounding box: the voxel-centre box of ``coverage > 0`` (the voxels
+    some stack covers), or of the whole grid without ``coverage``; shape (8, 3)."""
+    lo, hi = np.zeros(3), np.asarray(grid.shape, dtype=float) - 1.0
+    if coverage is not None:
+        c = np.asarray(coverage) > 0
+        if c.any():
+            for axis in range(3):
+                other = tuple(a for a in range(3) if a != axis)
+                hit = np.nonzero(c.any(axis=other))[0]
+                lo[axis], hi[axis] = hit[0], hit[-1]
+    kji = box_corners(lo, hi)
+    return np.asarray(grid.index_to_physical(kji[:, 0], kji[:, 1], kji[:, 2]), dtype=float)
+
+
+def max_box_shift_mm(old_transform, new_transform, corners_mm):
+    """Largest distance (mm) any of ``corners_mm`` (patient points of the stack under ``old_transform``) moves
+    when the stack's transform becomes ``new_transform`` (for a rigid change, the largest over the box)."""
+    change = np.asarray(new_transform, float) @ np.linalg.inv(np.asarray(old_transform, float))
+    return float(np.max(np.linalg.norm(apply(change, corners_mm) - corners_mm, axis=1)))
 
 
 def refine_registration(stacks, reconstruction_volume, grid, options=None, monitor=None, reference=0, coverage=None):
@@ -57,9 +79,11 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
     stacks : list of Stack
     reports : list of dict
         As :func:`register_stacks`, with ``translation_mm``/``rotation_deg`` the total motion from the scanner
-        geometry, ``cycle_translation_mm``/``cycle_rotation_deg`` this cycle's change and
-        ``cycle_max_shift_mm`` the largest displacement of a stack corner in this cycle (a caller may skip
-        re-solving the reconstruction when it is a small fraction of a voxel for every stack).
+        geometry, ``cycle_translation_mm``/``cycle_rotation_deg`` this cycle's change,
+        ``cycle_max_shift_mm`` the largest displacement of a stack corner in this cycle,
+        ``cycle_box_shift_mm`` that of a corner of the head's box (:func:`head_box_corners`) and ``moved``:
+        False when the box shift is at most ``options.unmoved_tolerance_mm``; such a stack keeps its transform
+        exactly (the caller skips re-solving the reconstruction when no stack moved).
     """
     options = options or RegistrationOptions()
     monitor = Monitor.wrap(monitor)
@@ -73,6 +97,7 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
         volume = np.where(np.asarray(coverage) > 0, volume, np.float32(np.nan))
     target = reconstruction_as_stack(volume, grid, stacks[reference].modality)
     others = [n for n in range(len(stacks)) if n != reference]
+    box = head_box_corners(grid, coverage)
     out, reports = list(stacks), []
     monitor.report(STAGE, 0.0)
     for done, n in enumerate(others):
@@ -80,7 +105,12 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
         r_start = np.linalg.inv(s.transform)
         span = (done / len(others), (done + 1) / len(others))
         r_final, info = register_pair(target, np.zeros(3), s, r_start, r_start, options, monitor, span)
-        out[n] = s.with_transform(np.linalg.inv(r_final))
+        new = np.linalg.inv(r_final)
+        box_shift = max_box_shift_mm(s.transform, new, box)
+        # A kept start comes back as inv(inv(T)), off by round-off (1e-15 mm): that is no motion, and neither
+        # is anything below the tolerance; the stack keeps its transform bit for bit.
+        moved = box_shift > options.unmoved_tolerance_mm
+        out[n] = s.with_transform(new) if moved else s
         report = _stack_report(n, out[n], "current geometry", info, options)
         change = describe_motion(out[n].transform @ np.linalg.inv(s.transform), s.corners_mm().mean(axis=0))
         report["cycle_translation_mm"] = change["translation_mm"]
@@ -90,6 +120,11 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
         report["cycle_max_shift_mm"] = float(
             np.max(np.linalg.norm(out[n].corners_mm() - s.corners_mm(), axis=1))
         )
+        report["cycle_box_shift_mm"] = box_shift
+        report["moved"] = bool(moved)
+        if not moved and report.get("warning") is None:
+            report["note"] = (f"update moves the head's box by {box_shift:.2g} mm "
+                              f"(<= {options.unmoved_tolerance_mm:g} mm): unmoved")
         reports.append(report)
         _log_report(report, "the reconstruction")
     reports = sorted(reports + [reference_report(reference, stacks[reference])], key=lambda r: r["index"])
