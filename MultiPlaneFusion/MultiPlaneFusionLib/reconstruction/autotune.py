@@ -42,11 +42,12 @@ from .solvers import NormalEquations, solve_huber, solve_tikhonov
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
-DEFAULT_BLOCK_VOXELS = 64
+DEFAULT_BLOCK_VOXELS = 48
 # Weight of the leave-one-out fusions that judge slice profiles (mm^2): moderate, so noise does not
 # dominate the prediction and detail along the left-out stack's normal survives.
 PROFILE_ALPHA = 0.03
-ALPHA_LADDER = (0.003, 0.01, 0.03, 0.1, 0.3)
+# Candidate weights (mm^2), a factor ~3 apart, per regularizer (Huber's penalty is weaker at edges).
+ALPHA_LADDER = {"tikhonov": (0.003, 0.01, 0.03, 0.1), "huber": (0.03, 0.1, 0.3, 1.0)}
 CV_FOLDS = 2
 # Block solves: converged when an iteration changes x by less than this fraction (relative).
 _BLOCK_SOLUTION_TOL = 1e-3
@@ -145,18 +146,27 @@ class BlockProblem:
         self.margin_mm = float(margin_mm)
         self.n_solves = 0
         self.n_iterations = 0
+        self._interior = {}  # per stack (by id): samples inside the scored region (geometry only)
+        self._singles = {}  # per stack index: its B-spline resampling onto the block (self-check)
+        self.loo = {}  # per stack index: the leave-one-out fusion of the others (profile choice)
 
     def normalised(self, stack):
         return (stack.pixels - np.float32(self.norm.offset)) * np.float32(1.0 / self.norm.scale)
 
     def interior(self, stack, valid):
         """Bool per sample: valid and at least ``margin_mm`` inside the block."""
+        key = id(stack)
+        if key not in self._interior:
+            self._interior[key] = (stack, self._inside(stack))  # the stack is kept so its id stays unique
+        return valid & self._interior[key][1]
+
+    def _inside(self, stack):
         nk, nj, ni = stack.shape
         kk, jj, ii = np.meshgrid(np.arange(nk, dtype=float), np.arange(nj, dtype=float),
                                  np.arange(ni, dtype=float), indexing="ij")
         g = self.grid.physical_to_index(stack.index_to_physical(kk, jj, ii))
         h = np.asarray(self.grid.spacing_mm[::-1], float)
-        ok = valid.copy()
+        ok = np.ones(stack.shape, dtype=bool)
         for a in range(3):
             m = self.margin_mm / h[a]
             ok &= (g[a] >= m - 0.5) & (g[a] <= self.grid.shape[a] - 0.5 - m)
@@ -216,6 +226,7 @@ def estimate_profiles(problem, initial, kinds, alpha=PROFILE_ALPHA):
             report.append(None)
             continue
         x = problem.solve([stacks[i] for i in others], [initial[i] for i in others], alpha)
+        problem.loo[k] = x
         cands = candidates(kinds)
         preds, meas, mask = [], None, None
         for cand in cands:
@@ -253,12 +264,13 @@ def _cv_errors(problem, profiles, alpha, folds, regularizer, huber, starts):
     return out
 
 
-def choose_alpha(problem, profiles, regularizer="tikhonov", huber=None, ladder=ALPHA_LADDER, folds=CV_FOLDS):
+def choose_alpha(problem, profiles, regularizer="tikhonov", huber=None, ladder=None, folds=CV_FOLDS):
     """The CV weight (module docstring) with the one-standard-error rule: the largest weight of the ladder
     whose mean held-out error is within one standard error (over the fold x stack units) of the
     minimum. Held-out thick slices cannot see errors along directions no stack resolves (ringing
     there costs volume accuracy but not prediction), so among statistically equivalent weights the
     smoothest is kept. Returns (alpha, {alpha: cv rms in input units}, {alpha: standard error})."""
+    ladder = ALPHA_LADDER[regularizer] if ladder is None else ladder
     means, ses = {}, {}
     starts = {}
     # From the largest weight down: each solve warm-starts from the smoother previous one.
@@ -274,9 +286,10 @@ def choose_alpha(problem, profiles, regularizer="tikhonov", huber=None, ladder=A
     return best, rms, se
 
 
-def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None):
+def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None, reuse=False):
     """Per stack: RMS error (input units) of predicting it from the fusion of the others and from each
-    other single series alone; ``fusion_beats_best_single`` per stack and overall."""
+    other single series alone; ``fusion_beats_best_single`` per stack and overall. ``reuse``: take the
+    leave-one-out fusions of the profile choice (``problem.loo``) instead of solving again."""
     stacks = problem.stacks
     per = []
     for k, s in enumerate(stacks):
@@ -284,7 +297,10 @@ def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None):
         if not others:
             per.append(None)
             continue
-        x = problem.solve([stacks[i] for i in others], [profiles[i] for i in others], alpha, regularizer, huber)
+        if reuse and k in problem.loo:
+            x = problem.loo[k]
+        else:
+            x = problem.solve([stacks[i] for i in others], [profiles[i] for i in others], alpha, regularizer, huber)
         pred, meas, mask = problem.predict(s, profiles[k], x)
         if not mask.any():
             per.append(None)
@@ -293,9 +309,12 @@ def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None):
         fused = float(np.sqrt(np.mean(err[mask] ** 2))) * problem.norm.scale
         singles, fused_same = {}, {}
         for i in others:
-            v, cov = resample_stack(stacks[i], problem.grid, "bspline")
-            xs = (v - np.float32(problem.norm.offset)) * np.float32(1.0 / problem.norm.scale)
-            xs[~cov] = 0.0
+            if i not in problem._singles:
+                v, cov = resample_stack(stacks[i], problem.grid, "bspline")
+                v = (v - np.float32(problem.norm.offset)) * np.float32(1.0 / problem.norm.scale)
+                v[~cov] = 0.0
+                problem._singles[i] = (v, cov)
+            xs, cov = problem._singles[i]
             p1, _, m1 = problem.predict(s, profiles[k], xs)
             # only samples whose profile lies inside that series' coverage (it predicts nothing elsewhere)
             seen, _, _ = problem.predict(s, profiles[k], cov.astype(np.float32))

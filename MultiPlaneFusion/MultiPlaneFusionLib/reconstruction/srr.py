@@ -131,7 +131,7 @@ class SrrOptions:
     clip_to_input_range: bool = True
     threads: Optional[int] = None
     self_check: bool = True
-    probe_block_voxels: int = 64
+    probe_block_voxels: int = autotune.DEFAULT_BLOCK_VOXELS
     stack_profiles: Optional[Tuple[SliceProfile, ...]] = None
 
     @property
@@ -448,8 +448,9 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
     check = None
     if probe is not None and options.self_check and len(probe.index) > 1:
         t0 = time.perf_counter()
+        # with profiles chosen from the data, the leave-one-out fusions made for that choice are reused
         per = autotune.self_check(probe.problem, [profiles[k] for k in probe.index], alpha, options.regularizer,
-                                  _huber_args(options))
+                                  _huber_args(options), reuse=want_profiles)
         check = _self_check_summary(per, probe, used, stacks, time.perf_counter() - t0)
         timings["self_check_s"] = time.perf_counter() - t0
     monitor.report("reconstruct", 1.0)
