@@ -40,7 +40,7 @@ def test_defaults_choose_from_the_data_and_report_it(series, tmp_path, capsys):
     assert rec["alpha"] in rec["alpha_choice"]["cv_rms_by_alpha"] or rec["alpha"] > 0
     assert rec["iterations"] > 0 and rec["stopped_by"] in ("solution", "residual")
     assert rec["self_check"]["per_stack"][0]["best_single_rms"] > 0
-    assert rec["fusion_beats_single_series"] is True
+    assert rec["fusion_beats_single_series"] is True and summary["fusion_beats_single_series"] is True
 
 
 def test_explicit_psf_and_alpha_still_work(series, tmp_path, capsys):

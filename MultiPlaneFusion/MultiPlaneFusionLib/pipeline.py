@@ -144,6 +144,9 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         "covered_fraction": float(np.count_nonzero(coverage) / coverage.size),
         "registration": registration_reports,
         "reconstruction": info,
+        # srr self-check (None for the average or when it did not run): False means some stack is predicted
+        # better by a single other series than by the fusion; the Slicer module shows it in the status line
+        "fusion_beats_single_series": info.get("fusion_beats_single_series"),
         "timings_s": timings,
         "estimated_peak_memory_mb": need / 1024**2,
     }
