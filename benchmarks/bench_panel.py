@@ -181,10 +181,14 @@ def run_model(option_sets, grid_choice="1mm", png=None, log=print):
     ref_folder = extract_series("philips_axial_1mm")
     (ref_stack,) = read_stacks([ref_folder])
     g1 = read_grid_source(ref_folder)
-    grid = g1 if grid_choice == "1mm" else panel.philips_truth()[1]
     evaluator = RealEvaluator(ref_stack, eval_grid(g1))
     t = time.perf_counter()
-    ref_model = build_model(stack_to_image(ref_stack))
+    if grid_choice == "1mm":
+        grid = g1
+        ref_model = build_model(stack_to_image(ref_stack))
+    else:  # the panel's grid: the reference is the 1 mm series on that same grid (the panel's truth)
+        truth, grid = panel.philips_truth()
+        ref_model = build_model(grid.image(truth))
     log(f"1 mm series model: {ref_model.report['triangles']} triangles, {time.perf_counter() - t:.1f} s")
     results, renders = [], [("real 1 mm series (reference)", ref_model.polydata)]
     z_top = None

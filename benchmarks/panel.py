@@ -699,11 +699,11 @@ def baseline_rows(prep, log=print):
     rows = []
     vol, t, res = run_fusion(prep.paths, prep.grid, {"method": "average"}, prep.case.register)
     rows.append({"case": prep.case.name, "kind": "baseline", "method": "average", "seconds": t, **prep.scorer(vol)})
-    for s in res.stacks:  # registered stacks when the case registers
+    for n, s in enumerate(res.stacks):  # registered stacks when the case registers
         t0 = time.perf_counter()
         v, covered = resample_stack(s, prep.grid, "bspline")
         v[~covered] = BACKGROUND_HU
-        rows.append({"case": prep.case.name, "kind": "baseline", "method": f"single {s.description[:24]}",
+        rows.append({"case": prep.case.name, "kind": "baseline", "method": f"single {n} {s.description[:22]}",
                      "seconds": time.perf_counter() - t0, **prep.scorer(v)})
     for r in rows:
         log(_row_text(r))
@@ -772,7 +772,7 @@ def table_rows(rows, all_singles=False):
         singles = [r for r in mine if r["kind"] == "baseline" and r["method"].startswith("single")]
         if singles and not all_singles:
             best = max(singles, key=lambda r: r["psnr_db"])
-            singles = [{**best, "method": "best single: " + best["method"][7:]}]
+            singles = [{**best, "method": "best single " + best["method"][7:]}]
         out.extend(singles)
         out.extend(r for r in mine if r["kind"] == "baseline" and r["method"] == "average")
         out.extend(r for r in mine if r["kind"] == "option")
