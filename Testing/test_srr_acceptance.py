@@ -2,8 +2,12 @@
 series of the adult-size analytic head phantom with 15 HU noise (another noise seed than
 benchmarks/bench_srr.py), reconstructed with the default settings on an ~11.6 M-voxel grid.
 
-srr must beat the axial series alone (B-spline) and the average by >= 3 dB PSNR inside the head and at
-least halve their mean 300 HU bone-surface distance to the truth. About a minute on 2 cores."""
+The default srr (issue 11: Tikhonov, profiles and weight from the data, converged) must beat the axial
+series alone (B-spline) and the average by >= 3 dB PSNR inside the head and lower their mean 300 HU
+bone-surface distance to the truth (this phantom's hard-edged, piecewise-constant bone is where Tikhonov
+does worst; on real anatomy it wins, benchmarks/bench_panel.py). The edge-preserving Huber prior (the
+previous default, an explicit setting now) must still at least halve that surface distance. About a
+minute on 2 cores."""
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ import pytest
 from MultiPlaneFusionLib import metrics
 from MultiPlaneFusionLib.reconstruction.average import fuse_average
 from MultiPlaneFusionLib.reconstruction.resample import resample_stack
-from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
+from MultiPlaneFusionLib.reconstruction.srr import SrrOptions, reconstruct_srr
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks
 
 BONE_HU = 300.0
@@ -46,5 +50,15 @@ def test_srr_gains_3_db_and_halves_the_surface_error_of_both_baselines(full_size
               f"average {surf_avg:.3f} srr {surf_srr:.3f} mm")
     print(report)
     assert psnr_srr >= max(psnr_ax, psnr_avg) + 3.0, report
-    assert surf_srr <= 0.5 * min(surf_ax, surf_avg), report
+    assert surf_srr <= 0.85 * min(surf_ax, surf_avg), report
     assert np.isfinite(res.volume).all()
+    assert res.info["fusion_beats_single_series"] is True
+    del res
+    huber = SrrOptions(regularizer="huber", alpha=0.5, psf="gaussian", max_iterations=7, outer_iterations=4,
+                       solution_tolerance=0.0, self_check=False)
+    hub = reconstruct_srr(stacks, grid, huber, initial=avg.volume, coverage=avg.coverage)
+    psnr_h, surf_h = _quality(hub.volume, truth, grid, truth_surface)
+    report += f"; huber {psnr_h:.2f} dB / {surf_h:.3f} mm"
+    print(report)
+    assert psnr_h >= max(psnr_ax, psnr_avg) + 3.0, report
+    assert surf_h <= 0.5 * min(surf_ax, surf_avg), report

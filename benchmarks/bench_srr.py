@@ -32,6 +32,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ from MultiPlaneFusionLib.reconstruction.srr import SrrOptions, reconstruct_srr  
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks  # noqa: E402
 
 BONE_HU = 300.0
+# The default before issue 11 (chosen on this phantom): Huber, alpha 0.5, 7 CG over 4 reweightings, Gaussian.
+PREVIOUS_DEFAULT = SrrOptions(regularizer="huber", alpha=0.5, psf="gaussian", max_iterations=7, outer_iterations=4,
+                              solution_tolerance=0.0, self_check=False)
 README_BASELINES = {"5mm": (0.805, 0.69, 2.48), "mean3": (0.847, 0.53, 1.44)}
 
 COLUMNS = [
@@ -117,26 +121,34 @@ def bench_synthetic(args):
     row("average (linear)", avg.volume, t_avg, mem)
     res, t_srr, mem = measure(reconstruct_srr, stacks, grid)
     threads = res.info["threads"]
-    row("srr, default (Huber; as the pipeline runs it)", res.volume, t_srr, mem, {"iterations": res.info["iterations"],
-                                                   "residual": res.info["relative_residual"],
-                                                   "timings": res.info["timings_s"]})
+    row("srr, default (auto profile + alpha, Tikhonov, converged, self-check)", res.volume, t_srr, mem,
+        {"iterations": res.info["iterations"], "residual": res.info["relative_residual"],
+         "timings": res.info["timings_s"], "alpha": res.info["alpha"],
+         "profiles": [p["kind"] + " x" + str(p["width_factor"]) for p in res.info["slice_profiles"]]})
+    print("default: alpha", res.info["alpha"], "profiles", rows[-1]["profiles"], "stopped by", res.info["stopped_by"],
+          "timings", res.info["timings_s"])
     del res
-    res, t_srr2, mem = measure(reconstruct_srr, stacks, grid, None, avg.volume, avg.coverage)
-    row("srr, default, started from the average fusion (times: both)", res.volume, t_srr2 + t_avg, mem,
-        {"iterations": res.info["iterations"]})
-    del res
-    res_1, t_1, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(threads=1))
-    row("srr, default, one thread", res_1.volume, t_1, mem, {"iterations": res_1.info["iterations"]})
-    del res_1
-    res_o, t_o, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(max_iterations=9, outer_iterations=3))
-    row("srr, Huber 9 CG over 3 reweightings", res_o.volume, t_o, mem,
+    res_o, t_o, mem = measure(reconstruct_srr, stacks, grid, PREVIOUS_DEFAULT)
+    row("srr, previous default (Huber a=0.5, 7 CG over 4 reweightings, Gaussian)", res_o.volume, t_o, mem,
         {"iterations": res_o.info["iterations"]})
     del res_o
-    res_t, t_t, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(regularizer="tikhonov"))
-    row("srr, Tikhonov", res_t.volume, t_t, mem, {"iterations": res_t.info["iterations"]})
-    del res_t
-    res_p, t_p, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(edge_scale_mm=0.0))
-    row("srr, plain Huber, edge scale 0", res_p.volume, t_p, mem, {"iterations": res_p.info["iterations"]})
+    res_h, t_h, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(regularizer="huber"))
+    row("srr, Huber, auto profile + alpha, converged", res_h.volume, t_h, mem,
+        {"iterations": res_h.info["iterations"], "alpha": res_h.info["alpha"]})
+    del res_h
+    # Quality against iteration count (Tikhonov, the default's profiles and weight, no early stop)
+    fixed = SrrOptions(alpha=rows[2]["alpha"], psf="box", self_check=False, tolerance=1e-12, solution_tolerance=0.0)
+    conv = []
+    for it in (2, 4, 8, 16, 32, 64):
+        r_it = reconstruct_srr(stacks, grid, replace(fixed, max_iterations=it))
+        q = quality(r_it.volume, truth, grid, head, truth_surface)
+        conv.append({"iterations": it, "psnr_db": q["psnr_db"], "surface_mean_mm": q["surface_mean_mm"],
+                     "relative_change": r_it.info["relative_change"]})
+        del r_it
+    print_table("quality against CG iterations (Tikhonov, box, the default's alpha; the default stops at "
+                f"{rows[2]['iterations']})", conv,
+                [("iterations", "iters", ""), ("psnr_db", "PSNR dB", ".2f"), ("surface_mean_mm", "surf mm", ".3f"),
+                 ("relative_change", "rel. change", ".2e")])
     print_table(f"synthetic ({n / 1e6:.1f} M voxels)", rows, COLUMNS)
     # Speed: the machine is shared, single timings vary by up to 2x; alternate the two methods a few times
     # and take each one's median (ratios of the runs side by side are printed too).
@@ -152,18 +164,22 @@ def bench_synthetic(args):
     print(f"speed over {len(pairs)} alternating runs: average {med_avg:.2f} s, srr {med_srr:.2f} s (medians), "
           f"ratio of medians {med_srr / med_avg:.2f}; run by run " + ", ".join(f"{b / a:.2f}" for a, b in pairs))
     ratio = t_srr / t_avg
-    ratio_pipeline = (t_srr2 + t_avg) / t_avg
-    print(f"speed: srr / average = {ratio:.2f}; average + srr from it / average = "
-          f"{ratio_pipeline:.2f}; Tikhonov / average = {t_t / t_avg:.2f}; srr on one thread / average = "
-          f"{t_1 / t_avg:.2f} (default: {threads} threads)")
+    print(f"speed: srr (default) / average = {ratio:.2f}; previous default / average = {t_o / t_avg:.2f}; "
+          f"default / previous default = {t_srr / t_o:.2f} ({threads} threads)")
+    for _ in range(args.speed_runs):
+        t0 = time.perf_counter()
+        reconstruct_srr(stacks, grid, PREVIOUS_DEFAULT)
+        pairs[_] = pairs[_] + (time.perf_counter() - t0,)
+    med_old = float(np.median([p[2] for p in pairs]))
+    print(f"medians: average {med_avg:.2f} s, default srr {med_srr:.2f} s, previous default {med_old:.2f} s; "
+          f"default / previous = {med_srr / med_old:.2f}")
     ax, av, sr = rows[0], rows[1], rows[2]
     print(f"srr - axial: {sr['psnr_db'] - ax['psnr_db']:+.2f} dB; "
           f"srr - average: {sr['psnr_db'] - av['psnr_db']:+.2f} dB; surface mean srr / best baseline = "
           f"{sr['surface_mean_mm'] / min(ax['surface_mean_mm'], av['surface_mean_mm']):.2f}")
     print(markdown_table(rows, COLUMNS))
-    return {"grid_shape": grid.shape, "n_voxels": n, "rows": rows, "speed_ratio": ratio,
-            "speed_ratio_from_average": ratio_pipeline, "speed_ratio_tikhonov": t_t / t_avg,
-            "speed_ratio_one_thread": t_1 / t_avg, "speed_runs": pairs, "speed_ratio_median": med_srr / med_avg}
+    return {"grid_shape": grid.shape, "n_voxels": n, "rows": rows, "speed_ratio": ratio, "convergence": conv,
+            "speed_runs": pairs, "speed_ratio_median": med_srr / med_avg, "default_over_previous": med_srr / med_old}
 
 
 def bench_sweep(args):

@@ -171,6 +171,9 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         "covered_fraction": float(np.count_nonzero(coverage) / coverage.size),
         "registration": registration_reports,
         "reconstruction": info,
+        # srr self-check (None for the average or when it did not run): False means some stack is predicted
+        # better by a single other series than by the fusion; the Slicer module shows it in the status line
+        "fusion_beats_single_series": info.get("fusion_beats_single_series"),
         "timings_s": timings,
         "estimated_peak_memory_mb": need / 1024**2,
         "duplicates_dropped": [{"stack": a, "same_as": b} for a, b in duplicates],
@@ -199,11 +202,12 @@ def _srr_with_refinement(stacks, grid, options, background, monitor):
     span = 1.0 / (cycles + 1)
     initial = None
     result = None
+    srr_options = options.srr
     for cycle in range(cycles + 1):
         t = time.perf_counter()
         # coverage is recomputed each cycle: refinement may have moved the stacks
         result = reconstruct_srr(
-            stacks, grid, options.srr, initial=initial,
+            stacks, grid, srr_options, initial=initial,
             monitor=monitor.sub("reconstruct", cycle * span, (cycle + 1) * span),
         )
         timings[f"srr_cycle{cycle}_s"] = time.perf_counter() - t
@@ -221,8 +225,20 @@ def _srr_with_refinement(stacks, grid, options, background, monitor):
         if not any(r.get("moved", False) for r in cycle_reports):
             break  # no stack moved beyond unmoved_tolerance_mm: solving again would give the same volume
         initial = result.volume
+        # Later cycles keep the slice profiles and weight chosen from the data in the first one (the small
+        # registration refinements do not change them); the self-check still runs on the final cycle.
+        srr_options = _keep_choices(srr_options, result)
     timings["srr_s"] = sum(v for k, v in timings.items() if k.startswith("srr_cycle"))
     return result.volume, result.coverage, result.info, stacks, reports, timings
+
+
+def _keep_choices(srr_options, result):
+    from dataclasses import replace
+
+    from .reconstruction.srr import SrrOptions
+
+    opts = srr_options or SrrOptions()
+    return replace(opts, alpha=float(result.info["alpha"]), stack_profiles=tuple(result.profiles))
 
 
 def fuse_paths(paths, options=None, progress=None, cancel=None):

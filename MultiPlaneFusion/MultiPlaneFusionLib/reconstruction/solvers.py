@@ -248,7 +248,7 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=No
 
 def conjugate_gradient(
     apply_h, b, x, precond_inv=None, max_iterations=20, tolerance=1e-3, b_norm=None, report=None,
-    overwrite_b=False, residual=None, keep_residual=False, workers=None, pool=None,
+    overwrite_b=False, residual=None, keep_residual=False, workers=None, pool=None, solution_tolerance=None,
 ):
     """Preconditioned conjugate gradients for ``H x = b`` (H symmetric positive definite), in place.
 
@@ -286,11 +286,17 @@ def conjugate_gradient(
         Threads for the vector updates.
     pool : operators.Scratch, optional
         Where the direction and H p arrays come from and go back to when done (reused memory).
+    solution_tolerance : float, optional
+        Also stop when an iteration changes the solution by at most this fraction of its norm,
+        ``||x_new - x_old|| <= solution_tolerance * ||x_new||`` (measured in the update's pass, no extra
+        memory pass).
 
     Returns
     -------
     dict
-        ``iterations``, ``relative_residual`` (final), ``initial_relative_residual``, ``history``.
+        ``iterations``, ``relative_residual`` (final), ``initial_relative_residual``, ``history``,
+        ``relative_change`` (of the last iteration, or None), ``stopped`` ("residual", "solution",
+        "max_iterations" or "breakdown").
     """
     if b_norm is None:
         b_norm = np.sqrt(dot(b, b, workers))
@@ -309,10 +315,12 @@ def conjugate_gradient(
     rel0 = np.sqrt(rr) / b_norm
     history = [float(rel0)]
     info = {"iterations": 0, "relative_residual": float(rel0), "initial_relative_residual": float(rel0),
-            "history": history}
+            "history": history, "relative_change": None, "stopped": "residual"}
     if keep_residual:
         info["residual"] = r
     if rel0 <= tolerance or max_iterations <= 0:
+        if rel0 > tolerance:
+            info["stopped"] = "max_iterations"
         return info
     fx, fr = x.reshape(-1), r.reshape(-1)
     fm = None if precond_inv is None else precond_inv.reshape(-1)
@@ -327,6 +335,9 @@ def conjugate_gradient(
     it = 0
     rel = rel0
     with_dot = getattr(apply_h, "apply_with_dot", None)
+    watch_x = solution_tolerance is not None and solution_tolerance > 0
+    change = None
+    stopped = "max_iterations"
     q = pool.take(x.shape, x.dtype) if (pool is not None and with_dot is not None) else None
     while it < max_iterations:
         if with_dot is not None:
@@ -336,6 +347,7 @@ def conjugate_gradient(
             pq = dot(p, q, workers)
         fq = q.reshape(-1)
         if not pq > 0:  # H lost definiteness numerically: stop with what we have
+            stopped = "breakdown"
             break
         step = dt(rz / pq)
 
@@ -347,10 +359,12 @@ def conjugate_gradient(
             np.multiply(ps, step, out=t)
             xs += t
             rr_part = float(np.dot(rs, rs))
+            # squared norms of the step and of the new x, for the solution-change test (in cache)
+            dx = (float(np.dot(t, t)), float(np.dot(xs, xs))) if watch_x else (0.0, 0.0)
             if fm is None:
-                return rr_part, rr_part
+                return rr_part, rr_part, dx
             np.multiply(rs, fm[s0:s1], out=t)
-            return rr_part, float(np.dot(rs, t))
+            return rr_part, float(np.dot(rs, t)), dx
 
         parts = _flat_pieces(workers, fx.size, update)
         rr = sum(v[0] for v in parts)
@@ -358,9 +372,17 @@ def conjugate_gradient(
         it += 1
         rel = np.sqrt(rr) / b_norm
         history.append(float(rel))
+        if watch_x:
+            change = float(np.sqrt(sum(v[2][0] for v in parts) / max(sum(v[2][1] for v in parts), 1e-30)))
         if report is not None:
             report(it, float(rel))
-        if rel <= tolerance or it >= max_iterations:
+        if rel <= tolerance:
+            stopped = "residual"
+            break
+        if watch_x and change <= solution_tolerance:
+            stopped = "solution"
+            break
+        if it >= max_iterations:
             break
         beta = dt(rz_new / rz)
 
@@ -378,7 +400,7 @@ def conjugate_gradient(
 
         _flat_pieces(workers, fx.size, direction)
         rz = rz_new
-    info.update(iterations=it, relative_residual=float(rel))
+    info.update(iterations=it, relative_residual=float(rel), relative_change=change, stopped=stopped)
     if pool is not None:
         pool.give(p)
         pool.give(q)
@@ -490,14 +512,18 @@ def _invert_diagonal(d, workers):
     _flat_pieces(workers, fd.size, piece)
 
 
-def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None, overwrite=False):
-    """TK1: preconditioned CG on the normal equations, warm-started from ``x`` (overwritten).
+def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None, overwrite=False,
+                   solution_tolerance=None):
+    """TK1: preconditioned CG on the normal equations, warm-started from ``x`` (overwritten), until the
+    relative residual is below ``tolerance`` or an iteration changes x by at most ``solution_tolerance``
+    of its norm (converged), at most ``max_iterations``.
 
     ``overwrite=True`` reuses the memory of ``b`` and of the system's row sums (two grid copies less).
     """
     system.weights = None
     info = conjugate_gradient(system, b, x, system.preconditioner(consume=overwrite), max_iterations, tolerance,
-                              report=report, overwrite_b=overwrite, workers=system.workers)
+                              report=report, overwrite_b=overwrite, workers=system.workers,
+                              solution_tolerance=solution_tolerance)
     LOGGER.info(
         "SRR (TK1, alpha %.4g): %d CG iterations, relative residual %.3g -> %.3g",
         system.alpha, info["iterations"], info["initial_relative_residual"], info["relative_residual"],
@@ -506,7 +532,7 @@ def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None,
 
 
 def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, tolerance=1e-3, report=None,
-                edge_scale_mm=0.0):
+                edge_scale_mm=0.0, solution_tolerance=None):
     """Huber-on-gradient by IRLS: ``outer_iterations`` reweightings, CG inside (in total at most
     ``max_iterations`` CG iterations, split evenly, the earlier steps taking the remainder; at least one per
     reweighting). ``x`` (the warm start) is overwritten.
@@ -515,10 +541,16 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
     are preserved from the beginning. Between reweightings only the penalty part of H changes, so the
     residual and the Jacobi preconditioner are carried over and corrected (:meth:`NormalEquations.reweight`):
     the data terms are most of an iteration's cost. ``b`` and the system's row sums are overwritten.
+
+    With ``solution_tolerance`` the iterations run to convergence instead of a fixed split:
+    ``outer_iterations`` and ``max_iterations`` become caps, each reweighting's CG runs until an
+    iteration changes x by at most that fraction of its norm, and the reweighting stops when a new set
+    of weights is met by a single such CG iteration (the fixed point of the IRLS).
     """
     outer_iterations = max(1, int(outer_iterations))
     # split evenly, the earlier reweightings taking the remainder; at least one CG iteration each
     n_cg = max(int(max_iterations), outer_iterations)
+    converge = solution_tolerance is not None and solution_tolerance > 0
     inner_counts = [n_cg // outer_iterations + (1 if o < n_cg % outer_iterations else 0)
                     for o in range(outer_iterations)]
     workers = system.workers
@@ -548,22 +580,29 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
 
         # The first step computes the residual in b's memory (b is not needed after it: later steps carry the
         # residual), one grid copy less at the peak.
-        info = conjugate_gradient(system, b, x, precond, inner_counts[o], tolerance, b_norm=b_norm,
+        budget = max(1, n_cg - total - (outer_iterations - o - 1)) if converge else inner_counts[o]
+        info = conjugate_gradient(system, b, x, precond, budget, tolerance, b_norm=b_norm,
                                   report=inner_report, overwrite_b=residual is None, residual=residual,
-                                  keep_residual=o + 1 < outer_iterations, workers=workers, pool=pool)
+                                  keep_residual=o + 1 < outer_iterations, workers=workers, pool=pool,
+                                  solution_tolerance=solution_tolerance if converge else None)
         residual = info.pop("residual", None)
         total += info["iterations"]
         infos.append(info)
+        fixed_point = converge and o > 0 and info["iterations"] <= 1 and info["stopped"] in ("solution", "residual")
         LOGGER.info(
             "SRR (Huber, alpha %.4g, delta %.4g) outer %d/%d: %d CG iterations, relative residual %.3g",
             system.alpha, delta, o + 1, outer_iterations, info["iterations"], info["relative_residual"],
         )
+        if fixed_point or (converge and total >= n_cg):
+            break
     system.weights = None
     pool.clear()
     return {
         "iterations": total,
-        "outer_iterations": outer_iterations,
+        "outer_iterations": len(infos),
         "relative_residual": infos[-1]["relative_residual"],
+        "relative_change": infos[-1]["relative_change"],
+        "stopped": "solution" if (converge and infos[-1]["stopped"] != "max_iterations") else infos[-1]["stopped"],
         "initial_relative_residual": infos[0]["initial_relative_residual"],
         "history": [h for i in infos for h in i["history"]],
     }

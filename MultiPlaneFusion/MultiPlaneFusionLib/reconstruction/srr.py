@@ -26,15 +26,17 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from ..errors import InputError
 from ..progress import Monitor
+from . import autotune
 from .intensity import compare_stacks
 from .operators import Scratch, make_operator
 from .parallel import Workers, row_slabs
+from .psf import PSF_KINDS, WIDTH_FACTORS, SliceProfile, validate_psf
 from .solvers import NormalEquations, solve_huber, solve_tikhonov
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
@@ -48,15 +50,17 @@ LOGGER = logging.getLogger("MultiPlaneFusionLib")
 # (alpha 0.03, whose surface error is twice as large).
 DEFAULT_ALPHA = {"tikhonov": 0.1, "huber": 0.5}
 DEFAULT_HUBER_DELTA = 0.05
-DEFAULT_REGULARIZER = "huber"
+DEFAULT_REGULARIZER = "tikhonov"
 # The choices of SrrOptions.regularizer (the default first), for front ends that list them.
-REGULARIZERS = ("huber", "tikhonov")
+REGULARIZERS = ("tikhonov", "huber")
 # Cap on CG iterations: Tikhonov stops on the tolerance long before. Huber spends its budget over 4
 # reweightings (2 + 2 + 2 + 1 CG iterations): on the phantom the number of reweightings matters more than
 # CG iterations per reweighting (bench_srr.py: 4 x 2 beat 3 x 3 in every sweep case at the same cost;
 # 7 iterations over 4 reweightings is better than 9 over 3 and 20 % cheaper).
-DEFAULT_ITERATIONS = {"tikhonov": 30, "huber": 7}
-DEFAULT_OUTER_ITERATIONS = 4
+DEFAULT_ITERATIONS = {"tikhonov": 100, "huber": 100}
+DEFAULT_OUTER_ITERATIONS = 10
+# Converged: an iteration changes the (normalised) volume by less than this fraction of its norm.
+DEFAULT_SOLUTION_TOLERANCE = 1e-3
 # Sigma of the Gaussian the Huber edge test looks through, mm (see solvers.huber_weights).
 DEFAULT_EDGE_SCALE_MM = 0.35
 
@@ -113,11 +117,12 @@ class SrrOptions:
         most 8). The result does not depend on it beyond float32 round-off (sums run in another order).
     """
 
-    alpha: Optional[float] = None
+    alpha: Union[float, str, None] = "auto"
     regularizer: str = DEFAULT_REGULARIZER
-    psf: str = "gaussian"
+    psf: str = "auto"
     max_iterations: Optional[int] = None
     tolerance: float = 3e-4
+    solution_tolerance: float = DEFAULT_SOLUTION_TOLERANCE
     intensity_matching: Optional[bool] = None
     huber_delta: float = DEFAULT_HUBER_DELTA
     outer_iterations: int = DEFAULT_OUTER_ITERATIONS
@@ -127,11 +132,21 @@ class SrrOptions:
     exclude_disagreeing: bool = True
     clip_to_input_range: bool = True
     threads: Optional[int] = None
+    self_check: bool = True
+    probe_block_voxels: int = autotune.DEFAULT_BLOCK_VOXELS
+    stack_profiles: Optional[Tuple[SliceProfile, ...]] = None
+
+    @property
+    def alpha_is_auto(self):
+        return isinstance(self.alpha, str)
 
     @property
     def effective_alpha(self):
-        """``alpha``, or the regularizer's default when it is None."""
-        return DEFAULT_ALPHA[self.regularizer] if self.alpha is None else float(self.alpha)
+        """``alpha``, or the regularizer's fixed default when it is None or "auto" (the value the
+        automatic choice starts from and falls back to)."""
+        if self.alpha is None or isinstance(self.alpha, str):
+            return DEFAULT_ALPHA[self.regularizer]
+        return float(self.alpha)
 
     @property
     def effective_iterations(self):
@@ -143,10 +158,16 @@ class SrrOptions:
     def validate(self):
         if self.regularizer not in REGULARIZERS:
             raise InputError(f"unknown regularizer '{self.regularizer}' (use {' or '.join(REGULARIZERS)})")
-        if self.alpha is not None and not (self.alpha >= 0 and np.isfinite(self.alpha)):
-            raise InputError(f"alpha must be a non-negative number, got {self.alpha}")
-        if self.psf not in ("gaussian", "box"):
-            raise InputError(f"unknown PSF '{self.psf}' (use gaussian or box)")
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                raise InputError(f"alpha must be 'auto' or a non-negative number, got '{self.alpha}'")
+        elif self.alpha is not None and not (self.alpha >= 0 and np.isfinite(self.alpha)):
+            raise InputError(f"alpha must be 'auto' or a non-negative number, got {self.alpha}")
+        validate_psf(self.psf)
+        if not (self.solution_tolerance >= 0 and np.isfinite(self.solution_tolerance)):
+            raise InputError(f"solution tolerance must be a non-negative number, got {self.solution_tolerance}")
+        if int(self.probe_block_voxels) < 16:
+            raise InputError(f"probe block must be at least 16 voxels a side, got {self.probe_block_voxels}")
         if self.max_iterations is not None and int(self.max_iterations) < 0:
             raise InputError(f"iterations must be >= 0, got {self.max_iterations}")
         if not self.tolerance > 0:
@@ -169,6 +190,7 @@ class SrrResult:
     volume: np.ndarray
     coverage: np.ndarray
     info: dict
+    profiles: tuple = ()
 
 
 def _default_background(stacks):
@@ -250,7 +272,9 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
 
     # 1. Agreement between stacks, intensity matching.
     t0 = time.perf_counter()
-    rep = compare_stacks(stacks, grid, match, options.disagreement_threshold, options.psf, 0, monitor, workers)
+    # the coarse comparison does not depend on the profile (smoothed beyond any slice profile)
+    psf0 = "gaussian" if options.psf == "auto" else options.psf
+    rep = compare_stacks(stacks, grid, match, options.disagreement_threshold, psf0, 0, monitor, workers)
     timings["intensity_s"] = time.perf_counter() - t0
     used = list(range(len(stacks)))
     if rep.disagreeing:
@@ -267,12 +291,60 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
             s = replace(s, pixels=px)
         work.append(s)
     monitor.report("reconstruct", 0.02)
+    offset = float(background)
+    scale = _robust_range(work, offset)
+
+    # 1b. Settings from the data (slice profiles, weight) on a probe block; see autotune.py.
+    alpha = options.effective_alpha
+    if options.stack_profiles is not None:
+        if len(options.stack_profiles) != len(stacks):
+            raise InputError(f"stack profiles: {len(options.stack_profiles)} given for {len(stacks)} stacks")
+        profiles = [options.stack_profiles[k] for k in used]
+    elif options.psf == "auto":
+        profiles = [SliceProfile("gaussian")] * len(work)
+    else:
+        profiles = [SliceProfile(options.psf)] * len(work)
+    auto = {"profile_choice": None, "alpha_choice": None}
+    probe = None
+    want_profiles = options.psf == "auto" and options.stack_profiles is None and len(work) > 1
+    if want_profiles or options.alpha_is_auto or (options.self_check and len(work) > 1):
+        t0 = time.perf_counter()
+        probe = _probe(work, grid, offset, scale, options, workers)
+        timings["probe_setup_s"] = time.perf_counter() - t0
+    if probe is not None and want_profiles:
+        t0 = time.perf_counter()
+        found, report = autotune.estimate_profiles(probe.problem, [profiles[k] for k in probe.index], PSF_KINDS)
+        for n, k in enumerate(probe.index):
+            profiles[k] = found[n]
+        dt = time.perf_counter() - t0
+        timings["profile_choice_s"] = dt
+        auto["profile_choice"] = {"method": "leave-one-stack-out prediction on the probe block",
+                                  "rms_by_candidate": [None] * len(stacks), "seconds": round(dt, 3)}
+        for n, k in enumerate(probe.index):
+            auto["profile_choice"]["rms_by_candidate"][used[k]] = report[n]
+        monitor.check()
+    for s, p in zip(work, profiles):
+        LOGGER.info("SRR slice profile of '%s': %s, width %.2f mm (nominal thickness %.2f mm)%s", s.description,
+                    p.kind, p.width_mm(s), s.thickness_mm, " (chosen from the data)" if want_profiles else "")
+    if probe is not None and options.alpha_is_auto:
+        t0 = time.perf_counter()
+        alpha, cv, cv_se = autotune.choose_alpha(probe.problem, [profiles[k] for k in probe.index], options.regularizer,
+                                          _huber_args(options))
+        dt = time.perf_counter() - t0
+        timings["alpha_choice_s"] = dt
+        auto["alpha_choice"] = {"method": f"{autotune.CV_FOLDS}-fold cross-validation over held-out slices on the "
+                                          "probe block, one-standard-error rule", "cv_rms_by_alpha": cv,
+                                "cv_mse_standard_error_by_alpha": cv_se, "seconds": round(dt, 3)}
+        LOGGER.info("SRR weight alpha %.4g chosen by cross-validation over held-out slices (%.1f s; CV error by "
+                    "alpha: %s)", alpha, dt, ", ".join(f"{a:g}: {v:.2f}" for a, v in cv.items()))
+        monitor.check()
+    monitor.report("reconstruct", 0.04)
 
     # 2. Operators.
     t0 = time.perf_counter()
     ops = []
-    for s in work:
-        ops.append(make_operator(s, grid, options.psf))
+    for s, p in zip(work, profiles):
+        ops.append(make_operator(p.apply(s), grid, p.kind))
         monitor.check()
     timings["operators_s"] = time.perf_counter() - t0
     for s, op in zip(work, ops):
@@ -299,8 +371,6 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
 
     # 3. Normalised data, right-hand side b = sum c_k A_k^T y_k and row sums sum c_k A_k^T 1.
     t0 = time.perf_counter()
-    offset = float(background)
-    scale = _robust_range(work, offset)
     inv = np.float32(1.0 / scale)
     grid_voxel = float(np.prod(grid.spacing_mm))
     c = [_sample_volume_mm3(s) / grid_voxel for s in work]
@@ -345,7 +415,7 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
     # 5. Solve.
     t0 = time.perf_counter()
     spacing_kji = tuple(float(v) for v in grid.spacing_mm[::-1])
-    system = NormalEquations(ops, c, options.effective_alpha, spacing_kji, row_sums, workers, scratch)
+    system = NormalEquations(ops, c, alpha, spacing_kji, row_sums, workers, scratch)
     n_iter = max(1, options.effective_iterations)
 
     def report(it, rel):
@@ -354,11 +424,11 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
     if options.regularizer == "huber":
         solve_info = solve_huber(
             system, b, x, options.huber_delta, options.outer_iterations, options.effective_iterations,
-            options.tolerance, report, options.edge_scale_mm,
+            options.tolerance, report, options.edge_scale_mm, solution_tolerance=options.solution_tolerance,
         )
     else:
         solve_info = solve_tikhonov(system, b, x, options.effective_iterations, options.tolerance, report,
-                                    overwrite=True)
+                                    overwrite=True, solution_tolerance=options.solution_tolerance)
     del system, b, row_sums
     timings["solve_s"] = time.perf_counter() - t0
 
@@ -375,6 +445,16 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
         xs[coverage[k0:k1] == 0] = np.float32(background)
 
     row_slabs(workers, grid.shape, finish_slab)
+
+    # 7. Self-check: does the fusion predict each stack better than the best single other series?
+    check = None
+    if probe is not None and options.self_check and len(probe.index) > 1:
+        t0 = time.perf_counter()
+        # with profiles chosen from the data, the leave-one-out fusions made for that choice are reused
+        per = autotune.self_check(probe.problem, [profiles[k] for k in probe.index], alpha, options.regularizer,
+                                  _huber_args(options), reuse=want_profiles)
+        check = _self_check_summary(per, probe, used, stacks, time.perf_counter() - t0)
+        timings["self_check_s"] = time.perf_counter() - t0
     monitor.report("reconstruct", 1.0)
     timings["total_s"] = time.perf_counter() - t_all
     info = {
@@ -383,9 +463,19 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
         "relative_residual": float(solve_info["relative_residual"]),
         "initial_relative_residual": float(solve_info["initial_relative_residual"]),
         "residual_history": [float(v) for v in solve_info["history"]],
-        "alpha": options.effective_alpha,
+        "alpha": float(alpha),
+        "alpha_setting": options.alpha if options.alpha_is_auto else "fixed",
         "regularizer": options.regularizer,
         "psf": options.psf,
+        "slice_profiles": [None] * len(stacks),
+        "stopped_by": solve_info.get("stopped"),
+        "relative_change": solve_info.get("relative_change"),
+        "solution_tolerance": float(options.solution_tolerance),
+        "profile_choice": auto["profile_choice"],
+        "alpha_choice": auto["alpha_choice"],
+        "probe_block": None if probe is None else probe.summary(),
+        "self_check": check,
+        "fusion_beats_single_series": None if check is None else check["fusion_beats_single_series"],
         "huber_delta": float(options.huber_delta) if options.regularizer == "huber" else None,
         "edge_scale_mm": float(options.edge_scale_mm) if options.regularizer == "huber" else None,
         "max_iterations": options.effective_iterations,
@@ -404,33 +494,114 @@ def _reconstruct(stacks, grid, options, initial, coverage, monitor, workers):
         "threads": workers.n_threads,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    for k, op, ck in zip(used, ops, c):
+    for k, op, ck, s, p in zip(used, ops, c, work, profiles):
         info["operator_paths"][k] = op.path
         info["data_weights"][k] = round(float(ck), 6)
+        info["slice_profiles"][k] = p.as_dict(s)
+    info["options"]["stack_profiles"] = None if options.stack_profiles is None else [
+        p.as_dict() for p in options.stack_profiles]
     LOGGER.info(
         "SRR done: %d iterations, relative residual %.3g, %.1f s", info["iterations"], info["relative_residual"],
         timings["total_s"],
     )
-    return SrrResult(volume=x, coverage=coverage, info=info)
+    return SrrResult(volume=x, coverage=coverage, info=info, profiles=tuple(_all_profiles(profiles, used, stacks)))
+
+
+def _all_profiles(profiles, used, stacks):
+    out = [SliceProfile("gaussian")] * len(stacks)
+    for k, p in zip(used, profiles):
+        out[k] = p
+    return out
+
+
+def _huber_args(options):
+    return (options.huber_delta, options.edge_scale_mm, options.outer_iterations)
+
+
+class _Probe:
+    def __init__(self, problem, index, offset):
+        self.problem = problem
+        self.index = index  # positions in the work list of the stacks that reach the block
+        self.offset = offset
+
+    def summary(self):
+        g = self.problem.grid
+        return {"shape": list(g.shape), "origin_index_kji": list(self.offset),
+                "origin_mm": [round(float(v), 3) for v in g.origin_mm], "stacks": len(self.index),
+                "solves": self.problem.n_solves, "cg_iterations": self.problem.n_iterations}
+
+
+def _probe(work, grid, offset, scale, options, workers):
+    """The probe block and the stacks cropped to it (None when fewer than one stack reaches it)."""
+    block, lo = autotune.choose_block(work, grid, options.probe_block_voxels)
+    t_max = max(s.thickness_mm for s in work) * max(WIDTH_FACTORS)
+    # scored samples stay a profile's reach (3 sigma of the widest Gaussian) inside the block's faces
+    margin = 3.0 * t_max / 2.3548 * 0.5 + float(max(grid.spacing_mm))
+    cropped, index = [], []
+    for n, s in enumerate(work):
+        c = autotune.crop_stack(s, block, 1.5 * t_max)
+        if c is not None:
+            cropped.append(c)
+            index.append(n)
+    if not cropped:
+        return None
+    problem = autotune.BlockProblem(cropped, block, autotune.Normalisation(offset, scale), margin, workers)
+    return _Probe(problem, index, lo)
+
+
+def _self_check_summary(per, probe, used, stacks, seconds):
+    rows = [None] * len(stacks)
+    failing = []
+    for n, r in zip(probe.index, per):
+        k = used[n]
+        if r is None:
+            continue
+        if r.get("best_single") is not None:
+            r["best_single"] = int(used[probe.index[r["best_single"]]])
+            r["single_series_rms"] = {int(used[probe.index[i]]): v for i, v in r["single_series_rms"].items()}
+        rows[k] = r
+        name = stacks[k].description or f"stack {k}"
+        if r["fusion_beats_best_single"] is False:
+            failing.append(k)
+            LOGGER.warning("SRR self-check: the fusion of the other stacks predicts '%s' WORSE than the single series "
+                           "'%s' alone (RMS %.1f against %.1f): check the registration and the inputs; the result may "
+                           "be worse than one series", name, stacks[r["best_single"]].description,
+                           r["fusion_rms_where_best_single_covers"], r["best_single_rms"])
+        elif r["fusion_beats_best_single"]:
+            LOGGER.info("SRR self-check '%s': predicted from the others with RMS %.1f, best single other series %.1f",
+                        name, r["fusion_rms_where_best_single_covers"], r["best_single_rms"])
+    judged = [r for r in rows if r is not None and r["fusion_beats_best_single"] is not None]
+    return {
+        "method": "leave-one-stack-out prediction on the probe block, against each other series alone (B-spline)",
+        "per_stack": rows,
+        "stacks_not_beating_single_series": failing,
+        "fusion_beats_single_series": (not failing) if judged else None,
+        "seconds": round(seconds, 3),
+    }
 
 
 # ------------------------------------------------------------------------------------------ command line
 def add_srr_arguments(parser):
     """Add the SRR options to an argparse parser (``fuse``/``run``); see :func:`srr_options_from_args`."""
     g = parser.add_argument_group("super-resolution (--method srr)")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="regularisation weight in mm^2 on normalised intensities; larger is smoother "
-                        f"(default {DEFAULT_ALPHA['tikhonov']:g} with tikhonov, {DEFAULT_ALPHA['huber']:g} with huber)")
+    g.add_argument("--alpha", default="auto",
+                   help="regularisation weight in mm^2 on normalised intensities, larger is smoother; auto (default): "
+                        "chosen by cross-validation over held-out slices on a probe block")
     g.add_argument("--regularizer", choices=("huber", "tikhonov"), default=DEFAULT_REGULARIZER,
-                   help="huber (edge-preserving, default: sharper bone edges) or tikhonov (smooth gradient, faster, "
-                        "more forgiving of residual misregistration)")
-    g.add_argument("--psf", choices=("gaussian", "box"), default="gaussian",
-                   help="through-plane slice profile: gaussian FWHM = thickness (default) or box (slab MPR)")
+                   help=f"tikhonov (smooth gradient) or huber (edge-preserving); default {DEFAULT_REGULARIZER}")
+    g.add_argument("--psf", default="auto",
+                   help="through-plane slice profile: auto (default: box or gaussian and its width per stack, from the "
+                        "consistency between the stacks), gaussian (FWHM = thickness) or box (slab MPR)")
     g.add_argument("--iterations", type=int, default=None,
-                   help=f"maximum conjugate-gradient iterations in total (default {DEFAULT_ITERATIONS['huber']} with "
-                        f"huber, {DEFAULT_ITERATIONS['tikhonov']} with tikhonov)")
+                   help=f"cap on conjugate-gradient iterations in total (default {DEFAULT_ITERATIONS['tikhonov']}; the "
+                        "solver stops earlier when converged, see --solution-tolerance)")
     g.add_argument("--tolerance", type=float, default=SrrOptions.tolerance,
                    help=f"stop at this relative residual of the normal equations (default {SrrOptions.tolerance:g})")
+    g.add_argument("--solution-tolerance", type=float, default=DEFAULT_SOLUTION_TOLERANCE,
+                   help="converged when an iteration changes the volume by less than this fraction "
+                        f"(default {DEFAULT_SOLUTION_TOLERANCE:g})")
+    g.add_argument("--no-self-check", action="store_true",
+                   help="skip the check that the fusion predicts every stack better than any single other series")
     g.add_argument("--intensity-matching", choices=("auto", "on", "off"), default="auto",
                    help="per-stack linear intensity matching to the first stack: auto = off for CT, on otherwise")
     g.add_argument("--huber-delta", type=float, default=DEFAULT_HUBER_DELTA,
@@ -450,7 +621,7 @@ def srr_options_from_args(args):
     d = SrrOptions()
     matching = {"auto": None, "on": True, "off": False}[getattr(args, "intensity_matching", "auto") or "auto"]
     opts = SrrOptions(
-        alpha=getattr(args, "alpha", d.alpha),
+        alpha=parse_alpha(getattr(args, "alpha", d.alpha)),
         regularizer=getattr(args, "regularizer", d.regularizer),
         psf=getattr(args, "psf", d.psf),
         max_iterations=getattr(args, "iterations", d.max_iterations),
@@ -460,9 +631,24 @@ def srr_options_from_args(args):
         edge_scale_mm=getattr(args, "edge_scale", d.edge_scale_mm),
         exclude_disagreeing=not getattr(args, "keep_disagreeing", False),
         threads=getattr(args, "threads", d.threads),
+        solution_tolerance=getattr(args, "solution_tolerance", d.solution_tolerance),
+        self_check=not getattr(args, "no_self_check", False),
     )
     opts.validate()
     return opts
+
+
+def parse_alpha(value):
+    """``--alpha``: "auto", a number, or None; an InputError naming the setting otherwise."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"--alpha must be 'auto' or a non-negative number, got '{value}'") from None
 
 
 __all__ = ["SrrOptions", "SrrResult", "add_srr_arguments", "reconstruct_srr", "srr_options_from_args"]

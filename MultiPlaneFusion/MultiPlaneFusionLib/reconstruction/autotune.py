@@ -1,0 +1,345 @@
+"""Settings from the data: slice profile per stack, regularisation weight, and the self-check.
+
+All three are measured on a *probe block*: a cube of the reconstruction grid (full resolution, default
+64 voxels a side) placed where the inputs show the most structure (bone edges), so the choices see the
+details they decide about and cost a fraction of the full reconstruction. Each stack is cropped to the
+block (plus the reach of its profile) and only samples well inside the block are scored (the model
+truncates PSFs at the block's faces).
+
+- **Slice profile** (:func:`estimate_profiles`): leave one stack out. The others are fused (Tikhonov, a
+  moderate weight, to convergence) and pushed through every candidate profile of the left-out stack
+  (:func:`.psf.candidates`: box and Gaussian, width 0.8-1.25 x the nominal thickness); the profile whose
+  prediction fits the stack's samples best (least squares) is kept. The other stacks see this stack's
+  slice direction in-plane, at their pixel spacing, so the fit measures the through-plane profile.
+- **Regularisation weight** (:func:`choose_alpha`): K-fold cross-validation over held-out slices. Every
+  stack's slices are dealt into K folds (slice k goes to fold k mod K); for each fold the block is
+  reconstructed from the remaining slices and scored on predicting the held-out ones (squared error,
+  data-weighted as in the objective). The weight with the lowest total error over a log-spaced ladder
+  wins, refined once between its neighbours (parabola in log alpha). A held-out slice carries its own
+  noise, which no reconstruction can predict, so the score is minimal where noise fitting and
+  over-smoothing balance: the classical CV argument, with no noise model to calibrate.
+- **Self-check** (:func:`self_check`): after the choices, each stack is predicted by the fusion of the
+  others (same settings) and by every other single series alone (B-spline resampled, then through this
+  stack's profile). When the fusion does not predict some stack better than the best single series,
+  the reconstruction is not trustworthy there (misregistration, a stack that does not belong): flagged.
+
+The block solves use the objective of :mod:`.srr` on the same normalised intensities, so a weight chosen
+here means the same on the full grid (alpha is a squared length, independent of the grid spacing).
+"""
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..grid import Grid
+from .operators import make_operator
+from .psf import candidates, choose_profile
+from .resample import resample_stack
+from .solvers import NormalEquations, solve_huber, solve_tikhonov
+
+LOGGER = logging.getLogger("MultiPlaneFusionLib")
+
+DEFAULT_BLOCK_VOXELS = 48
+# Weight of the leave-one-out fusions that judge slice profiles (mm^2): moderate, so noise does not
+# dominate the prediction and detail along the left-out stack's normal survives.
+PROFILE_ALPHA = 0.03
+# Candidate weights (mm^2), a factor ~3 apart, per regularizer (Huber's penalty is weaker at edges).
+ALPHA_LADDER = {"tikhonov": (0.003, 0.01, 0.03, 0.1), "huber": (0.03, 0.1, 0.3, 1.0)}
+CV_FOLDS = 2
+# Block solves: converged when an iteration changes x by less than this fraction (relative).
+_BLOCK_SOLUTION_TOL = 1e-3
+_BLOCK_MAX_ITER = 60
+
+
+@dataclass
+class Normalisation:
+    offset: float
+    scale: float
+
+
+def choose_block(stacks, grid, size_voxels=DEFAULT_BLOCK_VOXELS, coverage=None):
+    """Sub-grid of ``grid`` (at most ``size_voxels`` a side) where the inputs show the most structure.
+
+    The average of the stacks on a ~4 mm grid is differentiated; the block is centred on the window of
+    its size with the largest summed gradient magnitude among voxels every stack covers.
+    """
+    from .average import fuse_average
+    from .intensity import coarse_grid
+
+    shape = np.asarray(grid.shape)
+    n = np.minimum(shape, int(size_voxels))
+    if np.all(n == shape):
+        return grid, (0, 0, 0)
+    h = float(max(grid.spacing_mm))
+    cg = coarse_grid(grid, max(4.0, 2 * h))
+    avg = fuse_average(stacks, cg, "linear")
+    v = avg.volume.astype(np.float64)
+    g = np.zeros_like(v)
+    for ax in range(3):
+        if v.shape[ax] > 1:
+            g += np.gradient(v, axis=ax) ** 2
+    g = np.sqrt(g) * (avg.coverage >= len(stacks))
+    # window size in coarse voxels along each array axis
+    cs = np.asarray(cg.spacing_mm[::-1], float)
+    hs = np.asarray(grid.spacing_mm[::-1], float)
+    w = np.maximum(1, np.round(n * hs / cs).astype(int))
+    w = np.minimum(w, g.shape)
+    c = np.pad(g, ((1, 0), (1, 0), (1, 0))).cumsum(0).cumsum(1).cumsum(2)
+    a, b, d = w
+    sums = (c[a:, b:, d:] - c[:-a, b:, d:] - c[a:, :-b, d:] - c[a:, b:, :-d]
+            + c[:-a, :-b, d:] + c[:-a, b:, :-d] + c[a:, :-b, :-d] - c[:-a, :-b, :-d])
+    best = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    centre_c = np.asarray(best, float) + (w - 1) / 2.0  # coarse index (k, j, i)
+    p = cg.index_to_physical(*centre_c)
+    kc = np.asarray(grid.physical_to_index(p), float)
+    lo = np.clip(np.round(kc - (n - 1) / 2.0).astype(int), 0, shape - n)
+    origin = grid.index_to_physical(*lo.astype(float))
+    sub = Grid(shape=tuple(int(v) for v in n), spacing_mm=grid.spacing_mm,
+               origin_mm=tuple(float(v) for v in origin), direction=grid.direction)
+    return sub, tuple(int(v) for v in lo)
+
+
+def crop_stack(stack, grid, margin_mm):
+    """``stack`` restricted to the slices and pixel rows/columns that can reach ``grid`` (plus
+    ``margin_mm``), or None when it misses it. Geometry is exact (slice origins moved with the crop)."""
+    nk, nj, ni = grid.shape
+    cs = np.array(np.meshgrid([-0.5, nk - 0.5], [-0.5, nj - 0.5], [-0.5, ni - 0.5], indexing="ij")).reshape(3, -1)
+    corners = grid.index_to_physical(cs[0], cs[1], cs[2])
+    k, j, i = stack.physical_to_index(corners)
+    di, dj = stack.pixel_spacing_mm
+    step = max(stack.slice_step_mm, 1e-6)
+    mk, mj, mi = margin_mm / step, margin_mm / dj + 1, margin_mm / di + 1
+    sk, sj, si = stack.shape
+    k0, k1 = max(0, int(math.floor(k.min() - mk))), min(sk, int(math.ceil(k.max() + mk)) + 1)
+    j0, j1 = max(0, int(math.floor(j.min() - mj))), min(sj, int(math.ceil(j.max() + mj)) + 1)
+    i0, i1 = max(0, int(math.floor(i.min() - mi))), min(si, int(math.ceil(i.max() + mi)) + 1)
+    if k1 <= k0 or j1 <= j0 or i1 <= i0:
+        return None
+    shift = i0 * di * stack.row_direction + j0 * dj * stack.column_direction
+    return replace(stack, pixels=np.ascontiguousarray(stack.pixels[k0:k1, j0:j1, i0:i1]),
+                   slice_origins_mm=stack.slice_origins_mm[k0:k1] + shift[None, :])
+
+
+def select_slices(stack, keep):
+    """The stack with only the slices where ``keep`` (bool per slice) is True."""
+    keep = np.asarray(keep, bool)
+    return replace(stack, pixels=np.ascontiguousarray(stack.pixels[keep]),
+                   slice_origins_mm=stack.slice_origins_mm[keep])
+
+
+class BlockProblem:
+    """The reconstruction objective restricted to a probe block (see the module docstring).
+
+    ``stacks``: the (intensity-matched) stacks, already cropped to the block; ``norm``: the normalisation
+    of the full reconstruction; ``margin_mm``: samples closer than this to the block's faces are not
+    scored.
+    """
+
+    def __init__(self, stacks, grid, norm, margin_mm, workers=None):
+        self.stacks = stacks
+        self.grid = grid
+        self.norm = norm
+        self.workers = workers
+        self.margin_mm = float(margin_mm)
+        self.n_solves = 0
+        self.n_iterations = 0
+        self._interior = {}  # per stack (by id): samples inside the scored region (geometry only)
+        self._singles = {}  # per stack index: its B-spline resampling onto the block (self-check)
+        self.loo = {}  # per stack index: the leave-one-out fusion of the others (profile choice)
+
+    def normalised(self, stack):
+        return (stack.pixels - np.float32(self.norm.offset)) * np.float32(1.0 / self.norm.scale)
+
+    def interior(self, stack, valid):
+        """Bool per sample: valid and at least ``margin_mm`` inside the block."""
+        key = id(stack)
+        if key not in self._interior:
+            self._interior[key] = (stack, self._inside(stack))  # the stack is kept so its id stays unique
+        return valid & self._interior[key][1]
+
+    def _inside(self, stack):
+        nk, nj, ni = stack.shape
+        kk, jj, ii = np.meshgrid(np.arange(nk, dtype=float), np.arange(nj, dtype=float),
+                                 np.arange(ni, dtype=float), indexing="ij")
+        g = self.grid.physical_to_index(stack.index_to_physical(kk, jj, ii))
+        h = np.asarray(self.grid.spacing_mm[::-1], float)
+        ok = np.ones(stack.shape, dtype=bool)
+        for a in range(3):
+            m = self.margin_mm / h[a]
+            ok &= (g[a] >= m - 0.5) & (g[a] <= self.grid.shape[a] - 0.5 - m)
+        return ok
+
+    def solve(self, stacks, profiles, alpha, regularizer="tikhonov", huber=None, x0=None):
+        """Normalised reconstruction of the block from ``stacks`` with per-stack ``profiles``."""
+        from .srr import _sample_volume_mm3
+
+        grid = self.grid
+        gv = float(np.prod(grid.spacing_mm))
+        ops = [make_operator(p.apply(s), grid, p.kind) for s, p in zip(stacks, profiles)]
+        c = [_sample_volume_mm3(s) / gv for s in stacks]
+        b = np.zeros(grid.shape, np.float32)
+        rows = np.zeros(grid.shape, np.float32)
+        for s, op, ck in zip(stacks, ops, c):
+            y = self.normalised(s) * np.float32(ck)
+            y[~op.valid] = 0.0
+            op.adjoint_add(y, b, self.workers)
+            op.adjoint_ones(out=rows, scale=ck, workers=self.workers)
+        if x0 is None:
+            x = b / np.maximum(rows, np.float32(1e-6))
+        else:
+            x = x0.copy()
+        x[rows <= 0] = 0.0
+        spacing = tuple(float(v) for v in grid.spacing_mm[::-1])
+        system = NormalEquations(ops, c, alpha, spacing, rows, self.workers)
+        if regularizer == "huber":
+            delta, edge_scale, outer = huber
+            info = solve_huber(system, b, x, delta, outer, _BLOCK_MAX_ITER, 1e-6, None, edge_scale,
+                               solution_tolerance=_BLOCK_SOLUTION_TOL)
+        else:
+            info = solve_tikhonov(system, b, x, _BLOCK_MAX_ITER, 1e-6, None, overwrite=True,
+                                  solution_tolerance=_BLOCK_SOLUTION_TOL)
+        self.n_solves += 1
+        self.n_iterations += int(info["iterations"])
+        return x
+
+    def predict(self, stack, profile, x):
+        """(prediction, measured, scored mask) of ``stack``'s samples from normalised ``x``, normalised."""
+        op = make_operator(profile.apply(stack), self.grid, profile.kind)
+        pred = op.forward(x, self.workers)
+        return pred, self.normalised(stack), self.interior(stack, op.valid)
+
+
+def estimate_profiles(problem, initial, kinds, alpha=PROFILE_ALPHA):
+    """Per stack the best-predicting candidate profile (leave one stack out, module docstring).
+
+    ``initial``: the profiles assumed for the other stacks; ``kinds``: the families searched.
+    Returns (profiles, report) where report[k] holds every candidate's RMS error (input units)."""
+    stacks = problem.stacks
+    out, report = [], []
+    for k, s in enumerate(stacks):
+        others = [i for i in range(len(stacks)) if i != k]
+        if not others:
+            out.append(initial[k])
+            report.append(None)
+            continue
+        x = problem.solve([stacks[i] for i in others], [initial[i] for i in others], alpha)
+        problem.loo[k] = x
+        cands = candidates(kinds)
+        preds, meas, mask = [], None, None
+        for cand in cands:
+            p, meas, mask = problem.predict(s, cand, x)
+            preds.append(p)
+        if not mask.any():
+            out.append(initial[k])
+            report.append(None)
+            continue
+        best, rms = choose_profile(preds, meas, mask)
+        out.append(cands[best])
+        report.append({c.label(): round(r * problem.norm.scale, 3) for c, r in zip(cands, rms)})
+    return out, report
+
+
+def _cv_errors(problem, profiles, alpha, folds, regularizer, huber, starts):
+    """Held-out-slice mean squared errors (normalised units), one per (fold, stack) pair."""
+    out = []
+    for f in range(folds):
+        train, held = [], []
+        for s, p in zip(problem.stacks, profiles):
+            idx = np.arange(s.shape[0]) % folds
+            if s.shape[0] >= 2 * folds:
+                train.append((select_slices(s, idx != f), p))
+                held.append((select_slices(s, idx == f), p))
+            else:
+                train.append((s, p))
+        x = problem.solve([t[0] for t in train], [t[1] for t in train], alpha, regularizer, huber, starts.get(f))
+        starts[f] = x
+        for s, p in held:
+            pred, meas, mask = problem.predict(s, p, x)
+            if mask.any():
+                d = (pred - meas)[mask].astype(np.float64)
+                out.append(float(d @ d) / d.size)
+    return out
+
+
+def choose_alpha(problem, profiles, regularizer="tikhonov", huber=None, ladder=None, folds=CV_FOLDS):
+    """The CV weight (module docstring) with the one-standard-error rule: the largest weight of the ladder
+    whose mean held-out error is within one standard error (over the fold x stack units) of the
+    minimum. Held-out thick slices cannot see errors along directions no stack resolves (ringing
+    there costs volume accuracy but not prediction), so among statistically equivalent weights the
+    smoothest is kept. Returns (alpha, {alpha: cv rms in input units}, {alpha: standard error})."""
+    ladder = ALPHA_LADDER[regularizer] if ladder is None else ladder
+    means, ses = {}, {}
+    starts = {}
+    # From the largest weight down: each solve warm-starts from the smoother previous one.
+    for a in sorted(ladder, reverse=True):
+        e = np.asarray(_cv_errors(problem, profiles, a, folds, regularizer, huber, starts))
+        means[a] = float(e.mean())
+        ses[a] = float(e.std(ddof=1) / math.sqrt(len(e))) if len(e) > 1 else 0.0
+    a_min = min(means, key=means.get)
+    limit = means[a_min] + ses[a_min]
+    best = max(a for a in means if means[a] <= limit)
+    rms = {round(a, 6): round(math.sqrt(v) * problem.norm.scale, 3) for a, v in sorted(means.items())}
+    se = {round(a, 6): round(v * problem.norm.scale ** 2, 3) for a, v in sorted(ses.items())}
+    return best, rms, se
+
+
+def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None, reuse=False):
+    """Per stack: RMS error (input units) of predicting it from the fusion of the others and from each
+    other single series alone; ``fusion_beats_best_single`` per stack and overall. ``reuse``: take the
+    leave-one-out fusions of the profile choice (``problem.loo``) instead of solving again."""
+    stacks = problem.stacks
+    per = []
+    for k, s in enumerate(stacks):
+        others = [i for i in range(len(stacks)) if i != k]
+        if not others:
+            per.append(None)
+            continue
+        if reuse and k in problem.loo:
+            x = problem.loo[k]
+        else:
+            x = problem.solve([stacks[i] for i in others], [profiles[i] for i in others], alpha, regularizer, huber)
+        pred, meas, mask = problem.predict(s, profiles[k], x)
+        if not mask.any():
+            per.append(None)
+            continue
+        err = (pred - meas).astype(np.float64)
+        fused = float(np.sqrt(np.mean(err[mask] ** 2))) * problem.norm.scale
+        singles, fused_same = {}, {}
+        for i in others:
+            if i not in problem._singles:
+                v, cov = resample_stack(stacks[i], problem.grid, "bspline")
+                v = (v - np.float32(problem.norm.offset)) * np.float32(1.0 / problem.norm.scale)
+                v[~cov] = 0.0
+                problem._singles[i] = (v, cov)
+            xs, cov = problem._singles[i]
+            p1, _, m1 = problem.predict(s, profiles[k], xs)
+            # only samples whose profile lies inside that series' coverage (it predicts nothing elsewhere)
+            seen, _, _ = problem.predict(s, profiles[k], cov.astype(np.float32))
+            inside = m1 & mask & (seen > 0.999)
+            if inside.sum() < 0.5 * mask.sum():
+                continue
+            singles[i] = float(np.sqrt(np.mean((p1 - meas)[inside].astype(np.float64) ** 2))) * problem.norm.scale
+            fused_same[i] = float(np.sqrt(np.mean(err[inside] ** 2))) * problem.norm.scale
+        best = min(singles, key=singles.get) if singles else None
+        per.append({
+            "fusion_of_others_rms": round(fused, 3),
+            "single_series_rms": {int(i): round(v, 3) for i, v in singles.items()},
+            "best_single": None if best is None else int(best),
+            "best_single_rms": None if best is None else round(singles[best], 3),
+            "fusion_rms_where_best_single_covers": None if best is None else round(fused_same[best], 3),
+            "fusion_beats_best_single": None if best is None else bool(fused_same[best] < singles[best]),
+        })
+    return per
+
+
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+__all__ = ["BlockProblem", "Normalisation", "choose_alpha", "choose_block", "crop_stack", "estimate_profiles",
+           "select_slices", "self_check"]

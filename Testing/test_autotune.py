@@ -1,0 +1,156 @@
+"""Settings from the data (issue 11): slice profile per stack, regularisation weight by cross-validation,
+convergence stop, and the self-check, on small simulated heads (analytic phantom; the series are simulated
+from the analytic model, not with the reconstruction's operators)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from MultiPlaneFusionLib import metrics
+from MultiPlaneFusionLib.errors import InputError
+from MultiPlaneFusionLib.reconstruction.psf import SliceProfile, choose_profile
+from MultiPlaneFusionLib.reconstruction.srr import SrrOptions, parse_alpha, reconstruct_srr
+from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_stack
+
+SCALE = 0.4
+
+
+def _stacks(profile, thickness=4.0, noise=10.0, seed=1, tag=None):
+    out = []
+    for n, o in enumerate(("axial", "coronal", "sagittal")):
+        s = simulate_stack(o, thickness_mm=thickness, pixel_spacing_mm=0.8, scale=SCALE, profile=profile,
+                           noise_hu=noise, seed=seed + n)
+        if tag is not None:  # the header's thickness differs from the true profile width
+            s = replace(s, thickness_mm=tag)
+        out.append(s)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid():
+    return phantom_grid(1.0, SCALE)
+
+
+def _sigma_mm(p):
+    """Standard deviation of a chosen profile (box width / sqrt 12, Gaussian FWHM / 2.3548), mm."""
+    return p["width_mm"] / (12 ** 0.5 if p["kind"] == "box" else 2.3548)
+
+
+def test_gaussian_profile_recovered(grid):
+    stacks = _stacks("gaussian")
+    res = reconstruct_srr(stacks, grid, SrrOptions(alpha=0.03, self_check=False))
+    assert [p["kind"] for p in res.info["slice_profiles"]] == ["gaussian"] * 3, res.info["profile_choice"]
+    assert all(0.8 <= p["width_factor"] <= 1.1 for p in res.info["slice_profiles"])
+    assert res.info["profile_choice"]["seconds"] > 0
+
+
+def test_box_profile_width_recovered_and_reconstruction_gains(grid):
+    # On box data the leave-one-out fusion's own blur makes a slightly narrower Gaussian almost as
+    # consistent as the box (documented in autotune.py), so the property tested is what matters for the
+    # reconstruction: the chosen profile has the box's spread within 25 % and reconstructs within 0.3 dB of
+    # the true profile, clearly better than the conventional Gaussian of FWHM = thickness.
+    stacks = _stacks("box")
+    truth = phantom_truth(grid, SCALE, supersample=2)
+    head = truth > -900
+    res = reconstruct_srr(stacks, grid, SrrOptions(alpha=0.03, self_check=False))
+    true_sigma = 4.0 / 12 ** 0.5
+    for p in res.info["slice_profiles"]:
+        assert abs(_sigma_mm(p) / true_sigma - 1.0) <= 0.25, res.info["slice_profiles"]
+    true_box = reconstruct_srr(stacks, grid, SrrOptions(alpha=0.03, psf="box", self_check=False)).volume
+    conventional = reconstruct_srr(stacks, grid, SrrOptions(alpha=0.03, psf="gaussian", self_check=False)).volume
+    q_auto = metrics.psnr(res.volume, truth, head)
+    assert q_auto >= metrics.psnr(true_box, truth, head) - 0.3
+    assert q_auto >= metrics.psnr(conventional, truth, head) + 0.3
+
+
+def test_profile_width_follows_the_data_not_the_header(grid):
+    # true box of 5 mm, header says 4 mm: the estimate must widen it (the candidates reach 1.25 x)
+    stacks = _stacks("box", thickness=5.0, tag=4.0)
+    res = reconstruct_srr(stacks, grid, SrrOptions(alpha=0.03, self_check=False))
+    for p in res.info["slice_profiles"]:
+        assert p["width_factor"] >= 1.1 and p["width_mm"] >= 4.4, res.info["slice_profiles"]
+
+
+def test_explicit_psf_is_used_as_given(grid):
+    stacks = _stacks("box")
+    res = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.1, self_check=False))
+    assert [p["kind"] for p in res.info["slice_profiles"]] == ["gaussian"] * 3
+    assert res.info["profile_choice"] is None and res.info["alpha_choice"] is None
+    assert res.info["alpha"] == 0.1 and res.info["alpha_setting"] == "fixed"
+
+
+def test_alpha_auto_lands_near_the_oracle(grid):
+    stacks = _stacks("gaussian", noise=20.0)
+    truth = phantom_truth(grid, SCALE, supersample=2)
+    head = truth > -900
+    res = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", self_check=False))
+    choice = res.info["alpha_choice"]
+    assert choice is not None and choice["seconds"] > 0 and len(choice["cv_rms_by_alpha"]) >= 4
+    scores = {}
+    for a in (0.003, 0.01, 0.03, 0.1, 0.3):
+        v = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=a, self_check=False)).volume
+        scores[a] = metrics.psnr(v, truth, head)
+    auto = metrics.psnr(res.volume, truth, head)
+    assert auto >= max(scores.values()) - 0.6, (res.info["alpha"], auto, scores)
+    # and it is not the worst end of the ladder
+    assert auto > min(scores.values()) + 0.3, (res.info["alpha"], auto, scores)
+
+
+def test_solver_stops_on_convergence_and_reports_iterations(grid):
+    stacks = _stacks("gaussian")
+    loose = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.03, self_check=False, tolerance=1e-9,
+                                                     solution_tolerance=3e-3))
+    tight = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.03, self_check=False, tolerance=1e-9,
+                                                     solution_tolerance=1e-4))
+    assert loose.info["stopped_by"] == "solution" and loose.info["relative_change"] <= 3e-3
+    assert 0 < loose.info["iterations"] < tight.info["iterations"] < 100
+    assert len(tight.info["residual_history"]) == tight.info["iterations"] + 1
+    assert np.abs(loose.volume - tight.volume).mean() < 5.0
+
+
+def test_huber_runs_to_its_fixed_point(grid):
+    stacks = _stacks("gaussian")
+    res = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.5, regularizer="huber", self_check=False))
+    assert res.info["stopped_by"] == "solution"
+    assert res.info["iterations"] < res.info["max_iterations"]
+
+
+def test_self_check_passes_good_fusion_and_flags_a_misplaced_stack(grid):
+    stacks = _stacks("gaussian")
+    opts = SrrOptions(psf="gaussian", alpha=0.03, exclude_disagreeing=False)
+    good = reconstruct_srr(stacks, grid, opts)
+    check = good.info["self_check"]
+    assert good.info["fusion_beats_single_series"] is True, check
+    assert all(r["fusion_beats_best_single"] for r in check["per_stack"])
+    moved = [s.copy() if hasattr(s, "copy") else s for s in stacks]
+    t = np.eye(4)
+    t[:3, 3] = (0.0, 6.0, 0.0)  # the sagittal series placed 6 mm off (a failed registration)
+    moved[2] = replace(stacks[2], transform=t)
+    bad = reconstruct_srr(moved, grid, opts)
+    assert bad.info["fusion_beats_single_series"] is False, bad.info["self_check"]
+    assert bad.info["self_check"]["stacks_not_beating_single_series"]
+
+
+def test_invalid_settings_give_one_line_errors_naming_them():
+    with pytest.raises(InputError, match="psf"):
+        SrrOptions(psf="triangle").validate()
+    with pytest.raises(InputError, match="alpha"):
+        SrrOptions(alpha="often").validate()
+    with pytest.raises(InputError, match="alpha"):
+        SrrOptions(alpha=-1.0).validate()
+    with pytest.raises(InputError, match="--alpha"):
+        parse_alpha("abc")
+    assert parse_alpha("AUTO") == "auto" and parse_alpha("0.05") == 0.05
+    with pytest.raises(InputError, match="solution tolerance"):
+        SrrOptions(solution_tolerance=-1).validate()
+    with pytest.raises(InputError, match="PSF"):
+        SliceProfile("cone")
+
+
+def test_choose_profile_picks_the_best_fit():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(4, 5, 6))
+    preds = [m + 1.0, m + 0.1 * rng.normal(size=m.shape), m - 2.0]
+    best, rms = choose_profile(preds, m)
+    assert best == 1 and rms[1] < rms[0] < rms[2]
