@@ -100,10 +100,11 @@ class MultiPlaneFusionParameterNode:
     Inputs: axialVolume, coronalVolume, sagittalVolume and extraVolumes (any further series).
     Reconstruction: method ('srr' super-resolution or 'average'), spacingMm (0 = finest input pixel),
     extent ('overlap' of all series or 'union'), register (rigid alignment of the series),
-    regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('huber'
-    edge-preserving, default, or 'tikhonov' smooth), memoryLimitGb.
+    regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('tikhonov'
+    smooth, default, or 'huber' edge-preserving), memoryLimitGb.
     Bone model: buildModel, thresholdPreset (CT presets in HU, 'custom' uses thresholdRange,
-    'automatic' = Otsu for MR), islands ('region': the largest piece and the bones near it, 'largest', or 'all' above minIslandMm3), fillCavities,
+    'automatic' = Otsu for MR), islands ('region': the largest piece and the bones near it,
+    'largest', or 'all' above minIslandMm3), fillCavities,
     removeThinMm, surfaceMethod ('iso' grey-level isosurface or 'labelmap' like Slicer), smoothing
     (Slicer's factor 0..1), decimation (fraction of triangles removed, 0 = none).
     Export: exportSource ('model' or 'segment'), exportFormat, exportCoordinates (LPS default),
@@ -121,7 +122,7 @@ class MultiPlaneFusionParameterNode:
     extent: Annotated[str, Choice(list(EXTENTS))] = "overlap"
     register: bool = True
     regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
-    regularizer: Annotated[str, Choice(list(REGULARIZERS))] = "huber"
+    regularizer: Annotated[str, Choice(list(REGULARIZERS))] = "tikhonov"
     memoryLimitGb: Annotated[float, WithinRange(0.5, 1024.0)] = 16.0
 
     buildModel: bool = True
@@ -1060,13 +1061,21 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeResult(job):
-        """One status line: grid, method, model size and closedness, export."""
+        """One status line: grid, method, self-check, model size and closedness, export."""
         parts = []
         if job.fusion is not None:
             size = "x".join(str(v) for v in job.fusion.grid.shape[::-1])
             parts.append(_("Fused {n} series ({method}) into {size} voxels of {spacing:.2f} mm").format(
                 n=len(job.stacks), method=job.fuseOptions.method, size=size,
                 spacing=float(job.fusion.grid.spacing_mm[0])))
+            # The library's self-check: each series predicted from the fusion of the others against the
+            # best single other series; None when it did not run (average method, one series).
+            beats = (job.fusion.summary or {}).get("fusion_beats_single_series")
+            if beats is True:
+                parts.append(_("self-check: the fusion predicts every series better than any single series"))
+            elif beats is False:
+                parts.append(_("WARNING self-check: the fusion does not beat the best single series "
+                               "(a series misregistered or not belonging?)"))
         if job.model is not None:
             r = job.model.report
             parts.append(_("bone model {triangles} triangles, {closed}").format(

@@ -84,7 +84,7 @@ def test_alpha_auto_lands_near_the_oracle(grid):
     stacks = _stacks("gaussian", noise=20.0)
     truth = phantom_truth(grid, SCALE, supersample=2)
     head = truth > -900
-    res = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", self_check=False))
+    res = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha="auto", self_check=False))
     choice = res.info["alpha_choice"]
     assert choice is not None and choice["seconds"] > 0 and len(choice["cv_rms_by_alpha"]) >= 4
     scores = {}

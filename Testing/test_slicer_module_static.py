@@ -762,7 +762,13 @@ def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, pha
     ijk_to_ras = sb.ijk_to_ras_from_grid(grid_from_image(job.fusion.image))
     origin_lps = np.array(job.fusion.image.GetOrigin())
     assert np.allclose(sb.flip_points(ijk_to_ras[:3, 3]), origin_lps)
-    assert "Fused 3 series (srr)" in logic.describeResult(job)
+    status = logic.describeResult(job)
+    assert "Fused 3 series (srr)" in status
+    # The srr self-check reaches the status line, in the words that match its result.
+    beats = job.fusion.summary["fusion_beats_single_series"]
+    assert beats in (True, False) and ("WARNING self-check" in status) == (beats is False)
+    job.fusion.summary["fusion_beats_single_series"] = False
+    assert "WARNING self-check" in logic.describeResult(job)
 
 
 def test_logic_refuses_bad_input_with_value_error(stubbed_module, phantom_series):

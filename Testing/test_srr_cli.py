@@ -34,10 +34,9 @@ def test_defaults_choose_from_the_data_and_report_it(series, tmp_path, capsys):
     code, err, summary = _fuse(series, tmp_path, capsys)
     assert code == 0, err
     rec = summary["reconstruction"]
-    assert rec["psf"] == "auto" and rec["alpha_setting"] == "auto"
+    assert rec["psf"] == "auto" and rec["alpha_setting"] == "fixed" and rec["alpha"] == 0.1
     assert len(rec["slice_profiles"]) == 3 and all(p["kind"] in ("box", "gaussian") for p in rec["slice_profiles"])
-    assert rec["profile_choice"]["seconds"] > 0 and rec["alpha_choice"]["seconds"] > 0
-    assert rec["alpha"] in rec["alpha_choice"]["cv_rms_by_alpha"] or rec["alpha"] > 0
+    assert rec["profile_choice"]["seconds"] > 0 and rec["alpha_choice"] is None
     assert rec["iterations"] > 0 and rec["stopped_by"] in ("solution", "residual")
     assert rec["self_check"]["per_stack"][0]["best_single_rms"] > 0
     assert rec["fusion_beats_single_series"] is True and summary["fusion_beats_single_series"] is True

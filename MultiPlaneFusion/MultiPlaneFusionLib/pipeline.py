@@ -69,8 +69,9 @@ class FuseOptions:
             raise InputError(f"extent must be one of {', '.join(EXTENTS)}, not '{self.extent}'")
         if self.spacing_mm is not None and not float(self.spacing_mm) > 0:
             raise InputError(f"spacing_mm must be positive (or None for the finest input pixel), got {self.spacing_mm}")
-        if not float(self.memory_limit_gb) > 0:
-            raise InputError(f"memory_limit_gb must be positive, got {self.memory_limit_gb}")
+        if self.memory_limit_gb is not None and not float(self.memory_limit_gb) > 0:
+            raise InputError(f"memory_limit_gb must be positive (or None for the available memory), got "
+                             f"{self.memory_limit_gb}")
         for stage in (self.srr, self.registration):
             if stage is not None and hasattr(stage, "validate"):
                 stage.validate()

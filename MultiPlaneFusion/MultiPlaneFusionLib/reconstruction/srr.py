@@ -41,13 +41,9 @@ from .solvers import NormalEquations, solve_huber, solve_tikhonov
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
-# Defaults chosen with benchmarks/bench_srr.py (--sweep): alpha in mm^2 on normalised intensities.
-# Tikhonov: PSNR peaks at 0.03 but thin bone then rings (spurious 300 HU surfaces in the 400 HU diploe
-# next to 1500 HU cortex); 0.1 gives nearly its best bone surface for 2.5-5 mm slices and 5-30 HU noise
-# at 0.4-1.4 dB below the PSNR peak. Huber (the default): alpha 0.5 with delta 0.05 gives the lowest
-# surface error of every setting in every case of the sweep (0.19-0.25 mm, 0.40-0.58 x the best of the
-# axial series and the average; Tikhonov 0.1: 0.35-0.41 mm) at PSNR 0.1-1.4 dB below Tikhonov's best
-# (alpha 0.03, whose surface error is twice as large).
+# Defaults chosen on the realistic panel (benchmarks/bench_panel.py; figures in the README): Tikhonov with a
+# fixed alpha 0.1 beats the best single series on every case; the cross-validated alpha ("auto") picked a
+# weight too small on overlapping 3 mm slices (worse than one series), so it is opt-in.
 DEFAULT_ALPHA = {"tikhonov": 0.1, "huber": 0.5}
 DEFAULT_HUBER_DELTA = 0.05
 DEFAULT_REGULARIZER = "tikhonov"
@@ -71,21 +67,25 @@ class SrrOptions:
 
     Attributes
     ----------
-    alpha : float or None
+    alpha : float, "auto" or None
         Regularisation weight, mm^2 (squared smoothing length per unit data weight). Scale-invariant:
-        intensities are normalised internally. Larger is smoother. None: the default of the
+        intensities are normalised internally. Larger is smoother. None (default): the default of the
         regularizer (``DEFAULT_ALPHA``: 0.1 for tikhonov, 0.5 for huber, whose penalty is weaker at
-        edges).
+        edges). "auto": chosen by cross-validation over held-out slices on a probe block
+        (``autotune.choose_alpha``; opt-in, see the README for where it under-regularises).
     regularizer : {"huber", "tikhonov"}
-        Huber on the gradient magnitude (edge-preserving, default: sharp bone edges are what the
-        model needs) or first-order Tikhonov (smooth gradient; about 1.5x faster and more forgiving
-        when the stacks are not quite aligned).
-    psf : {"gaussian", "box"}
-        Through-plane slice profile: Gaussian with FWHM = slice thickness (default), or a box of the
-        slice thickness (slab-averaged MPR reformats). In-plane: Gaussian, FWHM 1.2 x pixel spacing.
+        First-order Tikhonov (smooth gradient; the default: it beat Huber on the real-anatomy cases of
+        the realistic panel and is more forgiving when the stacks are not quite aligned) or Huber on the
+        gradient magnitude (edge-preserving: better on piecewise-constant, hard-edged objects).
+    psf : {"auto", "gaussian", "box"}
+        Through-plane slice profile. "auto" (default): per stack, box or Gaussian and a width factor
+        around the nominal thickness, whichever predicts that stack best from a reconstruction of the
+        others on a probe block (``autotune.choose_profile``). "gaussian": FWHM = slice thickness;
+        "box": the slice thickness (slab-averaged MPR reformats). In-plane: Gaussian, FWHM 1.2 x pixel spacing.
     max_iterations : int or None
         Cap on conjugate-gradient iterations (Huber: in total over the outer iterations). None: the
-        regularizer's default (``DEFAULT_ITERATIONS``: 7 for huber, 30 for tikhonov).
+        regularizer's default (``DEFAULT_ITERATIONS``: 100, a cap; the solvers stop on ``tolerance`` and
+        ``solution_tolerance`` long before).
     tolerance : float
         Stop when the relative residual ``||b - H x|| / ||b||`` of the normal equations falls below it.
     intensity_matching : bool or None
@@ -117,7 +117,7 @@ class SrrOptions:
         most 8). The result does not depend on it beyond float32 round-off (sums run in another order).
     """
 
-    alpha: Union[float, str, None] = "auto"
+    alpha: Union[float, str, None] = None
     regularizer: str = DEFAULT_REGULARIZER
     psf: str = "auto"
     max_iterations: Optional[int] = None
@@ -584,9 +584,10 @@ def _self_check_summary(per, probe, used, stacks, seconds):
 def add_srr_arguments(parser):
     """Add the SRR options to an argparse parser (``fuse``/``run``); see :func:`srr_options_from_args`."""
     g = parser.add_argument_group("super-resolution (--method srr)")
-    g.add_argument("--alpha", default="auto",
-                   help="regularisation weight in mm^2 on normalised intensities, larger is smoother; auto (default): "
-                        "chosen by cross-validation over held-out slices on a probe block")
+    g.add_argument("--alpha", default=None,
+                   help="regularisation weight in mm^2 on normalised intensities, larger is smoother (default 0.1 "
+                        "for tikhonov, 0.5 for huber); auto: chosen by cross-validation over held-out slices on a "
+                        "probe block (experimental: it can under-regularise overlapping slices)")
     g.add_argument("--regularizer", choices=("huber", "tikhonov"), default=DEFAULT_REGULARIZER,
                    help=f"tikhonov (smooth gradient) or huber (edge-preserving); default {DEFAULT_REGULARIZER}")
     g.add_argument("--psf", default="auto",
