@@ -50,3 +50,12 @@ def test_missing_matplotlib_skips_with_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert write_report_picture(tmp_path / "r.png", result=None) is None
     assert "matplotlib" in caplog.text and not (tmp_path / "r.png").exists()
+
+def test_table_shows_the_srr_self_check_per_stack():
+    per = [{"fusion_rms_where_best_single_covers": 55.7, "best_single_rms": 88.2, "fusion_beats_best_single": True},
+           {"fusion_rms_where_best_single_covers": 90.0, "best_single_rms": 60.4, "fusion_beats_best_single": False},
+           None]
+    summary = {"stacks": [{"description": "A"}, {"description": "B"}, {"description": "C"}],
+               "reconstruction": {"self_check": {"per_stack": per}}}
+    rows = _table_rows(summary)
+    assert [r[6] for r in rows] == ["56 / 88", "90 / 60 WORSE", "-"]

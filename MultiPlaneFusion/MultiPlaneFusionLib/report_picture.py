@@ -129,10 +129,22 @@ def _self_check(stack_summary):
     return "-"
 
 
+def _srr_self_check(summary, n):
+    """The srr self-check of stack ``n`` as 'RMS fused / best single' (HU), or None when it did not run."""
+    check = (summary.get("reconstruction") or {}).get("self_check") or {}
+    per = check.get("per_stack") or []
+    r = per[n] if n < len(per) else None
+    if not isinstance(r, dict) or r.get("best_single_rms") is None:
+        return None
+    verdict = "" if r.get("fusion_beats_best_single") else " WORSE"
+    return f"{r['fusion_rms_where_best_single_covers']:.0f} / {r['best_single_rms']:.0f}{verdict}"
+
+
 def _table_rows(summary):
     motion = _motion_by_stack(summary)
     rows = []
     for n, s in enumerate(summary.get("stacks") or []):
+        check = _srr_self_check(summary, n)
         t, r = motion.get(n, (None, None))
         moved = "reference" if n == 0 else ("-" if t is None else f"{t:.1f} mm, {r:.1f} deg")
         tilt = float(s.get("tilt_deg") or 0.0)
@@ -140,7 +152,7 @@ def _table_rows(summary):
             str(n), str(s.get("description") or "?")[:26], str(s.get("orientation") or "?")
             + (f" tilt {tilt:+.1f}" if s.get("sheared") else ""),
             f"{float(s.get('thickness_mm') or 0):.3g}",
-            "x".join(f"{float(v):.3g}" for v in s.get("pixel_spacing_mm") or []), moved, _self_check(s),
+            "x".join(f"{float(v):.3g}" for v in s.get("pixel_spacing_mm") or []), moved, check or _self_check(s),
         ])
     return rows
 
@@ -211,7 +223,7 @@ def write_report_picture(path, result, model_polydata=None, title=None):
     if rows:
         table = ax.table(cellText=rows, loc="center", cellLoc="left",
                          colLabels=["#", "series", "orientation", "thick. mm", "pixel mm", "registration motion",
-                                    "self-check"])
+                                    "self-check RMS (fused / best single)"])
         table.auto_set_font_size(False)
         table.set_fontsize(9)
         table.scale(1.0, 1.3)
