@@ -303,9 +303,27 @@ def raw_points(path):
     return vtk_points(reader.GetOutput())
 
 
-def sorted_rows(points, decimals=3):
-    p = np.round(points, decimals)
-    return p[np.lexsort(p.T[::-1])]
+def farthest_closest_mm(a, b):
+    """The largest distance from a point of ``a`` to its closest point of ``b`` (mm).
+
+    Closest points, not sorted rows: rounding to sort puts float32 and float64 copies of nearly coincident
+    vertices in different orders.
+    """
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    pts = vtk.vtkPoints()
+    pts.SetData(numpy_to_vtk(np.ascontiguousarray(b, dtype=np.float64), deep=True))
+    poly = vtk.vtkPolyData()
+    poly.SetPoints(pts)
+    locator = vtk.vtkStaticPointLocator()
+    locator.SetDataSet(poly)
+    locator.BuildLocator()
+    worst = 0.0
+    for p in a:
+        q = b[locator.FindClosestPoint(p)]
+        worst = max(worst, float(np.linalg.norm(p - q)))
+    return worst
 
 
 @pytest.mark.parametrize("source", ["model", "segment"])
@@ -327,8 +345,10 @@ def test_exports_equal_slicer_storage_node_output_and_read_back_in_place(slicer,
     assert ours["space"] == coordinates and ours["closed"]
     theirs = slicer_written(slicer, polyRAS, str(tmp_path / f"slicer.{fmt.lower()}"), coordinates)
     a, b = raw_points(ours["path"]), raw_points(theirs)
-    assert a.shape == b.shape
-    assert np.allclose(sorted_rows(a), sorted_rows(b), atol=2e-3)
+    # Same points: our writer pushes vertices that share a float32 position 1 micrometre apart (so STL
+    # readers that weld by position keep the mesh closed), so a few more may survive the read-back.
+    assert len(b) <= len(a) <= len(b) + max(4, len(b) // 1000), (len(a), len(b))
+    assert farthest_closest_mm(a, b) < 5e-3 and farthest_closest_mm(b, a) < 5e-3  # mm
     # The file's numbers are in the claimed space: RAS = the node's points, LPS = flipped.
     expected = vtk_points(polyRAS) * (F if coordinates == "LPS" else 1.0)
     assert np.allclose(a.mean(axis=0), expected.mean(axis=0), atol=1e-3)
