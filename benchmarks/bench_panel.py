@@ -131,7 +131,7 @@ def render_vault(models, path, z_min, size=(700, 560)):
         text.SetInput(title)
         text.GetTextProperty().SetFontSize(18)
         text.SetPosition(10, 10)
-        ren.AddActor2D(text)
+        ren.AddViewProp(text)
         # LPS: the head's top is +z, its front -y. View from above, front and left, light grazing from the side.
         cx, cy, cz = ((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2)
         cam = ren.GetActiveCamera()
@@ -194,7 +194,8 @@ def run_model(option_sets, grid_choice="1mm", png=None, log=print):
     z_top = None
     for name, overrides in option_sets.items():
         vol, seconds, res = panel.run_fusion(folders, grid, overrides, register=True)
-        scores = evaluator(vol, grid)
+        # bench_srr's evaluator needs the whole 1 mm field of view (the panel grid is cropped)
+        scores = evaluator(vol, grid) if grid_choice == "1mm" else {}
         t = time.perf_counter()
         model = build_model(res.image)
         model_s = time.perf_counter() - t
