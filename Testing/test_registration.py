@@ -31,9 +31,9 @@ from MultiPlaneFusionLib.registration import (
     target_registration_error,
     write_transforms,
 )
-from MultiPlaneFusionLib.registration.report import apply, box_corners, describe_motion, rotation_vector_deg
 from MultiPlaneFusionLib.registration.rigid import register_pair
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_grid, phantom_truth, simulate_stack
+from MultiPlaneFusionLib.transforms import apply, box_corners, describe_motion, rotation_vector_deg
 
 SCALE = 0.5  # a small head keeps every synthetic case to about a second
 PIXEL_MM = 1.2

@@ -10,8 +10,8 @@ import pytest
 from MultiPlaneFusionLib.reconstruction.operators import GeneralOperator, make_operator
 from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator, shear_factors
 from MultiPlaneFusionLib.registration import rigid_matrix
-from MultiPlaneFusionLib.registration.report import rotation_matrix
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_grid, phantom_truth, simulate_stack
+from MultiPlaneFusionLib.transforms import rotation_matrix
 
 SCALE = 0.4
 

@@ -51,8 +51,8 @@ from MultiPlaneFusionLib.registration import (
     rigid_matrix,
     target_registration_error,
 )
-from MultiPlaneFusionLib.registration.report import apply, box_corners
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_truth, simulate_stack
+from MultiPlaneFusionLib.transforms import apply, box_corners
 
 REPO = Path(__file__).resolve().parents[1]
 ORIENTATIONS = ("axial", "coronal", "sagittal")

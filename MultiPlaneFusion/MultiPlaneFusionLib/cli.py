@@ -135,14 +135,14 @@ def build_parser():
 
 
 def fuse_options_from_args(args):
-    from .grid import grid_like
+    from .reading import read_grid_source
     from .reconstruction.srr import srr_options_from_args
     from .registration import registration_options_from_args
 
     return FuseOptions(
         method=args.method,
         spacing_mm=args.spacing,
-        grid=grid_like(args.grid_like) if args.grid_like else None,
+        grid=read_grid_source(args.grid_like) if args.grid_like else None,
         extent=args.extent,
         reference=args.reference,
         register=not args.no_register,

@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .transforms import stack_frame
 
 
 @dataclass(frozen=True)
@@ -105,24 +106,6 @@ def grid_from_image(image):
     )
 
 
-def grid_like(path):
-    """The grid of an existing volume file or DICOM series folder (``--grid-like``)."""
-    from .reading import read_grid_source
-
-    return read_grid_source(path)
-
-
-def _orthonormal_frame(stack):
-    """Columns i, j, k of the reference stack's frame in patient space (registration applied)."""
-    r = stack.transform[:3, :3]
-    row = r @ stack.row_direction
-    col = r @ stack.column_direction
-    q, _ = np.linalg.qr(np.stack([row, col, np.cross(row, col)], axis=1))
-    # QR may flip signs; restore the stack's own sense of each axis.
-    signs = np.sign(np.einsum("ij,ij->j", q, np.stack([row, col, np.cross(row, col)], axis=1)))
-    return q * signs[None, :]
-
-
 def grid_for_stacks(
     stacks: Sequence,
     reference: int = 0,
@@ -149,7 +132,7 @@ def grid_for_stacks(
     spacing_mm = float(spacing_mm)
     if not spacing_mm > 0:
         raise InputError(f"grid spacing must be positive, got {spacing_mm}")
-    frame = _orthonormal_frame(stacks[reference])
+    frame = stack_frame(stacks[reference])
     lows, highs = [], []
     for s in stacks:
         c = s.corners_mm() @ frame  # coordinates along the grid axes

@@ -49,6 +49,7 @@ from .errors import InputError
 from .grid import Grid
 from .model.thresholds import PRESETS
 from .stack import Stack
+from .transforms import apply as apply_matrix
 
 # Choices of the settings that exist only at the Slicer boundary (the module's combo boxes show them; the
 # other choice lists live next to their option classes: pipeline.METHODS, model.options.SURFACE_METHODS...).
@@ -123,11 +124,6 @@ def slice_corner_indices(shape_kji):
     pts[:, 1, 0] = i_far
     pts[:, 2, 1] = j_far
     return pts
-
-
-def _apply_matrix(matrix, points):
-    m = np.asarray(matrix, dtype=float).reshape(4, 4)
-    return np.asarray(points, dtype=float) @ m[:3, :3].T + m[:3, 3]
 
 
 def _slice_axis_permutation(ijk_to_ras, shape_kji):
@@ -212,13 +208,13 @@ def stack_from_volume(
             m[:3, 3] = ijk_to_ras[:3, 3]
             ijk_to_ras = m
 
-    corners_ras = _apply_matrix(ijk_to_ras, slice_corner_indices(pixels.shape).reshape(-1, 3))
+    corners_ras = apply_matrix(ijk_to_ras, slice_corner_indices(pixels.shape).reshape(-1, 3))
     if world_from_ras is None:
         world = corners_ras
     elif callable(world_from_ras):
         world = np.asarray(world_from_ras(corners_ras), dtype=float).reshape(-1, 3)
     else:
-        world = _apply_matrix(world_from_ras, corners_ras)
+        world = apply_matrix(world_from_ras, corners_ras)
     corners_lps = flip_points(world).reshape(pixels.shape[0], 3, 3)
     return stack_from_slice_corners(pixels, corners_lps, thickness_mm=thickness_mm, **stack_kwargs)
 

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import InputError
+from .transforms import apply as apply_matrix
 
 # Relative tolerance on slice steps below which a stack counts as regularly spaced.
 _STEP_RTOL = 1e-3
@@ -204,8 +205,7 @@ class Stack:
 
     def index_to_physical(self, k, j, i):
         """Patient-space LPS (mm, registration applied) of continuous indices; shape (..., 3)."""
-        p = self.index_to_scanner(k, j, i)
-        return p @ self.transform[:3, :3].T + self.transform[:3, 3]
+        return apply_matrix(self.transform, self.index_to_scanner(k, j, i))
 
     def physical_to_index(self, points):
         """Continuous (k, j, i) of patient-space LPS points; inverse of :meth:`index_to_physical`.
@@ -213,9 +213,7 @@ class Stack:
         ``points`` has shape (..., 3); returns three arrays of shape (...). Outside the slice range,
         ``k`` is extrapolated with the first/last step.
         """
-        p = np.asarray(points, dtype=float)
-        inv = np.linalg.inv(self.transform)
-        p = p @ inv[:3, :3].T + inv[:3, 3]
+        p = apply_matrix(np.linalg.inv(self.transform), points)
         t = (p - self.slice_origins_mm[0]) @ self.normal
         offsets = self.slice_offsets_mm
         n = len(offsets)

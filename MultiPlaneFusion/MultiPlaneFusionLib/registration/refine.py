@@ -15,8 +15,8 @@ import numpy as np
 from ..errors import InputError
 from ..progress import Monitor
 from ..stack import stack_from_affine
+from ..transforms import apply, box_corners, describe_motion
 from .options import RegistrationOptions
-from .report import apply, box_corners, describe_motion
 from .rigid import STAGE, _log_report, _stack_report, reference_report, register_pair
 
 

@@ -52,13 +52,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError, OutputError
-from ..grid import Grid, _orthonormal_frame
+from ..grid import Grid
 from ..progress import CallbackGuard, Monitor
 from ..reconstruction.operators import psf_sigma_mm
 from ..reconstruction.resample import resample_stack
+from ..transforms import apply, describe_motion, stack_frame
 from ..writing import atomic_path
 from .options import RegistrationOptions
-from .report import apply, describe_motion
 
 log = logging.getLogger("MultiPlaneFusionLib")
 
@@ -246,14 +246,14 @@ def _prepare_pair(target, target_sigmas_mm, moving, r_init, options):
     """Fixed and moving images (see the module docstring) for ``moving`` placed by ``inv(r_init)``."""
     scanner = moving.with_transform(np.eye(4))
     placed = moving.with_transform(np.linalg.inv(r_init))
-    frame_f = _orthonormal_frame(placed)
+    frame_f = stack_frame(placed)
     lo_f, hi_f = _box(frame_f, [target.corners_mm(), placed.corners_mm()])
     if np.any(hi_f - lo_f <= 0):
         raise InputError(
             f"'{moving.description}' does not overlap the registration target '{target.description}'"
         )
     # The target's axes as seen in the moving stack's scanner space.
-    frame_m = np.asarray(r_init, dtype=float)[:3, :3] @ _orthonormal_frame(target)
+    frame_m = np.asarray(r_init, dtype=float)[:3, :3] @ stack_frame(target)
     lo_m, hi_m = _box(frame_m, [scanner.corners_mm()])
     h = _choose_spacing(options, target, moving, hi_f - lo_f, hi_m - lo_m)
     grid_f = _box_grid(frame_f, lo_f, hi_f, h)
@@ -353,7 +353,7 @@ def _moments_initialisation(target, moving, options):
     scanner = moving.with_transform(np.eye(4))
     masks = []
     for s in (target, scanner):
-        frame = _orthonormal_frame(s)
+        frame = stack_frame(s)
         lo, hi = _box(frame, [s.corners_mm()])
         h = max(min(s.pixel_spacing_mm), (float(np.prod(np.maximum(hi - lo, 1.0))) / 250_000) ** (1.0 / 3.0))
         grid = _box_grid(frame, lo, hi, h)

@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from ..errors import InputError
 from ..progress import Monitor
 from ..stack import Stack
+from ..transforms import apply as apply_matrix
 from .phantom import phantom_bounds_mm, phantom_hu_xyz
 
 # Standard DICOM ImageOrientationPatient of untilted series: (row, column) direction cosines.
@@ -284,7 +285,7 @@ def simulate_stack(
     # stays through the unmoved box centre.
     inv = np.eye(4) if motion is None else _rigid_inverse(motion)
     moved = np.linalg.inv(inv)
-    moved_corners = corners @ moved[:3, :3].T + moved[:3, 3]
+    moved_corners = apply_matrix(moved, corners)
 
     # Slice positions along the step direction (mm from the LPS origin).
     cos_step = float(normal @ step_dir)

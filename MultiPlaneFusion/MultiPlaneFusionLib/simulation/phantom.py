@@ -32,6 +32,7 @@ import numpy as np
 
 from ..grid import Grid
 from ..progress import Monitor
+from ..transforms import rotation_matrix
 
 # ------------------------------------------------------------------------------------- tissue HU
 AIR_HU = -1000.0
@@ -163,10 +164,8 @@ def _outer_surface_point(direction_normalised):
 
 
 def _rotate(v, axis, angle_deg):
-    """Rodrigues rotation of vector v about a unit axis."""
-    axis = _unit(axis)
-    a = np.radians(angle_deg)
-    return v * np.cos(a) + np.cross(axis, v) * np.sin(a) + axis * float(axis @ v) * (1 - np.cos(a))
+    """Vector v rotated about ``axis`` by ``angle_deg`` (right-hand rule)."""
+    return rotation_matrix(axis, angle_deg) @ np.asarray(v, dtype=float)
 
 
 def _vault_hole(direction, radius_mm, tilt_deg):

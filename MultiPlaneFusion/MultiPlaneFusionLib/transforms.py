@@ -1,5 +1,6 @@
-"""Rigid transforms as 4x4 matrices: building them, describing them, comparing them.
+"""Geometry on the ground floor: 4x4 matrices applied to points, rotations, rigid maps, boxes, stack frames.
 
+Every layer (grid, registration, reconstruction, the Slicer boundary) uses these instead of its own copy.
 All matrices are 4x4 homogeneous maps of LPS points in millimetres, ``p' = M[:3, :3] @ p + M[:3, 3]``.
 """
 
@@ -63,8 +64,20 @@ def describe_motion(matrix, centre_mm):
 
 def apply(matrix, points):
     """Map points of shape (..., 3) through a 4x4 matrix."""
-    m = np.asarray(matrix, dtype=float)
+    m = np.asarray(matrix, dtype=float).reshape(4, 4)
     return np.asarray(points, dtype=float) @ m[:3, :3].T + m[:3, 3]
+
+
+def stack_frame(stack):
+    """Orthonormal patient-space axes of a stack after its registration transform, shape (3, 3).
+
+    Columns: row direction, column direction, slice normal (row x column). A rigid transform keeps them
+    orthonormal; QR removes the round-off while keeping each axis's sense (QR alone may flip signs).
+    """
+    r = np.asarray(stack.transform, dtype=float)[:3, :3]
+    axes = np.stack([r @ stack.row_direction, r @ stack.column_direction, r @ stack.normal], axis=1)
+    q, rr = np.linalg.qr(axes)
+    return q * np.sign(np.diag(rr))[None, :]
 
 
 def target_registration_error(estimated, true, points):
