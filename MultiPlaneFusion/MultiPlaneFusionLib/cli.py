@@ -5,17 +5,15 @@ Every user error ends with one line on stderr (no traceback) and a non-zero exit
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
 
 from . import __version__, memory
-from .errors import CancelledError, MultiPlaneFusionError, OutputError
+from .errors import CancelledError, MultiPlaneFusionError
 from .pipeline import METHODS, FuseOptions
 from .progress import Monitor
 from .progress_display import DEMO_PLAN, FUSE_PLAN, MODEL_PLAN, RUN_PLAN, ProgressDisplay
@@ -244,93 +242,33 @@ def cmd_model(args, progress):
             "outputs": {"model": os.path.abspath(args.output)}, "timings_s": {"total_s": time.perf_counter() - t}}
 
 
-def make_outdir(outdir):
-    """Create ``outdir`` if needed; True when this call created it (a failed run then removes it)."""
-    if os.path.isdir(outdir):
-        return False
-    try:
-        os.makedirs(outdir)
-    except OSError as e:
-        raise OutputError(f"cannot create output folder '{outdir}': {e.strerror}") from None
-    return True
-
-
-def run_pipeline(stacks, outdir, fuse_options, model_options, model_format="stl", progress=None, quiet=False,
-                 overwrite=True):
-    """fuse + model into ``outdir``; returns the summary dict.
-
-    Nothing is left behind on failure or cancel: outputs already renamed are removed, and so is
-    ``outdir`` when this call created it. With ``overwrite=False`` existing outputs are an OutputError."""
-    fused_path = os.path.join(outdir, "fused.nrrd")
-    model_path = os.path.join(outdir, f"bone.{model_format}")
-    if not overwrite:
-        existing = [p for p in (fused_path, model_path, os.path.join(outdir, "report.png")) if os.path.exists(p)]
-        if existing:
-            raise OutputError(f"'{existing[0]}' exists; use --overwrite to replace it")
-    created = make_outdir(outdir)
-    written = []
-    try:
-        return _run_pipeline(stacks, outdir, fused_path, model_path, fuse_options, model_options, progress,
-                             quiet, written)
-    except BaseException:
-        for p in written:
-            with contextlib.suppress(OSError):
-                os.remove(p)
-        if created:
-            shutil.rmtree(outdir, ignore_errors=True)
-        raise
-
-
-def _run_pipeline(stacks, outdir, fused_path, model_path, fuse_options, model_options, progress, quiet, done):
-    from .model import build_model, write_model
-    from .pipeline import fuse_paths, write_fusion, write_transforms_if_asked
-    from .report_picture import write_report_picture
-    from .writing import check_writable
-
-    check_writable(fused_path)
-    report_path = os.path.join(outdir, "report.png")
-    result = fuse_paths(stacks, fuse_options, progress)
-    modality = result.stacks[0].modality
-    t = time.perf_counter()
-    model = build_model(result.image, model_options, modality=modality, progress=progress)
-    result.summary["timings_s"]["model_s"] = time.perf_counter() - t
-    monitor = Monitor.wrap(progress)
-    monitor.report("write", 0.0)
-    written = write_fusion(result, fused_path)
-    done.append(fused_path)
-    monitor.report("write", 0.4)
-    tfms = write_transforms_if_asked(result, fuse_options)
-    done.extend(tfms)
-    if tfms:
-        written["transforms"] = tfms
-    written["model"] = os.path.abspath(model_path)
-    export = write_model(model.polydata, model_path, ras=model_options.ras)
-    done.append(model_path)
-    monitor.report("write", 0.7)
-    picture = write_report_picture(report_path, result, model.polydata)
-    if picture:
-        done.append(picture)
-        written["report"] = picture
-    monitor.report("write", 1.0)
+def _print_outputs(outputs, progress, quiet):
     if not quiet:
         _end_progress_line(progress)
-        print(f"fused volume: {written['volume']}")
-        print(f"bone model:   {written['model']}")
-    return {**result.summary, "mesh": model.report, "export": export, "outputs": written}
+        print(f"fused volume: {outputs['volume']}")
+        print(f"bone model:   {outputs['model']}")
 
 
 def cmd_run(args, progress):
     from .model import options_from_args
+    from .pipeline import run_to_folder
 
-    return run_pipeline(args.stacks, args.output, fuse_options_from_args(args), options_from_args(args),
-                        args.model_format, progress, args.quiet, overwrite=args.overwrite)
+    result = run_to_folder(args.stacks, args.output, fuse_options=fuse_options_from_args(args),
+                           model_options=options_from_args(args), model_format=args.model_format,
+                           progress=progress, overwrite=args.overwrite)
+    _print_outputs(result.outputs, progress, args.quiet)
+    return result.summary
 
 
 def cmd_demo(args, progress):
     from .demo import run_demo
 
-    return run_demo(args.output, thickness_mm=args.thickness, pixel_spacing_mm=args.pixel, scale=args.scale,
-                    seed=args.seed, method=args.method, progress=progress, quiet=args.quiet)
+    result = run_demo(args.output, thickness_mm=args.thickness, pixel_spacing_mm=args.pixel, scale=args.scale,
+                      seed=args.seed, method=args.method, progress=progress)
+    _print_outputs(result.outputs, progress, args.quiet)
+    if not args.quiet:
+        print(f"ground truth: {result.outputs['truth']}")
+    return result.summary
 
 
 COMMANDS = {"inspect": cmd_inspect, "fuse": cmd_fuse, "model": cmd_model, "run": cmd_run, "demo": cmd_demo}

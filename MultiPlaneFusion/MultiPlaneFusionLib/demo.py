@@ -9,38 +9,35 @@ import os
 import shutil
 import time
 
-from .writing import write_image
+from .model import ModelOptions
+from .pipeline import FuseOptions, run_to_folder
+from .progress import Monitor
+from .simulation import phantom_truth, simulate_orthogonal_stacks, write_dicom_series
+from .writing import make_folder, write_image
 
 log = logging.getLogger("MultiPlaneFusionLib")
 
 
-def run_demo(outdir, thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, seed=0, method="srr", noise_hu=15.0,
-             progress=None, quiet=False):
+def run_demo(outdir, *, thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, seed=0, method="srr", noise_hu=15.0,
+             progress=None, cancel=None):
     """Write ``outdir/dicom/{axial,coronal,sagittal}``, ``outdir/truth.nrrd``, then fuse and model.
 
-    Returns the pipeline summary (dict) with the paths written under ``outputs``.
+    Returns the pipeline's :class:`~MultiPlaneFusionLib.pipeline.RunResult`; ``outputs`` also holds
+    ``truth`` and the summary's timings ``simulate_s``.
     """
-    from .cli import make_outdir
-
-    created = make_outdir(outdir)
+    created = make_folder(outdir)
     try:
-        return _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu, progress, quiet)
+        return _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu,
+                         Monitor.wrap(progress, cancel))
     except BaseException:
         if created:  # a failed or cancelled demo leaves nothing behind
             shutil.rmtree(outdir, ignore_errors=True)
         raise
 
 
-def _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu, progress, quiet):
-    from .cli import run_pipeline
-    from .grid import Grid
-    from .model import ModelOptions
-    from .pipeline import FuseOptions
-    from .simulation import phantom_truth, simulate_orthogonal_stacks, write_dicom_series
-
+def _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu, monitor):
     t = time.perf_counter()
-    if progress:
-        progress("simulate", 0.0)
+    monitor.report("simulate", 0.0)
     stacks = simulate_orthogonal_stacks(thickness_mm=thickness_mm, pixel_spacing_mm=pixel_spacing_mm, scale=scale,
                                         noise_hu=noise_hu, seed=seed)
     folders = []
@@ -48,19 +45,15 @@ def _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise
         folder = os.path.join(outdir, "dicom", s.orientation)
         write_dicom_series(s, folder, series_number=n + 1)
         folders.append(folder)
-        if progress:
-            progress("simulate", (n + 1) / len(stacks))
+        monitor.report("simulate", (n + 1) / len(stacks))
     simulate_s = time.perf_counter() - t
-    if not quiet:
-        log.info("simulated series: %s", ", ".join(folders))
-    summary = run_pipeline(folders, outdir, FuseOptions(method=method), ModelOptions(), progress=progress, quiet=quiet)
+    log.info("simulated series: %s", ", ".join(folders))
+    result = run_to_folder(folders, outdir, fuse_options=FuseOptions(method=method), model_options=ModelOptions(),
+                           progress=monitor)
     # Ground truth on the same grid, for a side-by-side look in any viewer.
-    g = summary["grid"]
-    grid = Grid(tuple(g["shape_kji"]), tuple(g["spacing_mm"]), tuple(g["origin_mm"]), tuple(g["direction"]))
+    grid = result.fusion.grid
     truth_path = os.path.join(outdir, "truth.nrrd")
     write_image(grid.image(phantom_truth(grid, scale=scale)), truth_path)
-    summary["outputs"]["truth"] = os.path.abspath(truth_path)
-    summary["timings_s"]["simulate_s"] = simulate_s
-    if not quiet:
-        print(f"ground truth: {summary['outputs']['truth']}")
-    return summary
+    result.outputs["truth"] = os.path.abspath(truth_path)
+    result.summary["timings_s"]["simulate_s"] = simulate_s
+    return result

@@ -3,8 +3,10 @@
 The CLI and the Slicer module both call these functions; nothing here parses arguments or touches MRML.
 """
 
+import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional
@@ -18,7 +20,7 @@ from .grid import Grid, grid_for_stacks
 from .progress import Monitor
 from .reading import read_stacks
 from .reconstruction.average import default_background, fuse_average
-from .writing import check_volume_path, write_image
+from .writing import check_volume_path, make_folder, write_image
 
 log = logging.getLogger("MultiPlaneFusionLib")
 
@@ -265,11 +267,7 @@ def write_transforms_if_asked(result, options):
         return []
     from .registration import write_transforms
 
-    if not os.path.isdir(folder):
-        try:
-            os.makedirs(folder)
-        except OSError as e:
-            raise OutputError(f"cannot create transforms folder '{folder}': {e.strerror}") from None
+    make_folder(folder, "transforms folder")
     return [os.path.abspath(p) for p in write_transforms(result.stacks, folder)]
 
 
@@ -284,3 +282,74 @@ def write_fusion(result, path, coverage_path=None):
         write_image(result.coverage, coverage_path)
         written["coverage"] = os.path.abspath(coverage_path)
     return written
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_to_folder` made: ``fusion`` (a FusionResult), ``model`` (the model package's
+    ModelResult), ``outputs`` ({"volume", "model", "report", "transforms": paths}, absolute) and ``summary``
+    (what --json records: the fusion summary plus the mesh and export reports and the outputs)."""
+
+    fusion: FusionResult
+    model: Any
+    outputs: dict
+    summary: dict
+
+
+def run_to_folder(inputs, outdir, *, fuse_options=None, model_options=None, model_format="stl", progress=None,
+                  cancel=None, overwrite=True):
+    """Fuse ``inputs`` (paths as for :func:`fuse_paths`), build the bone model and write ``outdir/fused.nrrd``,
+    ``outdir/bone.<model_format>`` and ``outdir/report.png``; returns a :class:`RunResult`.
+
+    Nothing is left behind on failure or cancel: outputs already renamed are removed, and so is ``outdir``
+    when this call created it. With ``overwrite=False`` an existing output is an OutputError, raised before
+    any work."""
+    paths = {"volume": os.path.join(outdir, "fused.nrrd"), "model": os.path.join(outdir, f"bone.{model_format}"),
+             "report": os.path.join(outdir, "report.png")}
+    if not overwrite:
+        existing = [p for p in paths.values() if os.path.exists(p)]
+        if existing:
+            raise OutputError(f"'{existing[0]}' exists; use --overwrite to replace it")
+    created = make_folder(outdir)
+    written = []
+    try:
+        return _run_to_folder(inputs, paths, fuse_options, model_options, Monitor.wrap(progress, cancel), written)
+    except BaseException:
+        for p in written:
+            with contextlib.suppress(OSError):
+                os.remove(p)
+        if created:
+            shutil.rmtree(outdir, ignore_errors=True)
+        raise
+
+
+def _run_to_folder(inputs, paths, fuse_options, model_options, monitor, written):
+    from .model import ModelOptions, build_model, write_model
+    from .report_picture import write_report_picture
+    from .writing import check_writable
+
+    model_options = model_options or ModelOptions()
+    check_writable(paths["volume"])
+    fusion = fuse_paths(inputs, fuse_options, monitor)
+    t = time.perf_counter()
+    model = build_model(fusion.image, model_options, modality=fusion.stacks[0].modality, progress=monitor)
+    fusion.summary["timings_s"]["model_s"] = time.perf_counter() - t
+    monitor.report("write", 0.0)
+    outputs = write_fusion(fusion, paths["volume"])
+    written.append(paths["volume"])
+    monitor.report("write", 0.4)
+    transforms = write_transforms_if_asked(fusion, fuse_options)
+    written.extend(transforms)
+    if transforms:
+        outputs["transforms"] = transforms
+    export = write_model(model.polydata, paths["model"], ras=model_options.ras)
+    written.append(paths["model"])
+    outputs["model"] = os.path.abspath(paths["model"])
+    monitor.report("write", 0.7)
+    picture = write_report_picture(paths["report"], fusion, model.polydata)
+    if picture:
+        written.append(picture)
+        outputs["report"] = picture
+    monitor.report("write", 1.0)
+    summary = {**fusion.summary, "mesh": model.report, "export": export, "outputs": outputs}
+    return RunResult(fusion=fusion, model=model, outputs=outputs, summary=summary)

@@ -21,6 +21,19 @@ def check_writable(path):
         raise OutputError(f"output folder '{folder}' is not writable")
 
 
+def make_folder(folder, what="output folder"):
+    """Create ``folder`` (and its parents) if needed; True when this call created it, so that a failed run
+    can remove what it made. Raises OutputError naming ``what`` when it cannot be created."""
+    folder = os.fspath(folder)
+    if os.path.isdir(folder):
+        return False
+    try:
+        os.makedirs(folder)
+    except OSError as e:
+        raise OutputError(f"cannot create {what} '{folder}': {e.strerror or e}") from None
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to ``path`` (same extension); rename it to ``path`` on success.

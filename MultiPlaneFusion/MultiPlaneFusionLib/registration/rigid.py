@@ -51,13 +51,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError, OutputError
+from ..errors import InputError
 from ..grid import Grid
 from ..progress import CallbackGuard, Monitor
 from ..reconstruction.operators import psf_sigma_mm
 from ..reconstruction.resample import resample_stack
 from ..transforms import apply, describe_motion, stack_frame
-from ..writing import atomic_path
+from ..writing import atomic_path, make_folder
 from .options import RegistrationOptions
 
 log = logging.getLogger("MultiPlaneFusionLib")
@@ -604,10 +604,7 @@ def write_transforms(stacks, folder):
     Files are named ``stackNN_<description>.tfm`` (NN = position in ``stacks``) and written atomically.
     """
     folder = os.fspath(folder)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create transforms folder '{folder}': {e.strerror or e}") from None
+    make_folder(folder, "transforms folder")
     paths = []
     for n, s in enumerate(stacks):
         path = os.path.join(folder, f"stack{n:02d}_{_slug(s.description)}.tfm")

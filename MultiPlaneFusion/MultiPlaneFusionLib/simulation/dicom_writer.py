@@ -23,6 +23,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 
 from ..errors import OutputError
+from ..writing import make_folder
 
 # Stored values are int16; the CT convention of intercept -1024 keeps air near 0.
 _CT_INTERCEPT = -1024.0
@@ -145,10 +146,7 @@ def _save(ds, path, transfer_syntax):
 
 def _prepare_folder(folder):
     folder = os.fspath(folder)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create folder '{folder}': {exc.strerror}") from exc
+    make_folder(folder, "folder")
     return folder
 
 
