@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .stack import check_reference
 from .transforms import stack_frame
 
 
@@ -123,8 +124,7 @@ def grid_for_stacks(
     """
     if not stacks:
         raise InputError("no stacks to build a grid from")
-    if not 0 <= reference < len(stacks):
-        raise InputError(f"reference stack {reference} does not exist (there are {len(stacks)} stacks)")
+    check_reference(stacks, reference)
     if extent not in ("overlap", "union"):
         raise InputError(f"grid extent must be 'overlap' or 'union', not '{extent}'")
     if spacing_mm is None:

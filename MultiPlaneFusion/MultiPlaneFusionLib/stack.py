@@ -314,3 +314,14 @@ def stack_transform_is_identity(stack: Stack, tol: float = 1e-9) -> bool:
 def copy_stack(stack: Stack, pixels: Optional[np.ndarray] = None) -> Stack:
     """A copy with new pixels (same geometry and identifiers)."""
     return replace(stack, pixels=stack.pixels if pixels is None else pixels)
+
+
+def check_reference(stacks, reference):
+    """Raise InputError unless ``reference`` indexes one of ``stacks`` (the grid axes, registration target)."""
+    if not 0 <= reference < len(stacks):
+        raise InputError(f"reference stack {reference} does not exist (there are {len(stacks)} stacks)")
+
+
+def scanner_centre_mm(stack):
+    """Scanner-space centre of a stack's sampled region (mean of its 8 corners), shape (3,)."""
+    return stack.with_transform(np.eye(4)).corners_mm().mean(axis=0)

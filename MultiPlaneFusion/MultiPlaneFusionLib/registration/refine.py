@@ -14,10 +14,11 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import Monitor
-from ..stack import stack_from_affine
+from ..stack import check_reference, stack_from_affine
 from ..transforms import apply, box_corners, describe_motion
 from .options import RegistrationOptions
-from .rigid import STAGE, _log_report, _stack_report, reference_report, register_pair
+from .report import stack_report
+from .rigid import register_each, register_pair
 
 
 def reconstruction_as_stack(volume, grid, modality="OT"):
@@ -90,44 +91,35 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
     stacks = list(stacks)
     if not options.enabled or len(stacks) < 2:
         return stacks, []
-    if not 0 <= reference < len(stacks):
-        raise InputError(f"reference stack {reference} does not exist (there are {len(stacks)} stacks)")
+    check_reference(stacks, reference)
     volume = np.asarray(reconstruction_volume, dtype=np.float32)
     if coverage is not None:
         volume = np.where(np.asarray(coverage) > 0, volume, np.float32(np.nan))
     target = reconstruction_as_stack(volume, grid, stacks[reference].modality)
-    others = [n for n in range(len(stacks)) if n != reference]
     box = head_box_corners(grid, coverage)
-    out, reports = list(stacks), []
-    monitor.report(STAGE, 0.0)
-    for done, n in enumerate(others):
+
+    def register_one(n, span):
         s = stacks[n]
         r_start = np.linalg.inv(s.transform)
-        span = (done / len(others), (done + 1) / len(others))
         r_final, info = register_pair(target, np.zeros(3), s, r_start, r_start, options, monitor, span)
         new = np.linalg.inv(r_final)
         box_shift = max_box_shift_mm(s.transform, new, box)
         # A kept start comes back as inv(inv(T)), off by round-off (1e-15 mm): that is no motion, and neither
         # is anything below the tolerance; the stack keeps its transform bit for bit.
         moved = box_shift > options.unmoved_tolerance_mm
-        out[n] = s.with_transform(new) if moved else s
-        report = _stack_report(n, out[n], "current geometry", info, options)
-        change = describe_motion(out[n].transform @ np.linalg.inv(s.transform), s.corners_mm().mean(axis=0))
+        result = s.with_transform(new) if moved else s
+        report = stack_report(n, result, "current geometry", info, metric=options.metric)
+        change = describe_motion(result.transform @ np.linalg.inv(s.transform), s.corners_mm().mean(axis=0))
         report["cycle_translation_mm"] = change["translation_mm"]
         report["cycle_rotation_deg"] = change["rotation_deg"]
         # How far any corner of the stack moved in this cycle: below a fraction of a voxel, re-solving the
         # reconstruction with the new transforms cannot change it.
-        report["cycle_max_shift_mm"] = float(
-            np.max(np.linalg.norm(out[n].corners_mm() - s.corners_mm(), axis=1))
-        )
+        report["cycle_max_shift_mm"] = float(np.max(np.linalg.norm(result.corners_mm() - s.corners_mm(), axis=1)))
         report["cycle_box_shift_mm"] = box_shift
         report["moved"] = bool(moved)
         if not moved and report.get("warning") is None:
             report["note"] = (f"update moves the head's box by {box_shift:.2g} mm "
                               f"(<= {options.unmoved_tolerance_mm:g} mm): unmoved")
-        reports.append(report)
-        _log_report(report, "the reconstruction")
-    reports = sorted(reports + [reference_report(reference, stacks[reference])], key=lambda r: r["index"])
-    monitor.report(STAGE, 1.0)
-    return out, reports
+        return result, report
 
+    return register_each(stacks, reference, monitor, register_one, "the reconstruction")

@@ -56,9 +56,11 @@ from ..grid import Grid
 from ..progress import CallbackGuard, Monitor
 from ..reconstruction.operators import psf_sigma_mm
 from ..reconstruction.resample import resample_stack
+from ..stack import check_reference, scanner_centre_mm
 from ..transforms import apply, describe_motion, stack_frame
 from ..writing import atomic_path, make_folder
 from .options import RegistrationOptions
+from .report import log_report, reference_report, stack_report
 
 log = logging.getLogger("MultiPlaneFusionLib")
 
@@ -73,11 +75,6 @@ _METRIC_NOISE = 1e-3
 
 
 # ------------------------------------------------------------------------------------------- geometry
-def stack_centre_mm(stack):
-    """Scanner-space centre of a stack's sampled region (mean of its 8 corners), shape (3,)."""
-    return stack.with_transform(np.eye(4)).corners_mm().mean(axis=0)
-
-
 def _box(frame, corner_sets):
     """(lo, hi) along the columns of ``frame`` of the intersection of the corner sets' boxes."""
     lo = np.max([np.min(c @ frame, axis=0) for c in corner_sets], axis=0)
@@ -420,7 +417,7 @@ def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, mo
     final_metric = _metric_at(options, pair, r_final)
 
     # Guards, relative to the optimiser's start: how far the stack's centre moved, and by what angle.
-    centre = stack_centre_mm(moving)
+    centre = scanner_centre_mm(moving)
     change = describe_motion(np.linalg.inv(r_final) @ r_init, centre)
     shift = float(np.linalg.norm(change["translation_mm"]))
     warning = None
@@ -486,41 +483,20 @@ def _better(a, b):
     return a["accepted"] and a["final_metric"] < b["final_metric"]
 
 
-def _stack_report(n, stack, initialisation, info, options):
-    """A JSON-ready report of a stack's registration (motion relative to its scanner geometry)."""
-    report = {"index": n, "description": stack.description, "reference": False, "metric": options.metric,
-              "initialisation": initialisation}
-    report.update(describe_motion(stack.transform, stack_centre_mm(stack)))
-    report.update(info)
-    report["transform"] = [[float(v) for v in row] for row in stack.transform]
-    return report
-
-
-def _log_report(report, target_name):
-    t = report["translation_mm"]
-
-    def metric(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
-    log.info(
-        "registered '%s' to %s: translation (%.2f, %.2f, %.2f) mm, rotation %.2f deg, metric %s -> %s, "
-        "%d iterations, %.1f s",
-        report["description"], target_name, t[0], t[1], t[2], report["rotation_angle_deg"],
-        metric(report["initial_metric"]), metric(report["final_metric"]), report["iterations"], report["seconds"],
-    )
-    if report["warning"]:
-        log.warning("registration of '%s': %s", report["description"], report["warning"])
-    elif report.get("note"):
-        log.info("registration of '%s': %s", report["description"], report["note"])
-
-
-def reference_report(n, stack):
-    """The report entry of the reference stack (it is not moved)."""
-    report = {"index": n, "description": stack.description, "reference": True, "initialisation": "reference",
-              "iterations": 0, "accepted": True, "warning": None, "initial_metric": None, "final_metric": None}
-    report.update(describe_motion(stack.transform, stack_centre_mm(stack)))
-    report["transform"] = [[float(v) for v in row] for row in stack.transform]
-    return report
+def register_each(stacks, reference, monitor, register_one, target_name):
+    """The loop both registrations share: ``register_one(n, span)`` -> (stack n registered, its report) for
+    every stack but ``reference``, with progress over ``span`` (start, stop) of the stage; returns the stacks
+    and the reports in stack order (the reference's included)."""
+    others = [n for n in range(len(stacks)) if n != reference]
+    out, reports = list(stacks), []
+    monitor.report(STAGE, 0.0)
+    for done, n in enumerate(others):
+        out[n], report = register_one(n, (done / len(others), (done + 1) / len(others)))
+        reports.append(report)
+        log_report(report, target_name)
+    reports = sorted(reports + [reference_report(reference, stacks[reference])], key=lambda r: r["index"])
+    monitor.report(STAGE, 1.0)
+    return out, reports
 
 
 def register_stacks(stacks, reference=0, options=None, monitor=None):
@@ -553,16 +529,13 @@ def register_stacks(stacks, reference=0, options=None, monitor=None):
     stacks = list(stacks)
     if not stacks:
         raise InputError("no stacks to register")
-    if not 0 <= reference < len(stacks):
-        raise InputError(f"reference stack {reference} does not exist (there are {len(stacks)} stacks)")
+    check_reference(stacks, reference)
     if not options.enabled or len(stacks) < 2:
         return stacks, []
     target = stacks[reference]
     target_sigmas = psf_sigma_mm(target)
-    others = [n for n in range(len(stacks)) if n != reference]
-    out, reports = list(stacks), []
-    monitor.report(STAGE, 0.0)
-    for done, n in enumerate(others):
+
+    def register_one(n, span):
         s = stacks[n]
         r_start = np.linalg.inv(s.transform)
         same_frame = bool(s.frame_of_reference_uid) and s.frame_of_reference_uid == target.frame_of_reference_uid
@@ -572,19 +545,17 @@ def register_stacks(stacks, reference=0, options=None, monitor=None):
             # (series of one session often share coordinates under different UIDs); the better one wins.
             candidates.insert(0, ("moments centring", _moments_initialisation(target, s, options)))
         best = None
+        width = (span[1] - span[0]) / len(candidates)
         for c, (initialisation, r_init) in enumerate(candidates):
-            a = (done + c / len(candidates)) / len(others)
-            b = (done + (c + 1) / len(candidates)) / len(others)
-            r_final, info = register_pair(target, target_sigmas, s, r_start, r_init, options, monitor, (a, b))
+            sub_span = (span[0] + c * width, span[0] + (c + 1) * width)
+            r_final, info = register_pair(target, target_sigmas, s, r_start, r_init, options, monitor, sub_span)
             if _better(info, best[2] if best else None):
                 best = (initialisation, r_final, info)
         initialisation, r_final, info = best
-        out[n] = s.with_transform(np.linalg.inv(r_final))
-        reports.append(_stack_report(n, out[n], initialisation, info, options))
-        _log_report(reports[-1], f"reference '{target.description}'")
-    reports = sorted(reports + [reference_report(reference, target)], key=lambda r: r["index"])
-    monitor.report(STAGE, 1.0)
-    return out, reports
+        moved = s.with_transform(np.linalg.inv(r_final))
+        return moved, stack_report(n, moved, initialisation, info, metric=options.metric)
+
+    return register_each(stacks, reference, monitor, register_one, f"reference '{target.description}'")
 
 
 # --------------------------------------------------------------------------------------- writing
