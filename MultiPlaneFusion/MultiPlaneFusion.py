@@ -1252,7 +1252,7 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
 
         from MultiPlaneFusionLib.metrics import psnr
         from MultiPlaneFusionLib.model import ModelOptions, read_model
-        from MultiPlaneFusionLib.model.meshio import mesh_report
+        from MultiPlaneFusionLib.model.mesh import mesh_report
         from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
         from MultiPlaneFusionLib.simulation import phantom_truth
 

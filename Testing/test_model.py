@@ -30,7 +30,7 @@ from MultiPlaneFusionLib.model import (
     staircase_fraction,
     write_model,
 )
-from MultiPlaneFusionLib.model.meshio import points, triangles
+from MultiPlaneFusionLib.model.mesh import points, triangles
 from MultiPlaneFusionLib.model.thresholds import otsu_level
 
 CENTRE = np.array([3.0, -4.0, 20.0])  # LPS mm
@@ -615,7 +615,7 @@ def test_written_model_stays_closed_where_sheets_touch(tmp_path, ext):
 def test_coincident_vertex_without_a_normal_is_still_separated(tmp_path, monkeypatch):
     # Smoothing can squash a pinched wall flat: a vertex whose faces have no area gets a zero normal
     # (found in the demo's model). It must still be moved off the vertex it coincides with.
-    from MultiPlaneFusionLib.model import meshio
+    from MultiPlaneFusionLib.model import mesh as meshio
 
     real_add_normals = meshio.add_normals
 

@@ -40,7 +40,7 @@ from common import RESULTS, extract_series, machine, measure, print_table, write
 from MultiPlaneFusionLib.grid import grid_from_image  # noqa: E402
 from MultiPlaneFusionLib.metrics import iso_surface  # noqa: E402
 from MultiPlaneFusionLib.model import ModelOptions, build_model, staircase_fraction  # noqa: E402
-from MultiPlaneFusionLib.model.meshio import points, triangles  # noqa: E402
+from MultiPlaneFusionLib.model.mesh import points, triangles  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------- helpers

@@ -76,7 +76,7 @@ def _normal_fractions(poly, axes, tolerance_deg=5.0, z_min=None):
     ``model.staircase_fraction``, here also per axis and on the vault."""
     import numpy as np
 
-    from MultiPlaneFusionLib.model.meshio import points, triangles
+    from MultiPlaneFusionLib.model.mesh import points, triangles
 
     pts, tris = points(poly), triangles(poly)
     a = pts[tris[:, 0]]

@@ -7,6 +7,8 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
+from .model.mesh import image_to_vtk, transform_polydata
+
 
 def psnr(test, reference, mask=None, data_range=None):
     """Peak signal-to-noise ratio in dB of ``test`` against ``reference`` inside ``mask``.
@@ -42,19 +44,6 @@ def dice(a, b):
     return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
 
 
-def image_to_vtk(volume, spacing_mm=(1.0, 1.0, 1.0), origin_mm=(0.0, 0.0, 0.0)):
-    """A vtkImageData (axis-aligned) holding a [k, j, i] numpy volume."""
-    v = np.ascontiguousarray(volume)
-    img = vtk.vtkImageData()
-    img.SetDimensions(int(v.shape[2]), int(v.shape[1]), int(v.shape[0]))
-    img.SetSpacing(*[float(s) for s in spacing_mm])
-    img.SetOrigin(*[float(o) for o in origin_mm])
-    arr = numpy_support.numpy_to_vtk(v.ravel(), deep=True)
-    arr.SetName("values")
-    img.GetPointData().SetScalars(arr)
-    return img
-
-
 def iso_surface(volume, threshold, grid=None, pad_value=None):
     """The exact (unsmoothed) flying-edges isosurface of a volume at ``threshold``, in LPS mm.
 
@@ -78,24 +67,6 @@ def iso_surface(volume, threshold, grid=None, pad_value=None):
     if grid is not None:
         poly = transform_polydata(poly, grid.direction_matrix, grid.origin_mm)
     return poly
-
-
-def transform_polydata(poly, matrix3, offset):
-    """Apply p -> matrix3 @ p + offset to the points of a vtkPolyData (returns a new one)."""
-    m = vtk.vtkMatrix4x4()
-    for r in range(3):
-        for c in range(3):
-            m.SetElement(r, c, float(matrix3[r][c]))
-        m.SetElement(r, 3, float(offset[r]))
-    t = vtk.vtkTransform()
-    t.SetMatrix(m)
-    f = vtk.vtkTransformFilter()  # vtkTransformPolyDataFilter is deprecated from VTK 9.7
-    f.SetInputData(poly)
-    f.SetTransform(t)
-    f.Update()
-    out = vtk.vtkPolyData()
-    out.DeepCopy(f.GetOutput())
-    return out
 
 
 def surface_distance(test, reference):

@@ -100,10 +100,10 @@ def flip_polydata(polydata):
 
     Negating x and y is a rotation by 180 degrees about z (determinant +1), so triangle winding and
     therefore outward orientation are kept; normals are rotated with the points. Imports vtk lazily
-    (through :func:`~MultiPlaneFusionLib.metrics.transform_polydata`) so the rest of this module needs
+    (through :func:`~MultiPlaneFusionLib.model.mesh.transform_polydata`) so the rest of this module needs
     numpy only.
     """
-    from .metrics import transform_polydata
+    from .model.mesh import transform_polydata
 
     return transform_polydata(polydata, LPS_RAS_4X4[:3, :3], (0.0, 0.0, 0.0))
 

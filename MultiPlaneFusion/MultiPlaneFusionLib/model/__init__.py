@@ -16,18 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..progress import Monitor
-from .meshio import (
-    MODEL_EXTENSIONS,
-    add_normals,
-    mesh_report,
-    model_format,
-    points,
-    read_model,
-    signed_volume_mm3,
-    staircase_fraction,
-    triangles,
-    write_model,
-)
+from .mesh import add_normals, mesh_report, points, signed_volume_mm3, staircase_fraction, triangles
+from .meshio import MODEL_EXTENSIONS, model_format, read_model, write_model
 from .options import ModelOptions, add_model_arguments, options_from_args
 from .segmentation import full_mask_image, image_array, segment
 from .surface import (

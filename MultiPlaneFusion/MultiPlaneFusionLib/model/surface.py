@@ -22,9 +22,8 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from ..metrics import transform_polydata
 from ..progress import CallbackGuard, Monitor
-from .meshio import defect_vertices, mesh_facts, points, set_triangles, triangles
+from .mesh import defect_vertices, mesh_facts, points, set_triangles, transform_polydata, triangles
 
 # Relative size of the tie guard (fraction of the value range in the contoured box).
 _TIE_EPS = 1e-3
@@ -108,7 +107,7 @@ def _padded(shape, pad, dtype):
 
 def _image_view(array, spacing, origin):
     """A vtkImageData sharing the memory of a C-contiguous [k, j, i] array (no copy: keep ``array``
-    alive while the image is used). :func:`metrics.image_to_vtk` is the copying variant."""
+    alive while the image is used). :func:`.mesh.image_to_vtk` is the copying variant."""
     img = vtk.vtkImageData()
     img.SetDimensions(int(array.shape[2]), int(array.shape[1]), int(array.shape[0]))
     img.SetSpacing(*[float(s) for s in spacing])
@@ -509,7 +508,7 @@ def orient_outward(poly):
     Returns
     -------
     (vtkPolyData, dict)
-        The oriented mesh and its :func:`~.meshio.mesh_facts`.
+        The oriented mesh and its :func:`~.mesh.mesh_facts`.
     """
     facts = mesh_facts(poly)
     if facts["triangles"] == 0:
