@@ -20,7 +20,6 @@ from MultiPlaneFusionLib.reconstruction.srr import (
     srr_options_from_args,
 )
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks, simulate_stack
-from MultiPlaneFusionLib.stack import copy_stack
 
 SCALE = 0.35
 
@@ -138,17 +137,17 @@ def test_cancellation_raises_and_returns_nothing(case):
 def test_intensity_matching_for_mr_like_stacks(case):
     stacks, grid, truth = case
     # arbitrary per-series scaling as in MR: stack 1 doubled plus an offset, stack 2 scaled down
-    mr = [copy_stack(s, s.pixels + 1024.0) for s in stacks]
+    mr = [replace(s, pixels=s.pixels + 1024.0) for s in stacks]
     for s in mr:
         s.modality = "MR"
-    mr[1] = copy_stack(mr[1], mr[1].pixels * 2.0 + 150.0)
-    mr[2] = copy_stack(mr[2], mr[2].pixels * 0.6)
+    mr[1] = replace(mr[1], pixels=mr[1].pixels * 2.0 + 150.0)
+    mr[2] = replace(mr[2], pixels=mr[2].pixels * 0.6)
     res = reconstruct_srr(mr, grid)
     assert res.info["intensity_matching"] is True
     assert res.info["intensity_scale"][1] == pytest.approx(0.5, rel=0.05)
     assert res.info["intensity_scale"][2] == pytest.approx(1 / 0.6, rel=0.05)
     assert res.info["background_value"] == 0.0
-    plain = reconstruct_srr([copy_stack(s, s.pixels + 1024.0) for s in stacks], grid,
+    plain = reconstruct_srr([replace(s, pixels=s.pixels + 1024.0) for s in stacks], grid,
                             SrrOptions(intensity_matching=False, background_value=0.0))
     head = truth > -900
     assert np.abs(res.volume - plain.volume)[head].mean() < 25.0

@@ -14,7 +14,7 @@ import time
 
 from . import __version__, memory
 from .errors import CancelledError, MultiPlaneFusionError
-from .pipeline import METHODS, FuseOptions
+from .pipeline import EXTENTS, INTERPOLATIONS, METHODS, FuseOptions
 from .progress import Monitor
 from .progress_display import DEMO_PLAN, FUSE_PLAN, MODEL_PLAN, RUN_PLAN, ProgressDisplay
 
@@ -50,22 +50,25 @@ def _non_negative_int(text):
 
 
 def _add_fuse_arguments(p):
+    d = FuseOptions()
     g = p.add_argument_group("fusion")
     grid = g.add_mutually_exclusive_group()
     grid.add_argument("--spacing", type=positive_float, metavar="MM",
                       help="isotropic output spacing (default: finest in-plane)")
     grid.add_argument("--grid-like", metavar="VOLUME", help="use exactly the grid of this volume file or DICOM series")
-    g.add_argument("--method", choices=METHODS, default="srr", help="srr (super-resolution, default) or average")
-    g.add_argument("--extent", choices=("overlap", "union"), default="overlap",
-                   help="grid covers the region all stacks share (default) or any stack covers")
-    g.add_argument("--reference", type=_non_negative_int, default=0, metavar="N",
-                   help="reference stack index (grid axes, registration target); default 0")
+    g.add_argument("--method", choices=METHODS, default=d.method,
+                   help=f"srr (super-resolution) or average (default {d.method})")
+    g.add_argument("--extent", choices=EXTENTS, default=d.extent,
+                   help="grid covers the region all stacks share (overlap) or any stack covers (union); "
+                        f"default {d.extent}")
+    g.add_argument("--reference", type=_non_negative_int, default=d.reference, metavar="N",
+                   help=f"reference stack index (grid axes, registration target); default {d.reference}")
     g.add_argument("--no-register", action="store_true", help="trust the scanner geometry; skip registration")
     g.add_argument("--background", type=float, help="value where no stack covers (default -1024 for CT, else 0)")
-    g.add_argument("--interpolation", choices=("linear", "bspline"), default="linear",
-                   help="resampling of the average method (default linear)")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, default=d.interpolation,
+                   help=f"resampling of the average method (default {d.interpolation})")
     g.add_argument("--coverage", metavar="FILE", help="also write the coverage mask (stacks covering each voxel)")
-    g.add_argument("--memory-limit-gb", type=positive_float, default=memory.DEFAULT_MEMORY_LIMIT_GB,
+    g.add_argument("--memory-limit-gb", type=positive_float, default=d.memory_limit_gb,
                    help="refuse reconstructions estimated above this (default: 90%% of the memory available)")
     _optional_stage_arguments(p)
 
@@ -120,16 +123,27 @@ def build_parser():
     _add_model_arguments(p)
     _add_common(p)
 
+    demo = _keyword_defaults("demo", "run_demo")
     p = sub.add_parser("demo", help="simulate a head phantom's three thick-slice DICOM series and run the pipeline")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    p.add_argument("--thickness", type=positive_float, default=4.0, metavar="MM",
-                   help="slice thickness of the series (4)")
-    p.add_argument("--pixel", type=positive_float, default=0.8, metavar="MM", help="pixel spacing of the series (0.8)")
-    p.add_argument("--scale", type=positive_float, default=1.0, help="phantom size factor (1 = adult head)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", choices=METHODS, default="srr")
+    p.add_argument("--thickness", type=positive_float, default=demo["thickness_mm"], metavar="MM",
+                   help=f"slice thickness of the series ({demo['thickness_mm']:g})")
+    p.add_argument("--pixel", type=positive_float, default=demo["pixel_spacing_mm"], metavar="MM",
+                   help=f"pixel spacing of the series ({demo['pixel_spacing_mm']:g})")
+    p.add_argument("--scale", type=positive_float, default=demo["scale"], help="phantom size factor (1 = adult head)")
+    p.add_argument("--seed", type=int, default=demo["seed"])
+    p.add_argument("--method", choices=METHODS, default=demo["method"])
     _add_common(p)
     return parser
+
+
+def _keyword_defaults(module, function):
+    """The keyword defaults of ``module.function`` (read, not repeated, by the parser)."""
+    import importlib
+    import inspect
+
+    signature = inspect.signature(getattr(importlib.import_module(f".{module}", __package__), function))
+    return {k: v.default for k, v in signature.parameters.items() if v.default is not inspect.Parameter.empty}
 
 
 def fuse_options_from_args(args):

@@ -26,6 +26,7 @@ log = logging.getLogger("MultiPlaneFusionLib")
 
 METHODS = ("srr", "average")
 EXTENTS = ("overlap", "union")
+INTERPOLATIONS = ("linear", "bspline")
 
 
 @dataclass
@@ -69,6 +70,8 @@ class FuseOptions:
             raise InputError(f"method must be one of {', '.join(METHODS)}, not '{self.method}'")
         if self.extent not in EXTENTS:
             raise InputError(f"extent must be one of {', '.join(EXTENTS)}, not '{self.extent}'")
+        if self.interpolation not in INTERPOLATIONS:
+            raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not '{self.interpolation}'")
         if self.spacing_mm is not None and not float(self.spacing_mm) > 0:
             raise InputError(f"spacing_mm must be positive (or None for the finest input pixel), got {self.spacing_mm}")
         if self.memory_limit_gb is not None and not float(self.memory_limit_gb) > 0:

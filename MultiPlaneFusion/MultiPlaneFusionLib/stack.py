@@ -19,7 +19,7 @@ registration changes it.
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -305,15 +305,6 @@ def stack_from_affine(pixels, affine_ijk_to_lps, thickness_mm=None, **kwargs):
     if thickness_mm is None:
         thickness_mm = abs(float(step @ normal)) if nk > 1 else float(np.linalg.norm(step))
     return Stack(pixels, origins, row, col, (di, dj), thickness_mm, **kwargs)
-
-
-def stack_transform_is_identity(stack: Stack, tol: float = 1e-9) -> bool:
-    return bool(np.allclose(stack.transform, np.eye(4), atol=tol))
-
-
-def copy_stack(stack: Stack, pixels: Optional[np.ndarray] = None) -> Stack:
-    """A copy with new pixels (same geometry and identifiers)."""
-    return replace(stack, pixels=stack.pixels if pixels is None else pixels)
 
 
 def check_reference(stacks, reference):

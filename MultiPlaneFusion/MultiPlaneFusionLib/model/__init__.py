@@ -3,7 +3,7 @@
 Typical use::
 
     from MultiPlaneFusionLib.model import ModelOptions, build_model, write_model
-    result = build_model(volume, ModelOptions(smoothing=0.5))
+    result = build_model(volume, ModelOptions(threshold=(300.0, 3071.0)))
     write_model(result.polydata, "bone.stl", ras=False)
 
 Meshes in memory are LPS millimetres, closed, with outward normals; ``result.mask`` is the cleaned
@@ -87,7 +87,7 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
     image : SimpleITK.Image
         3-D scalar volume in LPS mm (HU for CT); any spacing and direction.
     options : ModelOptions, optional
-        Defaults: CT bone preset, largest island, iso surface, smoothing 0.5, no decimation.
+        Defaults: ``ModelOptions()`` (CT bone preset, the bones of the region, constrained iso surface).
     modality : str
         'CT' allows HU presets; any other modality needs ``options.threshold`` or
         ``options.auto_threshold``.

@@ -138,6 +138,10 @@ def parse_decimate(value):
     raise InputError(f"decimate must be a fraction in (0, 1) or a whole triangle count, got '{value}'")
 
 
+# The defaults, written once: argparse and options_from_args read them from here.
+DEFAULTS = ModelOptions()
+
+
 def add_model_arguments(parser):
     """Add the model options to an argparse (sub)parser or argument group.
 
@@ -167,17 +171,17 @@ def add_model_arguments(parser):
     g.add_argument(
         "--smoothing",
         type=float,
-        default=0.5,
+        default=DEFAULTS.smoothing,
         metavar="S",
         help="surface smoothing 0..1: Slicer's windowed sinc (pass band 10^(-4 S), 20+40 S iterations); "
         "with --surface-method iso it is constrained: vertices move at most S/2 voxel and stay on the "
-        "volume's isosurface (default 0.5; 0 = off)",
+        f"volume's isosurface (default {DEFAULTS.smoothing:g}; 0 = off)",
     )
     g.add_argument("--ras", action="store_true", help="write the model in RAS (Slicer's view) instead of LPS")
     g.add_argument(
         "--surface-method",
         choices=SURFACE_METHODS,
-        default="iso",
+        default=DEFAULTS.surface_method,
         help="iso: sub-voxel grey-level isosurface inside the cleaned mask (default); "
         "labelmap: Slicer's binary-labelmap surface",
     )
@@ -197,17 +201,18 @@ def add_model_arguments(parser):
     g.add_argument(
         "--island-gap-mm",
         type=float,
-        default=10.0,
+        default=DEFAULTS.island_gap_mm,
         metavar="D",
         help="with --keep region: keep pieces of at least --fragment-min-mm3 within D mm of a kept piece "
-        "(default 10; farther pieces such as a head holder or the table are dropped)",
+        f"(default {DEFAULTS.island_gap_mm:g}; farther pieces such as a head holder or the table are dropped)",
     )
     g.add_argument(
         "--fragment-min-mm3",
         type=float,
-        default=20.0,
+        default=DEFAULTS.fragment_min_mm3,
         metavar="V",
-        help="with --keep region: smallest piece kept besides the largest, mm^3 (default 20)",
+        help="with --keep region: smallest piece kept besides the largest, mm^3 "
+        f"(default {DEFAULTS.fragment_min_mm3:g})",
     )
     g.add_argument(
         "--min-island-mm3",
@@ -224,7 +229,7 @@ def add_model_arguments(parser):
     g.add_argument(
         "--remove-thin-mm",
         type=float,
-        default=0.0,
+        default=DEFAULTS.remove_thin_mm,
         metavar="D",
         help="detach and drop thin structures far from the main body (scanner table, head holder): "
         "opening radius in mm (default 0 = off)",
@@ -239,7 +244,7 @@ def options_from_args(args):
     if min_island is not None and keep == "largest":
         raise InputError("--min-island-mm3 keeps several pieces: it cannot be combined with --keep largest")
     if keep is None:
-        keep = "all" if min_island is not None else "region"
+        keep = "all" if min_island is not None else DEFAULTS.islands
     threshold = getattr(args, "threshold", None)
     return ModelOptions(
         preset=getattr(args, "preset", None),
@@ -247,12 +252,18 @@ def options_from_args(args):
         auto_threshold=bool(getattr(args, "auto_threshold", False)),
         islands=keep,
         min_island_mm3=min_island or 0.0,
-        island_gap_mm=10.0 if getattr(args, "island_gap_mm", None) is None else args.island_gap_mm,
-        fragment_min_mm3=20.0 if getattr(args, "fragment_min_mm3", None) is None else args.fragment_min_mm3,
+        island_gap_mm=_given(args, "island_gap_mm"),
+        fragment_min_mm3=_given(args, "fragment_min_mm3"),
         fill_cavities=bool(getattr(args, "fill_cavities", False)),
-        remove_thin_mm=getattr(args, "remove_thin_mm", 0.0) or 0.0,
-        surface_method=getattr(args, "surface_method", None) or "iso",
-        smoothing=0.5 if getattr(args, "smoothing", None) is None else args.smoothing,
+        remove_thin_mm=_given(args, "remove_thin_mm"),
+        surface_method=_given(args, "surface_method"),
+        smoothing=_given(args, "smoothing"),
         decimate=getattr(args, "decimate", None),
         ras=bool(getattr(args, "ras", False)),
     )
+
+
+def _given(args, name):
+    """``args.name``, or the ModelOptions default when the parser did not define it or left it None."""
+    value = getattr(args, name, None)
+    return getattr(DEFAULTS, name) if value is None else value

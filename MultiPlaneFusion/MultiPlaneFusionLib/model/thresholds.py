@@ -33,11 +33,6 @@ _ALIASES = {
 AUTO_LABEL = "automatic (Otsu on the foreground)"
 
 
-def preset_names():
-    """The preset names, in display order."""
-    return list(PRESETS)
-
-
 def canonical_preset(name):
     """The PRESETS key for a user's spelling ('Compact-Bone' -> 'compact bone'); InputError if unknown."""
     key = " ".join(str(name).strip().lower().replace("-", " ").replace("_", " ").split())

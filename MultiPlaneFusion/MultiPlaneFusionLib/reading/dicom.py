@@ -29,13 +29,6 @@ _NON_IMAGE_PREFIXES = (
 )
 
 
-class SeriesHeaders:
-    """Headers of the files of one series and orientation, before pixels are read."""
-
-    def __init__(self):
-        self.files = []  # list of (path, dataset without pixels)
-
-
 def _skip_reason(ds):
     """Why a DICOM dataset cannot be a slice of a stack, or None when it can."""
     sop = str(ds.get("SOPClassUID", ""))

@@ -275,7 +275,7 @@ def _intensity_range(image, mask):
 
 
 # ----------------------------------------------------------------------------------- registration
-def _method(options, pair, levels=True):
+def _method(options, pair):
     reg = sitk.ImageRegistrationMethod()
     if options.metric == "mattes":
         reg.SetMetricAsMattesMutualInformation(options.histogram_bins)
@@ -285,17 +285,16 @@ def _method(options, pair, levels=True):
     # ITK draws percentage x (voxels of the level) jittered points and drops those outside the fixed mask, so
     # the expected sample count is percentage x (mask voxels of the level): cap it at max_samples (the cost
     # of an iteration grows with it, the accuracy hardly does beyond ~10^4 points).
-    factors = options.shrink_factors if levels else (1,)
+    factors = options.shrink_factors
     masked = float(pair.mask_voxels)
     percentages = [min(float(options.sampling), options.max_samples * f**3 / max(masked, 1.0)) for f in factors]
     reg.SetMetricSamplingPercentagePerLevel(percentages, int(options.seed))
     reg.SetMetricFixedMask(pair.fixed_mask)
     reg.SetMetricMovingMask(pair.moving_mask)
     reg.SetInterpolator(sitk.sitkLinear)
-    if levels:
-        reg.SetShrinkFactorsPerLevel([int(v) for v in options.shrink_factors])
-        reg.SetSmoothingSigmasPerLevel([float(v) * pair.spacing_mm for v in options.smoothing_sigmas])
-        reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
+    reg.SetShrinkFactorsPerLevel([int(v) for v in factors])
+    reg.SetSmoothingSigmasPerLevel([float(v) * pair.spacing_mm for v in options.smoothing_sigmas])
+    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
     # Steps are in mm of physical shift (scales from physical shift): start at one grid voxel and stop below
     # 1/1000 of it. A gentle relaxation (0.8) matters: halving the step at every gradient sign flip (0.5)
     # stopped after ~30 iterations and left rotation errors near 1 degree on the phantom.
