@@ -4,13 +4,8 @@ Each archive is extracted into its own folder of the session's temporary directo
 folder of the same name, S2010). Tests that need the data skip with an explicit reason when it is absent.
 """
 
-import os
-import tarfile
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from support.shared_data import extract_archive, shared_data_dir
 
 SERIES = {
     "philips_axial_1mm": "STD BRAIN 1MM (reference, 1 mm axial)",
@@ -19,15 +14,6 @@ SERIES = {
     "philips_tilt_plus16": "STEREOTAXIS gantry tilt +16.5 deg",
     "ge_head_tilt_gaps": "GE head, tilt +18.5 deg, irregular gaps",
 }
-
-
-def shared_data_dir():
-    """The dcm_qa_ct folder of the shared data, or None when absent."""
-    candidates = [os.environ.get("MPF_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"]
-    for c in candidates:
-        if c and (Path(c) / "dcm_qa_ct").is_dir():
-            return Path(c) / "dcm_qa_ct"
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +29,7 @@ def real_series(tmp_path_factory):
         if not archive.is_file():
             pytest.skip(f"real data absent: {archive} not found")
         if name not in cache:
-            dest = tmp_path_factory.mktemp(name)
-            with tarfile.open(archive) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(dest, filter="data")
-                else:  # Python < 3.11.4
-                    tar.extractall(dest)
-            (series_dir,) = [p for p in dest.iterdir() if p.is_dir()]
-            cache[name] = series_dir
+            cache[name] = extract_archive(archive, tmp_path_factory.mktemp(name))
         return cache[name]
 
     return get

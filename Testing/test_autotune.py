@@ -1,4 +1,4 @@
-"""Settings from the data (issue 11): slice profile per stack, regularisation weight by cross-validation,
+"""Settings from the data: slice profile per stack, regularisation weight by cross-validation,
 convergence stop, and the self-check, on small simulated heads (analytic phantom; the series are simulated
 from the analytic model, not with the reconstruction's operators)."""
 

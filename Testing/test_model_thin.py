@@ -1,4 +1,4 @@
-"""Thin bone and foramina survive the bone model (issue 13): the phantom's temporal squama (about 1.3 mm,
+"""Thin bone and foramina survive the bone model: the phantom's temporal squama (about 1.3 mm,
 under two voxels at 0.75 mm) stays one unbroken wall with two sides, and its 5 mm oblique hole and the
 3 mm mastoid foramen stay open, with the default options (smoothing included) on a noisy volume.
 

@@ -1,8 +1,8 @@
-"""The synthetic acceptance of the super-resolution engine at full size (issue 3): three orthogonal 4 mm
+"""The synthetic acceptance of the super-resolution engine at full size: three orthogonal 4 mm
 series of the adult-size analytic head phantom with 15 HU noise (another noise seed than
 benchmarks/bench_srr.py), reconstructed with the default settings on an ~11.6 M-voxel grid.
 
-The default srr (issue 11: Tikhonov, profiles and weight from the data, converged) must beat the axial
+The default srr (Tikhonov, profiles and weight from the data, converged) must beat the axial
 series alone (B-spline) and the average by >= 3 dB PSNR inside the head and lower their mean 300 HU
 bone-surface distance to the truth (this phantom's hard-edged, piecewise-constant bone is where Tikhonov
 does worst; on real anatomy it wins, benchmarks/bench_panel.py). The edge-preserving Huber prior (the

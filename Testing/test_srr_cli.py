@@ -1,4 +1,4 @@
-"""The command line carries the data-driven choices of issue 11: --psf/--alpha auto (defaults) and their
+"""The command line carries the data-driven choices: --psf/--alpha auto (defaults) and their
 explicit overrides, the JSON summary's new fields, one-line errors for invalid values."""
 
 import json

@@ -251,7 +251,7 @@ def philips_cases(max_points, repeat):
 # ------------------------------------------------------------------------------------ fidelity panel
 # Truths (the real 1 mm Philips series, the analytic phantom), fused volumes of three orthogonal thick
 # series simulated from each, and the best single series resampled; every model is compared with the
-# truth's bone surface. Issue 13: the model must be as faithful as the volume it comes from.
+# truth's bone surface: the model must be as faithful as the volume it comes from.
 GATE_MM = 5.0  # model vertices farther than this from the truth's bone (the head holder) are left out
 
 

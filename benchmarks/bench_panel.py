@@ -1,4 +1,4 @@
-"""The realistic benchmark panel (issue 11): one table with every case, baselines and option sets.
+"""The realistic benchmark panel: one table with every case, baselines and option sets.
 
 See ``panel.py`` for the cases, the simulation, the position check and the scores.
 
@@ -165,7 +165,7 @@ def render_vault(models, path, z_min, size=(700, 560)):
 
 
 def run_model(option_sets, grid_choice="1mm", png=None, log=print):
-    """Issue 11 acceptance 3 on the real series: fuse the 5 mm + both tilted series (registered, the 1 mm
+    """The real-data acceptance: fuse the 5 mm + both tilted series (registered, the 1 mm
     series' grid) with each option set, build the default bone model, and compare with the default model
     of the real 1 mm series: the fraction of area whose normal lies within 5 degrees of any stack's slice
     normal (whole model and vault), plus the acceptance-2 scores of the fusion (bench_srr's evaluator),

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import replace
@@ -39,7 +38,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from MultiPlaneFusionLib.grid import Grid
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import extract_series, shared_data_dir  # noqa: E402
+
+from MultiPlaneFusionLib.grid import Grid  # noqa: E402
 from MultiPlaneFusionLib.metrics import correlation, psnr
 from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
 from MultiPlaneFusionLib.reading import read_stacks
@@ -132,23 +135,8 @@ def bench_synthetic(args):
 
 
 # ----------------------------------------------------------------------------------------------- real
-def find_data():
-    for c in (os.environ.get("MPF_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if c and (Path(c) / "dcm_qa_ct").is_dir():
-            return Path(c) / "dcm_qa_ct"
-    return None
-
-
-def read_series(root, name, tmp):
-    dest = Path(tmp) / name  # one folder per archive: two archives hold a folder of the same name
-    dest.mkdir()
-    with tarfile.open(root / f"{name}.tar.gz") as tar:
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest, filter="data")
-        else:
-            tar.extractall(dest)
-    (folder,) = [p for p in dest.iterdir() if p.is_dir()]
-    return read_stacks(folder)[0]
+def read_series(name):
+    return read_stacks(extract_series(name))[0]
 
 
 def evaluation_grid(one, in_plane_mm=0.9):
@@ -170,12 +158,11 @@ def displaced(stack, motion):
 
 
 def bench_real(args, tmp):
-    root = find_data()
-    if root is None:
+    if shared_data_dir() is None:
         print("\n== real: skipped (../shared/data/dcm_qa_ct not found)")
         return None
     names = ("philips_axial_5mm", "philips_tilt_minus18", "philips_tilt_plus16", "philips_axial_1mm")
-    ref5, minus18, plus16, one = (read_series(root, n, tmp) for n in names)
+    ref5, minus18, plus16, one = (read_series(n) for n in names)
     grid = evaluation_grid(one)
     truth, covered = resample_stack(one, grid)
     inside = covered & (truth > -500)

@@ -1,4 +1,4 @@
-"""Benchmark of the forward models for stacks rotated against the grid (issue 12).
+"""Benchmark of the forward models for stacks rotated against the grid.
 
 For one noise-free coronal series of the analytic phantom (simulated by the analytic, sub-sampled simulator:
 no inverse crime), rotated by 0-5 degrees about a fixed oblique axis through the head's centre: the model

@@ -1,4 +1,4 @@
-"""Benchmark of the super-resolution reconstruction (issue 3, section 9).
+"""Benchmark of the super-resolution reconstruction: quality and speed against the baselines.
 
 Sections
 --------
@@ -51,7 +51,7 @@ from MultiPlaneFusionLib.reconstruction.srr import SrrOptions, reconstruct_srr  
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks  # noqa: E402
 
 BONE_HU = 300.0
-# The default before issue 11 (chosen on this phantom): Huber, alpha 0.5, 7 CG over 4 reweightings, Gaussian.
+# The earlier default, chosen on this phantom alone: Huber, alpha 0.5, 7 CG over 4 reweightings, Gaussian.
 PREVIOUS_DEFAULT = SrrOptions(regularizer="huber", alpha=0.5, psf="gaussian", max_iterations=7, outer_iterations=4,
                               solution_tolerance=0.0, self_check=False)
 README_BASELINES = {"5mm": (0.805, 0.69, 2.48), "mean3": (0.847, 0.53, 1.44)}

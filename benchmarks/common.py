@@ -10,7 +10,6 @@ import os
 import platform
 import resource
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -21,12 +20,8 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 # ------------------------------------------------------------------------------------------- real data
-def shared_data_dir():
-    """The dcm_qa_ct folder of the shared real data (``$MPF_SHARED_DATA`` or ../shared/data), or None."""
-    for c in (os.environ.get("MPF_SHARED_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
-        if c and (Path(c) / "dcm_qa_ct").is_dir():
-            return Path(c) / "dcm_qa_ct"
-    return None
+sys.path.insert(0, str(REPO / "Testing"))  # the tests' support package: one place that finds the shared data
+from support.shared_data import extract_archive, shared_data_dir  # noqa: E402
 
 
 def cache_dir():
@@ -49,15 +44,11 @@ def extract_series(name):
         raise FileNotFoundError("real data absent: ../shared/data/dcm_qa_ct (set MPF_SHARED_DATA)")
     dest = cache_dir() / name
     done = dest / ".complete"
-    if not done.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(root / f"{name}.tar.gz") as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")
-            else:  # Python < 3.11.4
-                tar.extractall(dest)
-        done.write_text("ok")
-    (series,) = [p for p in dest.iterdir() if p.is_dir()]
+    if done.exists():
+        (series,) = [p for p in dest.iterdir() if p.is_dir()]
+        return series
+    series = extract_archive(root / f"{name}.tar.gz", dest)
+    done.write_text("ok")
     return series
 
 

@@ -1,4 +1,4 @@
-"""The realistic benchmark panel of issue 11: cases, simulation from a truth volume, position check, scoring.
+"""The realistic benchmark panel: cases, simulation from a truth volume, position check, scoring.
 
 Every case is a truth volume on a grid and three (or, for the real case, the real three) series read back
 from files the way a user's series are read. Truths:
@@ -117,7 +117,7 @@ class Case:
 
 
 CASES = [
-    # The three held-out cases of issue 11, imitated on the real 1 mm truth.
+    # Three held-out-like cases (4 mm box, 3 mm box without a thickness tag, 5 mm Gaussian) on the 1 mm truth.
     Case("P 4mm/4 box 15HU dcm", "philips", "box", 4.0, 4.0, 15.0, "dicom", 11),
     Case("P 3mm/2.5 box 25HU nrrd", "philips", "box", 3.0, 2.5, 25.0, "nrrd", 12),
     Case("P 5mm/4 gauss 20HU dcm", "philips", "gaussian", 5.0, 4.0, 20.0, "dicom", 13),

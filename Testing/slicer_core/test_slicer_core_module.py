@@ -1,4 +1,4 @@
-"""The Slicer module's Logic on Slicer's real MRML libraries (slicer-core), issue 15.
+"""The Slicer module's Logic on Slicer's real MRML libraries (slicer-core).
 
 Phantom series are pushed as volume nodes into a real vtkMRMLScene; the module's results are compared with
 the library's (grid, mask), with Slicer's own storage nodes (exported files) and with the true geometry
@@ -102,7 +102,7 @@ def test_self_test_registered_and_runs_through_slicer_self_tests(slicer, mpf):
 
 
 def test_self_test_catches_a_misspelled_smoothing_parameter(slicer, mpf, monkeypatch):
-    """Negative control kept as a test: the seeded fault of issue 15 makes the self-test fail."""
+    """Negative control: a misspelled "Smoothing factor" conversion parameter makes the self-test fail."""
     monkeypatch.setattr(mpf, "SMOOTHING_FACTOR_PARAMETER", "Smoothing Factor")
     result = unittest.TextTestRunner(verbosity=0).run(mpf.MultiPlaneFusionTest("test_MultiPlaneFusion_EndToEnd"))
     assert not result.wasSuccessful()
