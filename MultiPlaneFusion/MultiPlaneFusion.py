@@ -860,7 +860,8 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             job.timings["fuse_s"] = time.perf_counter() - t
             if job.modelOptions is not None:
                 t = time.perf_counter()
-                job.model = build_model(job.fusion.image, job.modelOptions, job.modality, mapper.model, cancel)
+                job.model = build_model(job.fusion.image, job.modelOptions, modality=job.modality,
+                                        progress=mapper.model, cancel=cancel)
                 job.timings["model_s"] = time.perf_counter() - t
         except CancelledError:
             raise

@@ -171,7 +171,8 @@ def test_a_result_worse_than_the_start_is_rejected():
     ref, moving = simulate("axial", 0), simulate("sagittal", 1)
     far = np.linalg.inv(rigid_matrix((0, 0, 0), (15.0, 0.0, 0.0), centre))
     options = RegistrationOptions(iterations=1, shrink_factors=(1,), smoothing_sigmas=(0.0,))
-    r, info = register_pair(ref, psf_sigma_mm(ref), moving, np.eye(4), far, options, Monitor())
+    r, info = register_pair(ref, psf_sigma_mm(ref), moving, r_start=np.eye(4), r_init=far, options=options,
+                            monitor=Monitor())
     assert not info["accepted"]
     assert "worse" in info["warning"]
     assert info["result_metric"] > info["initial_metric"]
@@ -190,7 +191,7 @@ def test_disabled_registration_returns_the_stacks_untouched():
     stacks = [simulate("axial", 0), simulate("coronal", 1)]
     out, reports = register_stacks(stacks, options=RegistrationOptions(enabled=False))
     assert reports == [] and all(a is b for a, b in zip(out, stacks))
-    out, reports = refine_registration(stacks, np.zeros((2, 2, 2)), None, RegistrationOptions(enabled=False))
+    out, reports = refine_registration(stacks, np.zeros((2, 2, 2)), None, options=RegistrationOptions(enabled=False))
     assert reports == [] and all(a is b for a, b in zip(out, stacks))
     with pytest.raises(InputError):
         register_stacks(stacks, reference=2)
@@ -212,7 +213,7 @@ def test_refinement_against_a_reconstruction_converges():
     coverage = np.ones(grid.shape, dtype=np.uint8)
     coverage[3 * grid.shape[0] // 4 :] = 0
     volume[coverage == 0] = -1024.0
-    out, reports = refine_registration(start, volume, grid, RegistrationOptions(), coverage=coverage)
+    out, reports = refine_registration(start, volume, grid, options=RegistrationOptions(), coverage=coverage)
     assert np.array_equal(out[0].transform, np.eye(4)) and reports[0]["reference"]
     for s0, s1, m, report in zip(start[1:], out[1:], motions[1:], reports[1:]):
         before = target_registration_error(s0.transform, np.linalg.inv(m), corners)
@@ -248,7 +249,7 @@ def test_refinement_update_below_the_tolerance_is_no_motion(monkeypatch, shift_m
     turned = rigid_matrix((1.3, -0.7, 0.4), (2.0, -1.0, 0.5), centre)  # a registered (non-identity) transform
     stacks = [simulate("axial", 0), simulate("coronal", 1).with_transform(turned)]
     _fake_refinement(monkeypatch, shift_mm)
-    out, reports = refine_registration(stacks, np.zeros(grid.shape, np.float32), grid, RegistrationOptions())
+    out, reports = refine_registration(stacks, np.zeros(grid.shape, np.float32), grid, options=RegistrationOptions())
     assert reports[1]["moved"] is moved and not reports[0].get("moved", False)
     assert np.isclose(reports[1]["cycle_box_shift_mm"], abs(shift_mm), atol=1e-9)
     if moved:
@@ -269,7 +270,7 @@ def test_no_stack_moved_means_no_second_solve(monkeypatch):
                           srr=SrrOptions(max_iterations=3, outer_iterations=1))
     from MultiPlaneFusionLib.registration import rigid
 
-    monkeypatch.setattr(rigid, "register_pair", lambda t, s, m, r_start, *a: (np.asarray(r_start, float), {
+    monkeypatch.setattr(rigid, "register_pair", lambda t, s, m, *, r_start, **kw: (np.asarray(r_start, float), {
         "initial_metric": None, "final_metric": None, "result_metric": None, "iterations": 0, "accepted": False,
         "warning": None, "note": None, "spacing_mm": None, "stop": None, "seconds": 0.0}))
     for shift_mm, solves in ((1e-12, 1), (0.05, 3)):

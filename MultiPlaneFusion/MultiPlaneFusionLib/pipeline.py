@@ -223,7 +223,7 @@ def _srr_with_refinement(stacks, grid, options, background, monitor):
 
         t = time.perf_counter()
         stacks, cycle_reports = refine_registration(
-            stacks, result.volume, grid, options.registration, monitor.sub("refine", 0, 1),
+            stacks, result.volume, grid, options=options.registration, monitor=monitor.sub("refine", 0, 1),
             coverage=result.coverage,
         )
         timings[f"refine{cycle}_s"] = time.perf_counter() - t

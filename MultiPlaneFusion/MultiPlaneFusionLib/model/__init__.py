@@ -79,7 +79,7 @@ def _volume(poly):
     return signed_volume_mm3(points(poly), triangles(poly))
 
 
-def build_model(image, options=None, modality="CT", progress=None, cancel=None):
+def build_model(image, options=None, *, modality="CT", progress=None, cancel=None):
     """Threshold, clean and surface a volume into a closed, smooth bone model.
 
     Parameters
@@ -110,9 +110,8 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
     timings = {}
     t0 = time.perf_counter()
     values = image_array(image)
-    lo, hi, source = resolve_threshold(
-        values, options.preset, options.threshold, options.auto_threshold, modality
-    )
+    lo, hi, source = resolve_threshold(values, preset=options.preset, threshold=options.threshold,
+                                       auto=options.auto_threshold, modality=modality)
     mask, box, seg = segment(
         image,
         lo,
@@ -134,7 +133,8 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
     field = None
     if options.surface_method == "iso":
         vmin = float(np.nanmin(values))
-        poly, field = contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor, keep_field=True)
+        poly, field = contour_iso(values, mask, box, spacing, lo=lo, hi=hi, vmin=vmin, monitor=monitor,
+                                  keep_field=True)
     else:
         poly = contour_labelmap(mask, box, spacing, monitor)
     t2 = time.perf_counter()
@@ -143,7 +143,7 @@ def build_model(image, options=None, modality="CT", progress=None, cancel=None):
     volume_before = _volume(poly)
     before = points(poly).copy()
     if field is not None:
-        poly = smooth_iso(poly, field, options.smoothing, spacing, monitor)
+        poly = smooth_iso(poly, field, smoothing=options.smoothing, spacing=spacing, monitor=monitor)
     else:
         poly = smooth(poly, options.smoothing, monitor)
     del field

@@ -121,7 +121,7 @@ def _scaled_origin(box, spacing):
     return [float((box[2 - a].start - 1) * spacing[a]) for a in range(3)]
 
 
-def contour_iso(values, mask, box, spacing, lo, hi, vmin, monitor=None, keep_field=False):
+def contour_iso(values, mask, box, spacing, *, lo, hi, vmin, monitor=None, keep_field=False):
     """Unsmoothed isosurface of the masked grey levels, in scaled index space (mm).
 
     ``values`` is the FULL [k, j, i] volume, ``mask`` the cleaned mask inside ``box``; the box is
@@ -261,7 +261,7 @@ def constrain_to_isosurface(pts, field, band_mm, max_step_mm, steps=4):
     return pts
 
 
-def smooth_iso(poly, field, smoothing, spacing, monitor=None, start=0.3, stop=0.85):
+def smooth_iso(poly, field, *, smoothing, spacing, monitor=None, start=0.3, stop=0.85):
     """Constrained smoothing of an isosurface: windowed sinc, then back to within a band of the level set.
 
     Parameters

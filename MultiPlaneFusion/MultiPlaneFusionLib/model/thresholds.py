@@ -108,7 +108,7 @@ def automatic_threshold(array, sample=2_000_000, seed=0):
     return lo, float(v.max())
 
 
-def resolve_threshold(array, preset=None, threshold=None, auto=False, modality="CT"):
+def resolve_threshold(array, *, preset=None, threshold=None, auto=False, modality="CT"):
     """The (lo, hi) range to use and a label saying where it came from.
 
     Priority: an explicit ``threshold``; then ``auto``; then the preset. ``preset=None`` means 'bone'

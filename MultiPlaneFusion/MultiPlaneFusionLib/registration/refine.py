@@ -54,7 +54,8 @@ def max_box_shift_mm(old_transform, new_transform, corners_mm):
     return float(np.max(np.linalg.norm(apply(change, corners_mm) - corners_mm, axis=1)))
 
 
-def refine_registration(stacks, reconstruction_volume, grid, options=None, monitor=None, reference=0, coverage=None):
+def refine_registration(stacks, reconstruction_volume, grid, *, options=None, monitor=None, reference=0,
+                        coverage=None):
     """Register every stack except ``reference`` to the current reconstruction, starting from its transform.
 
     Parameters
@@ -101,7 +102,8 @@ def refine_registration(stacks, reconstruction_volume, grid, options=None, monit
     def register_one(n, span):
         s = stacks[n]
         r_start = np.linalg.inv(s.transform)
-        r_final, info = register_pair(target, np.zeros(3), s, r_start, r_start, options, monitor, span)
+        r_final, info = register_pair(target, np.zeros(3), s, r_start=r_start, r_init=r_start, options=options,
+                                      monitor=monitor, span=span)
         new = np.linalg.inv(r_final)
         box_shift = max_box_shift_mm(s.transform, new, box)
         # A kept start comes back as inv(inv(T)), off by round-off (1e-15 mm): that is no motion, and neither

@@ -361,7 +361,7 @@ def _moments_initialisation(target, moving, options):
     return matrix_from_sitk(init)
 
 
-def register_pair(target, target_sigmas_mm, moving, r_start, r_init, options, monitor, span=(0.0, 1.0)):
+def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options, monitor, span=(0.0, 1.0)):
     """Register one stack to a target; the building block of :func:`register_stacks` and refinement.
 
     Parameters
@@ -498,7 +498,7 @@ def register_each(stacks, reference, monitor, register_one, target_name):
     return out, reports
 
 
-def register_stacks(stacks, reference=0, options=None, monitor=None):
+def register_stacks(stacks, *, reference=0, options=None, monitor=None):
     """Rigidly register every stack to the reference stack.
 
     Parameters
@@ -547,7 +547,8 @@ def register_stacks(stacks, reference=0, options=None, monitor=None):
         width = (span[1] - span[0]) / len(candidates)
         for c, (initialisation, r_init) in enumerate(candidates):
             sub_span = (span[0] + c * width, span[0] + (c + 1) * width)
-            r_final, info = register_pair(target, target_sigmas, s, r_start, r_init, options, monitor, sub_span)
+            r_final, info = register_pair(target, target_sigmas, s, r_start=r_start, r_init=r_init, options=options,
+                                         monitor=monitor, span=sub_span)
             if _better(info, best[2] if best else None):
                 best = (initialisation, r_final, info)
         initialisation, r_final, info = best
