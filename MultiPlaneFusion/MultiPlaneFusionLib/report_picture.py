@@ -12,6 +12,7 @@ Slicer): without it :func:`write_report_picture` logs a warning and writes nothi
 
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -65,6 +66,10 @@ def _centre_index(grid, centre_mm):
 
 def _render_model(polydata, size=(600, 600)):
     """An RGB array of the model rendered offscreen with VTK, or None when rendering is unavailable."""
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        # No display (a server, CI): ask VTK for its EGL window first. Its default, X, would print a
+        # "bad X server connection" warning on the console before falling back to EGL by itself.
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     try:
         import vtk
         from vtk.util.numpy_support import vtk_to_numpy
@@ -221,12 +226,17 @@ def write_report_picture(path, result, model_polydata=None, title=None):
     ax.axis("off")
     rows = _table_rows(result.summary)
     if rows:
+        # Column widths follow the contents, and the two long headings take two lines, so no text overlaps.
         table = ax.table(cellText=rows, loc="center", cellLoc="left",
-                         colLabels=["#", "series", "orientation", "thick. mm", "pixel mm", "registration motion",
-                                    "self-check RMS (fused / best single)"])
+                         colWidths=[0.04, 0.22, 0.15, 0.08, 0.1, 0.17, 0.2],
+                         colLabels=["#", "series", "orientation", "thick. mm", "pixel mm", "registration\nmotion",
+                                    "self-check RMS, HU\n(fused / best single)"])
         table.auto_set_font_size(False)
         table.set_fontsize(9)
         table.scale(1.0, 1.3)
+        for c in range(len(rows[0])):
+            cell = table[0, c]
+            cell.set_height(2 * cell.get_height())
     fig.suptitle(title or "MultiPlaneFusion report: best input series (left), fused volume (middle), bone model "
                  "(right)\nplanes through the centre of the bone; blue: not covered by that series", fontsize=13)
     with atomic_path(path) as tmp:
