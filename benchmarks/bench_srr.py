@@ -326,7 +326,7 @@ def bench_real(args):
     if args.register:
         from MultiPlaneFusionLib.registration import register_stacks
 
-        (regd, reports), t_reg, _ = measure(register_stacks, stacks, 0)
+        (regd, reports), t_reg, _ = measure(register_stacks, stacks, reference=0)
         for rep in reports:
             print(f"  registered '{rep['description']}': translation {np.round(rep['translation_mm'], 2)} mm, "
                   f"rotation {rep['rotation_angle_deg']:.2f} deg")
