@@ -170,7 +170,10 @@ def test_edge_scale_keeps_noise_from_passing_for_edges():
 
 
 def test_gaussian_blur_keeps_constants_and_has_the_requested_width():
-    from MultiPlaneFusionLib.reconstruction.operators import gaussian_blur
+    from MultiPlaneFusionLib.reconstruction.smoothing import GaussianBlur
+
+    def gaussian_blur(x, spacing_kji, sigma_mm):
+        return GaussianBlur(np.shape(x), spacing_kji, sigma_mm)(np.asarray(x))
 
     spacing = (0.5, 1.0, 0.25)
     ones = np.ones((9, 10, 11), np.float32)

@@ -18,9 +18,10 @@ import logging
 
 import numpy as np
 
-from .operators import GaussianBlur, Scratch
 from .parallel import flat_pieces as _flat_pieces
 from .parallel import row_slabs as _row_slabs
+from .smoothing import GaussianBlur
+from .workspace import Scratch
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
@@ -233,7 +234,7 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=No
     array of x's shape and dtype to write them to.
     """
     if not (edge_scale_mm and edge_scale_mm > 0):
-        return gradient_magnitude(x, spacing_kji, workers, delta, out)
+        return gradient_magnitude(x, spacing_kji, workers=workers, delta=delta, out=out)
     nk = x.shape[0]
     blur = GaussianBlur(x.shape, spacing_kji, edge_scale_mm)
     g = np.empty_like(x) if out is None else out
@@ -247,7 +248,7 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=No
 
 
 def conjugate_gradient(
-    apply_h, b, x, precond_inv=None, max_iterations=20, tolerance=1e-3, b_norm=None, report=None,
+    apply_h, b, x, precond_inv=None, max_iterations=20, tolerance=1e-3, *, b_norm=None, report=None,
     overwrite_b=False, residual=None, keep_residual=False, workers=None, pool=None, solution_tolerance=None,
 ):
     """Preconditioned conjugate gradients for ``H x = b`` (H symmetric positive definite), in place.
@@ -284,7 +285,7 @@ def conjugate_gradient(
         continues, see :func:`solve_huber`).
     workers : parallel.Workers, optional
         Threads for the vector updates.
-    pool : operators.Scratch, optional
+    pool : workspace.Scratch, optional
         Where the direction and H p arrays come from and go back to when done (reused memory).
     solution_tolerance : float, optional
         Also stop when an iteration changes the solution by at most this fraction of its norm,
@@ -407,6 +408,19 @@ def conjugate_gradient(
     return info
 
 
+def data_weights(stacks, grid):
+    """The data weights c_k of ``stacks`` on ``grid``: each stack's sample volume over the grid voxel's, so that
+    every stack weighs the same per unit of volume whatever its resolution (see :mod:`.srr`)."""
+    grid_voxel = float(np.prod(grid.spacing_mm))
+    return [_sample_volume_mm3(s) / grid_voxel for s in stacks]
+
+
+def _sample_volume_mm3(stack):
+    di, dj = stack.pixel_spacing_mm
+    step = stack.slice_step_mm if stack.shape[0] > 1 else stack.thickness_mm
+    return di * dj * step
+
+
 class NormalEquations:
     """``H x = sum_k c_k A_k^T A_k x + alpha L_w x`` and its Jacobi preconditioner.
 
@@ -421,7 +435,7 @@ class NormalEquations:
         ``sum_k c_k A_k^T 1`` (absolute row sums of the data term, all entries are non-negative).
     workers : parallel.Workers, optional
         Threads the operators and the penalty split their work between.
-    scratch : operators.Scratch, optional
+    scratch : workspace.Scratch, optional
         Reusable work memory (a new one when None).
     """
 
@@ -512,7 +526,7 @@ def _invert_diagonal(d, workers):
     _flat_pieces(workers, fd.size, piece)
 
 
-def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None, overwrite=False,
+def solve_tikhonov(system, b, x, *, max_iterations=20, tolerance=1e-3, report=None, overwrite=False,
                    solution_tolerance=None):
     """TK1: preconditioned CG on the normal equations, warm-started from ``x`` (overwritten), until the
     relative residual is below ``tolerance`` or an iteration changes x by at most ``solution_tolerance``
@@ -521,8 +535,8 @@ def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None,
     ``overwrite=True`` reuses the memory of ``b`` and of the system's row sums (two grid copies less).
     """
     system.weights = None
-    info = conjugate_gradient(system, b, x, system.preconditioner(consume=overwrite), max_iterations, tolerance,
-                              report=report, overwrite_b=overwrite, workers=system.workers,
+    info = conjugate_gradient(system, b, x, system.preconditioner(consume=overwrite), max_iterations=max_iterations,
+                              tolerance=tolerance, report=report, overwrite_b=overwrite, workers=system.workers,
                               solution_tolerance=solution_tolerance)
     LOGGER.info(
         "SRR (TK1, alpha %.4g): %d CG iterations, relative residual %.3g -> %.3g",
@@ -531,7 +545,7 @@ def solve_tikhonov(system, b, x, max_iterations=20, tolerance=1e-3, report=None,
     return info
 
 
-def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, tolerance=1e-3, report=None,
+def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, tolerance=1e-3, report=None,
                 edge_scale_mm=0.0, solution_tolerance=None):
     """Huber-on-gradient by IRLS: ``outer_iterations`` reweightings, CG inside (in total at most
     ``max_iterations`` CG iterations, split evenly, the earlier steps taking the remainder; at least one per
@@ -561,7 +575,8 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
     b_norm = np.sqrt(dot(b, b, workers))
     pool = system.scratch  # arrays handed back and forth: see Scratch.take
     for o in range(outer_iterations):
-        weights = huber_weights(x, system.spacing, delta, edge_scale_mm, workers, out=pool.take(x.shape, x.dtype))
+        weights = huber_weights(x, system.spacing, delta, edge_scale_mm=edge_scale_mm, workers=workers,
+                                out=pool.take(x.shape, x.dtype))
         if precond is None:
             system.weights = weights
             # In the row sums' memory: later steps update it for the new weights instead of keeping the
@@ -581,7 +596,7 @@ def solve_huber(system, b, x, delta, outer_iterations=4, max_iterations=7, toler
         # The first step computes the residual in b's memory (b is not needed after it: later steps carry the
         # residual), one grid copy less at the peak.
         budget = max(1, n_cg - total - (outer_iterations - o - 1)) if converge else inner_counts[o]
-        info = conjugate_gradient(system, b, x, precond, budget, tolerance, b_norm=b_norm,
+        info = conjugate_gradient(system, b, x, precond, max_iterations=budget, tolerance=tolerance, b_norm=b_norm,
                                   report=inner_report, overwrite_b=residual is None, residual=residual,
                                   keep_residual=o + 1 < outer_iterations, workers=workers, pool=pool,
                                   solution_tolerance=solution_tolerance if converge else None)
