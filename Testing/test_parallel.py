@@ -7,15 +7,9 @@ from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.reconstruction.banded import Banded
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 from MultiPlaneFusionLib.reconstruction.parallel import Workers, flat_pieces, row_slabs, split
+from MultiPlaneFusionLib.reconstruction.penalty import difference_penalty, gradient_magnitude, penalty_diagonal
 from MultiPlaneFusionLib.reconstruction.smoothing import GaussianBlur
-from MultiPlaneFusionLib.reconstruction.solvers import (
-    NormalEquations,
-    conjugate_gradient,
-    difference_penalty,
-    dot,
-    gradient_magnitude,
-    penalty_diagonal,
-)
+from MultiPlaneFusionLib.reconstruction.solvers import NormalEquations, conjugate_gradient, dot
 
 SHAPE = (23, 17, 29)
 SPACING = (1.3, 0.9, 0.7)

@@ -4,16 +4,13 @@ direct solve, Huber IRLS against its objective and the residual it carries betwe
 import numpy as np
 import pytest
 
-from MultiPlaneFusionLib.reconstruction.solvers import (
-    NormalEquations,
-    conjugate_gradient,
+from MultiPlaneFusionLib.reconstruction.penalty import (
     difference_penalty,
     gradient_magnitude,
     huber_weights,
     penalty_diagonal,
-    solve_huber,
-    solve_tikhonov,
 )
+from MultiPlaneFusionLib.reconstruction.solvers import NormalEquations, conjugate_gradient, solve_huber, solve_tikhonov
 
 SHAPE = (4, 5, 6)
 SPACING = (2.0, 1.0, 0.5)

@@ -136,7 +136,7 @@ class BlockProblem:
     scored.
     """
 
-    def __init__(self, stacks, grid, norm, margin_mm, workers=None):
+    def __init__(self, stacks, grid, norm, *, margin_mm, workers=None):
         self.stacks = stacks
         self.grid = grid
         self.norm = norm

@@ -273,7 +273,7 @@ class GeneralOperator(StackOperator):
                 else:
                     yield ci, self.m_w.apply(z1[interp.chunk_index(ci)], 0, transpose=True, workers=workers)
 
-        return interp.adjoint_chunks(chunks(), dt, workers, out)
+        return interp.adjoint_chunks(chunks(), dt, workers=workers, out=out)
 
     def forward(self, x, workers=None):
         x = np.asarray(x, dtype=self._dtype(x))

@@ -99,7 +99,7 @@ class SrrOptions:
     # Normalised intensity per mm; steeper gradients count as edges (penalised linearly).
     huber_delta: float = 0.05
     outer_iterations: int = 10
-    # Sigma of the Gaussian the Huber edge test looks through, mm (see solvers.huber_weights).
+    # Sigma of the Gaussian the Huber edge test looks through, mm (see penalty.huber_weights).
     edge_scale_mm: float = 0.35
     background_value: Optional[float] = None
     disagreement_threshold: float = 0.75

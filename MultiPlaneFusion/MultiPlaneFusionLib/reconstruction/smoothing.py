@@ -1,4 +1,4 @@
-"""Gaussian smoothing of volumes, as the Huber solver's edge test needs it (:func:`.solvers.huber_weights`)."""
+"""Gaussian smoothing of volumes, as the Huber edge test needs it (:func:`.penalty.huber_weights`)."""
 
 import math
 
@@ -13,7 +13,7 @@ class GaussianBlur:
     """A sampled Gaussian filter of ``sigma_mm`` along each axis of arrays of ``shape`` (taps to 3 sigma,
     rows renormalised at the borders), applied slab by slab along axis 0 so that all three 1-D passes of
     a slab happen in cache: :meth:`rows` gives any range of filtered rows (callers fuse their own work on
-    them, see ``solvers.huber_weights``), :meth:`__call__` the whole filtered array.
+    them, see ``penalty.huber_weights``), :meth:`__call__` the whole filtered array.
     """
 
     # Filtered rows per slab: large enough that the halo re-read along axis 0 stays small.

@@ -9,14 +9,11 @@ with c_k = (stack voxel volume) / (grid voxel volume), so that every stack weigh
 volume whatever its resolution and both terms approximate integrals over the volume: alpha is then a
 squared length (mm^2) and does not change with the grid spacing. Intensities are normalised internally
 ((value - background) / robust range), which makes alpha and the Huber delta scale-invariant. R is
-Huber on the gradient magnitude (edge-preserving, the default: iteratively reweighted least squares,
-each step a few conjugate-gradient iterations on the normal equations, started from the PSF-weighted
-average of the stacks)
-or first-order Tikhonov (conjugate gradients); see :mod:`.solvers`. Why Huber is the default: on the
-analytic head phantom (hard-edged bone, no inverse crime) Tikhonov cannot recover the frequencies every
-thick-slice stack has lost (those oblique to all three slice normals) and leaves the 300 HU surface
-blurred outwards (0.36 mm against 0.55 mm for the axial stack alone); Huber keeps the bone edges sharp
-(see the figures in the README).
+first-order Tikhonov (the default: conjugate gradients on the normal equations, started from the
+PSF-weighted average of the stacks) or Huber on the gradient magnitude (edge-preserving: iteratively
+reweighted least squares, each step a few conjugate-gradient iterations); see :mod:`.solvers`. Tikhonov
+won on the real-anatomy cases of the realistic panel and forgives stacks not quite aligned; Huber keeps
+hard edges sharper on piecewise-constant objects such as the analytic phantom (figures in the README).
 
 Use :func:`reconstruct_srr`; :class:`.options.SrrOptions` holds the settings (and
 :func:`.options.add_srr_arguments` their command-line flags). The steps: agreement between the stacks and
@@ -24,7 +21,6 @@ intensity matching (:mod:`.intensity`), settings from the data on a probe block 
 stacks' operators (:mod:`.operators`), the normal equations and their solution (:mod:`.solvers`), and the
 self-check.
 """
-
 
 import logging
 import time
@@ -194,7 +190,7 @@ def _settings_from_data(run):
     run.profiles_from_data = options.psf == "auto" and options.stack_profiles is None and len(work) > 1
     if run.profiles_from_data or options.alpha_is_auto or (options.self_check and len(work) > 1):
         t0 = time.perf_counter()
-        run.probe = _probe(work, run.grid, run.offset, run.scale, options, run.workers)
+        run.probe = _probe(work, run.grid, offset=run.offset, scale=run.scale, options=options, workers=run.workers)
         run.timed("probe_setup_s", t0)
     if run.probe is not None and run.profiles_from_data:
         _choose_profiles(run)
@@ -366,7 +362,7 @@ def _run_self_check(run):
     per = autotune.self_check(probe.problem, [run.profiles[k] for k in probe.index], run.alpha,
                               regularizer=options.regularizer, huber=_huber_args(options),
                               reuse=run.profiles_from_data)
-    check = _self_check_summary(per, probe, run.used, run.stacks, time.perf_counter() - t0)
+    check = _self_check_summary(per, probe, run.used, run.stacks, seconds=time.perf_counter() - t0)
     run.timed("self_check_s", t0)
     return check
 
@@ -466,7 +462,7 @@ class _Probe:
                 "solves": self.problem.n_solves, "cg_iterations": self.problem.n_iterations}
 
 
-def _probe(work, grid, offset, scale, options, workers):
+def _probe(work, grid, *, offset, scale, options, workers):
     """The probe block and the stacks cropped to it (None when fewer than one stack reaches it)."""
     block, lo = autotune.choose_block(work, grid, options.probe_block_voxels)
     t_max = max(s.thickness_mm for s in work) * max(WIDTH_FACTORS)
@@ -480,11 +476,12 @@ def _probe(work, grid, offset, scale, options, workers):
             index.append(n)
     if not cropped:
         return None
-    problem = autotune.BlockProblem(cropped, block, autotune.Normalisation(offset, scale), margin, workers)
+    problem = autotune.BlockProblem(cropped, block, autotune.Normalisation(offset, scale), margin_mm=margin,
+                                    workers=workers)
     return _Probe(problem, index, lo)
 
 
-def _self_check_summary(per, probe, used, stacks, seconds):
+def _self_check_summary(per, probe, used, stacks, *, seconds):
     rows = [None] * len(stacks)
     failing = []
     for n, r in zip(probe.index, per):

@@ -173,7 +173,7 @@ class StackOperator:
             return self.adjoint(y, workers)
         if not accumulate:
             out[...] = 0
-        return self.adjoint_add(y, out, workers, scratch)
+        return self.adjoint_add(y, out, workers=workers, scratch=scratch)
 
     def adjoint_add(self, y, out, workers=None, scratch=None):
         """``out += adjoint(y)`` (``scratch``: reusable intermediates); returns out."""
