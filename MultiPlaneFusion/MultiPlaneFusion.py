@@ -38,7 +38,7 @@ from slicer.util import VTKObservationMixin
 from MultiPlaneFusionLib import slicer_boundary
 from MultiPlaneFusionLib.model.options import ISLAND_MODES, SURFACE_METHODS
 from MultiPlaneFusionLib.pipeline import EXTENTS, METHODS
-from MultiPlaneFusionLib.reconstruction.srr import REGULARIZERS
+from MultiPlaneFusionLib.reconstruction.options import REGULARIZERS
 from MultiPlaneFusionLib.slicer_boundary import COORDINATE_SYSTEMS as EXPORT_COORDINATES
 from MultiPlaneFusionLib.slicer_boundary import EXPORT_FORMATS, EXPORT_SOURCES, THRESHOLD_CHOICES
 
@@ -681,7 +681,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         """The :class:`MultiPlaneFusionSettings` the parameter node describes (library errors propagate)."""
         from MultiPlaneFusionLib.model import ModelOptions
         from MultiPlaneFusionLib.pipeline import FuseOptions
-        from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+        from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 
         srr = None
         if p.method == "srr":

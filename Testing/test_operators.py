@@ -10,16 +10,12 @@ import pytest
 
 from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.grid import Grid
-from MultiPlaneFusionLib.reconstruction.operators import (
-    FWHM_PER_SIGMA,
-    GeneralOperator,
-    SeparableOperator,
-    StackOperator,
-    make_operator,
-    psf_rows,
-    separable_axes,
-)
+from MultiPlaneFusionLib.reconstruction.general_operator import GeneralOperator
+from MultiPlaneFusionLib.reconstruction.operators import make_operator
+from MultiPlaneFusionLib.reconstruction.psf import FWHM_PER_SIGMA, psf_rows
+from MultiPlaneFusionLib.reconstruction.separable_operator import SeparableOperator
 from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator, shear_path_applies
+from MultiPlaneFusionLib.reconstruction.stack_operator import StackOperator, separable_axes
 from MultiPlaneFusionLib.stack import Stack, stack_from_affine
 
 GRID = Grid(shape=(20, 22, 24), spacing_mm=(1.0, 1.0, 1.0), origin_mm=(0.0, 0.0, 0.0))
@@ -214,8 +210,8 @@ def test_stack_outside_the_grid_gives_no_valid_samples():
 @pytest.mark.parametrize("name", ["oblique", "tilted_sheared", "registration_rotation", "coronal_flipped"])
 def test_threaded_operators_are_the_serial_ones(name):
     """With worker threads every path still has an exact adjoint and gives the serial results."""
-    from MultiPlaneFusionLib.reconstruction.operators import Scratch
     from MultiPlaneFusionLib.reconstruction.parallel import Workers
+    from MultiPlaneFusionLib.reconstruction.workspace import Scratch
 
     stack = CASES[name]
     rng = np.random.default_rng(7)

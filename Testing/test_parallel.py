@@ -4,20 +4,19 @@ import numpy as np
 import pytest
 
 from MultiPlaneFusionLib.errors import InputError
-from MultiPlaneFusionLib.reconstruction.operators import Banded, gaussian_blur
+from MultiPlaneFusionLib.reconstruction.banded import Banded
+from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 from MultiPlaneFusionLib.reconstruction.parallel import Workers, flat_pieces, row_slabs, split
-from MultiPlaneFusionLib.reconstruction.solvers import (
-    NormalEquations,
-    conjugate_gradient,
-    difference_penalty,
-    dot,
-    gradient_magnitude,
-    penalty_diagonal,
-)
-from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+from MultiPlaneFusionLib.reconstruction.penalty import difference_penalty, gradient_magnitude, penalty_diagonal
+from MultiPlaneFusionLib.reconstruction.smoothing import GaussianBlur
+from MultiPlaneFusionLib.reconstruction.solvers import NormalEquations, conjugate_gradient, dot
 
 SHAPE = (23, 17, 29)
 SPACING = (1.3, 0.9, 0.7)
+
+
+def gaussian_blur(x, spacing_kji, sigma_mm, workers=None):
+    return GaussianBlur(np.shape(x), spacing_kji, sigma_mm)(np.asarray(x), workers)
 
 
 @pytest.mark.parametrize("n,parts", [(0, 3), (1, 4), (10, 3), (7, 7), (100, 8)])
@@ -176,7 +175,8 @@ def test_apply_with_dot_and_reused_output():
 
 
 def test_separable_normal_with_scratch_matches_plain():
-    from MultiPlaneFusionLib.reconstruction.operators import Scratch, make_operator
+    from MultiPlaneFusionLib.reconstruction.operators import make_operator
+    from MultiPlaneFusionLib.reconstruction.workspace import Scratch
     from MultiPlaneFusionLib.simulation import phantom_grid, simulate_orthogonal_stacks
 
     stacks = simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=2.0, scale=0.3, noise_hu=0.0, seed=1)

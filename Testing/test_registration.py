@@ -20,7 +20,7 @@ from MultiPlaneFusionLib.metrics import correlation
 from MultiPlaneFusionLib.progress import Monitor
 from MultiPlaneFusionLib.reading import read_stacks
 from MultiPlaneFusionLib.reconstruction import fuse_average, resample_stack
-from MultiPlaneFusionLib.reconstruction.operators import psf_sigma_mm
+from MultiPlaneFusionLib.reconstruction.psf import psf_sigma_mm
 from MultiPlaneFusionLib.registration import (
     RegistrationOptions,
     add_registration_arguments,
@@ -261,7 +261,7 @@ def test_refinement_update_below_the_tolerance_is_no_motion(monkeypatch, shift_m
 def test_no_stack_moved_means_no_second_solve(monkeypatch):
     """The refinement cycle does not re-solve when every update is round-off (it used to: 1e-15 mm is not 0)."""
     from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
-    from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+    from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 
     _, centre = head_box()
     turned = rigid_matrix((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), centre)

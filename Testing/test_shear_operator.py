@@ -7,7 +7,8 @@ Exact adjoints of the shear path on every geometry are tested with the other pat
 import numpy as np
 import pytest
 
-from MultiPlaneFusionLib.reconstruction.operators import GeneralOperator, make_operator
+from MultiPlaneFusionLib.reconstruction.general_operator import GeneralOperator
+from MultiPlaneFusionLib.reconstruction.operators import make_operator
 from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator, shear_factors
 from MultiPlaneFusionLib.registration import rigid_matrix
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_grid, phantom_truth, simulate_stack

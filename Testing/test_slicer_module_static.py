@@ -777,7 +777,7 @@ def test_logic_refuses_bad_input_with_value_error(stubbed_module, phantom_series
     from MultiPlaneFusionLib.errors import CancelledError
     from MultiPlaneFusionLib.model import ModelOptions
     from MultiPlaneFusionLib.pipeline import FuseOptions
-    from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+    from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 
     m = stubbed_module
     px, ijk = phantom_series["axial"]

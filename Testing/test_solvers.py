@@ -4,16 +4,13 @@ direct solve, Huber IRLS against its objective and the residual it carries betwe
 import numpy as np
 import pytest
 
-from MultiPlaneFusionLib.reconstruction.solvers import (
-    NormalEquations,
-    conjugate_gradient,
+from MultiPlaneFusionLib.reconstruction.penalty import (
     difference_penalty,
     gradient_magnitude,
     huber_weights,
     penalty_diagonal,
-    solve_huber,
-    solve_tikhonov,
 )
+from MultiPlaneFusionLib.reconstruction.solvers import NormalEquations, conjugate_gradient, solve_huber, solve_tikhonov
 
 SHAPE = (4, 5, 6)
 SPACING = (2.0, 1.0, 0.5)
@@ -170,7 +167,10 @@ def test_edge_scale_keeps_noise_from_passing_for_edges():
 
 
 def test_gaussian_blur_keeps_constants_and_has_the_requested_width():
-    from MultiPlaneFusionLib.reconstruction.operators import gaussian_blur
+    from MultiPlaneFusionLib.reconstruction.smoothing import GaussianBlur
+
+    def gaussian_blur(x, spacing_kji, sigma_mm):
+        return GaussianBlur(np.shape(x), spacing_kji, sigma_mm)(np.asarray(x))
 
     spacing = (0.5, 1.0, 0.25)
     ones = np.ones((9, 10, 11), np.float32)

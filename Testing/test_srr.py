@@ -13,12 +13,8 @@ from MultiPlaneFusionLib.errors import CancelledError, InputError
 from MultiPlaneFusionLib.progress import Monitor
 from MultiPlaneFusionLib.reconstruction.average import fuse_average
 from MultiPlaneFusionLib.reconstruction.intensity import compare_stacks
-from MultiPlaneFusionLib.reconstruction.srr import (
-    SrrOptions,
-    add_srr_arguments,
-    reconstruct_srr,
-    srr_options_from_args,
-)
+from MultiPlaneFusionLib.reconstruction.options import SrrOptions, add_srr_arguments, srr_options_from_args
+from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks, simulate_stack
 
 SCALE = 0.35

@@ -30,7 +30,7 @@ DEFAULT_OPTION_SETS = {"default": {}, "tikhonov": {"regularizer": "tikhonov"}}
 
 def sweep_settings(alpha_factors=(0.3, 1.0, 3.0)):
     """Fixed settings: profile x prior x alpha (factors of each prior's fixed default alpha)."""
-    from MultiPlaneFusionLib.reconstruction.srr import DEFAULT_ALPHA
+    from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA
 
     out = {}
     for psf in ("box", "gaussian"):

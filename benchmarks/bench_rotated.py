@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from MultiPlaneFusionLib.reconstruction.operators import GeneralOperator, make_operator
+from MultiPlaneFusionLib.reconstruction.general_operator import GeneralOperator
+from MultiPlaneFusionLib.reconstruction.operators import make_operator
 from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator
 from MultiPlaneFusionLib.registration import rigid_matrix
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_grid, phantom_truth, simulate_stack

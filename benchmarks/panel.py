@@ -648,7 +648,7 @@ def split_options(overrides):
 
 def fuse_options(overrides, grid, register):
     """The FuseOptions of an option set on ``grid`` (the CLI's ``--grid-like``)."""
-    from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+    from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 
     fuse, srr = split_options(overrides)
     fuse.setdefault("method", "srr")

@@ -75,7 +75,7 @@ def _add_fuse_arguments(p):
 
 def _optional_stage_arguments(p):
     """Options owned by the reconstruction and registration stages."""
-    from .reconstruction.srr import add_srr_arguments
+    from .reconstruction.options import add_srr_arguments
     from .registration import add_registration_arguments
 
     add_srr_arguments(p)  # makes its own argument group
@@ -148,7 +148,7 @@ def _keyword_defaults(module, function):
 
 def fuse_options_from_args(args):
     from .reading import read_grid_source
-    from .reconstruction.srr import srr_options_from_args
+    from .reconstruction.options import srr_options_from_args
     from .registration import registration_options_from_args
 
     return FuseOptions(

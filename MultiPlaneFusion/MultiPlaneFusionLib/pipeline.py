@@ -241,7 +241,7 @@ def _srr_with_refinement(stacks, grid, options, background, monitor):
 def _keep_choices(srr_options, result):
     from dataclasses import replace
 
-    from .reconstruction.srr import SrrOptions
+    from .reconstruction.options import SrrOptions
 
     opts = srr_options or SrrOptions()
     return replace(opts, alpha=float(result.info["alpha"]), stack_profiles=tuple(result.profiles))

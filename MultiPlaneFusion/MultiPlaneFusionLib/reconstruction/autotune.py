@@ -1,10 +1,10 @@
 """Settings from the data: slice profile per stack, regularisation weight, and the self-check.
 
-All three are measured on a *probe block*: a cube of the reconstruction grid (full resolution, default
-64 voxels a side) placed where the inputs show the most structure (bone edges), so the choices see the
-details they decide about and cost a fraction of the full reconstruction. Each stack is cropped to the
-block (plus the reach of its profile) and only samples well inside the block are scored (the model
-truncates PSFs at the block's faces).
+All three are measured on a *probe block*: a cube of the reconstruction grid (full resolution,
+``SrrOptions.probe_block_voxels`` a side) placed where the inputs show the most structure (bone edges), so
+the choices see the details they decide about and cost a fraction of the full reconstruction. Each stack
+is cropped to the block (plus the reach of its profile) and only samples well inside the block are scored
+(the model truncates PSFs at the block's faces).
 
 - **Slice profile** (:func:`estimate_profiles`): leave one stack out. The others are fused (Tikhonov, a
   moderate weight, to convergence) and pushed through every candidate profile of the left-out stack
@@ -29,7 +29,6 @@ here means the same on the full grid (alpha is a squared length, independent of 
 
 import logging
 import math
-import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -38,11 +37,10 @@ from ..grid import Grid
 from .operators import make_operator
 from .psf import candidates, choose_profile
 from .resample import resample_stack
-from .solvers import NormalEquations, solve_huber, solve_tikhonov
+from .solvers import NormalEquations, data_weights, solve_huber, solve_tikhonov
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
-DEFAULT_BLOCK_VOXELS = 48
 # Weight of the leave-one-out fusions that judge slice profiles (mm^2): moderate, so noise does not
 # dominate the prediction and detail along the left-out stack's normal survives.
 PROFILE_ALPHA = 0.03
@@ -60,7 +58,7 @@ class Normalisation:
     scale: float
 
 
-def choose_block(stacks, grid, size_voxels=DEFAULT_BLOCK_VOXELS, coverage=None):
+def choose_block(stacks, grid, size_voxels):
     """Sub-grid of ``grid`` (at most ``size_voxels`` a side) where the inputs show the most structure.
 
     The average of the stacks on a ~4 mm grid is differentiated; the block is centred on the window of
@@ -138,7 +136,7 @@ class BlockProblem:
     scored.
     """
 
-    def __init__(self, stacks, grid, norm, margin_mm, workers=None):
+    def __init__(self, stacks, grid, norm, *, margin_mm, workers=None):
         self.stacks = stacks
         self.grid = grid
         self.norm = norm
@@ -172,20 +170,17 @@ class BlockProblem:
             ok &= (g[a] >= m - 0.5) & (g[a] <= self.grid.shape[a] - 0.5 - m)
         return ok
 
-    def solve(self, stacks, profiles, alpha, regularizer="tikhonov", huber=None, x0=None):
+    def solve(self, stacks, profiles, alpha, *, regularizer="tikhonov", huber=None, x0=None):
         """Normalised reconstruction of the block from ``stacks`` with per-stack ``profiles``."""
-        from .srr import _sample_volume_mm3
-
         grid = self.grid
-        gv = float(np.prod(grid.spacing_mm))
         ops = [make_operator(p.apply(s), grid, p.kind) for s, p in zip(stacks, profiles)]
-        c = [_sample_volume_mm3(s) / gv for s in stacks]
+        c = data_weights(stacks, grid)
         b = np.zeros(grid.shape, np.float32)
         rows = np.zeros(grid.shape, np.float32)
         for s, op, ck in zip(stacks, ops, c):
             y = self.normalised(s) * np.float32(ck)
             y[~op.valid] = 0.0
-            op.adjoint_add(y, b, self.workers)
+            op.adjoint_add(y, b, workers=self.workers)
             op.adjoint_ones(out=rows, scale=ck, workers=self.workers)
         if x0 is None:
             x = b / np.maximum(rows, np.float32(1e-6))
@@ -193,13 +188,13 @@ class BlockProblem:
             x = x0.copy()
         x[rows <= 0] = 0.0
         spacing = tuple(float(v) for v in grid.spacing_mm[::-1])
-        system = NormalEquations(ops, c, alpha, spacing, rows, self.workers)
+        system = NormalEquations(ops, c, alpha, spacing, rows, workers=self.workers)
         if regularizer == "huber":
             delta, edge_scale, outer = huber
-            info = solve_huber(system, b, x, delta, outer, _BLOCK_MAX_ITER, 1e-6, None, edge_scale,
-                               solution_tolerance=_BLOCK_SOLUTION_TOL)
+            info = solve_huber(system, b, x, delta, outer_iterations=outer, max_iterations=_BLOCK_MAX_ITER,
+                               tolerance=1e-6, edge_scale_mm=edge_scale, solution_tolerance=_BLOCK_SOLUTION_TOL)
         else:
-            info = solve_tikhonov(system, b, x, _BLOCK_MAX_ITER, 1e-6, None, overwrite=True,
+            info = solve_tikhonov(system, b, x, max_iterations=_BLOCK_MAX_ITER, tolerance=1e-6, overwrite=True,
                                   solution_tolerance=_BLOCK_SOLUTION_TOL)
         self.n_solves += 1
         self.n_iterations += int(info["iterations"])
@@ -212,7 +207,7 @@ class BlockProblem:
         return pred, self.normalised(stack), self.interior(stack, op.valid)
 
 
-def estimate_profiles(problem, initial, kinds, alpha=PROFILE_ALPHA):
+def estimate_profiles(problem, initial, kinds, *, alpha=PROFILE_ALPHA):
     """Per stack the best-predicting candidate profile (leave one stack out, module docstring).
 
     ``initial``: the profiles assumed for the other stacks; ``kinds``: the families searched.
@@ -242,7 +237,7 @@ def estimate_profiles(problem, initial, kinds, alpha=PROFILE_ALPHA):
     return out, report
 
 
-def _cv_errors(problem, profiles, alpha, folds, regularizer, huber, starts):
+def _cv_errors(problem, profiles, alpha, *, folds, regularizer, huber, starts):
     """Held-out-slice mean squared errors (normalised units), one per (fold, stack) pair."""
     out = []
     for f in range(folds):
@@ -254,7 +249,8 @@ def _cv_errors(problem, profiles, alpha, folds, regularizer, huber, starts):
                 held.append((select_slices(s, idx == f), p))
             else:
                 train.append((s, p))
-        x = problem.solve([t[0] for t in train], [t[1] for t in train], alpha, regularizer, huber, starts.get(f))
+        x = problem.solve([t[0] for t in train], [t[1] for t in train], alpha, regularizer=regularizer, huber=huber,
+                          x0=starts.get(f))
         starts[f] = x
         for s, p in held:
             pred, meas, mask = problem.predict(s, p, x)
@@ -264,7 +260,7 @@ def _cv_errors(problem, profiles, alpha, folds, regularizer, huber, starts):
     return out
 
 
-def choose_alpha(problem, profiles, regularizer="tikhonov", huber=None, ladder=None, folds=CV_FOLDS):
+def choose_alpha(problem, profiles, *, regularizer="tikhonov", huber=None, ladder=None, folds=CV_FOLDS):
     """The CV weight (module docstring) with the one-standard-error rule: the largest weight of the ladder
     whose mean held-out error is within one standard error (over the fold x stack units) of the
     minimum. Held-out thick slices cannot see errors along directions no stack resolves (ringing
@@ -275,7 +271,8 @@ def choose_alpha(problem, profiles, regularizer="tikhonov", huber=None, ladder=N
     starts = {}
     # From the largest weight down: each solve warm-starts from the smoother previous one.
     for a in sorted(ladder, reverse=True):
-        e = np.asarray(_cv_errors(problem, profiles, a, folds, regularizer, huber, starts))
+        e = np.asarray(_cv_errors(problem, profiles, a, folds=folds, regularizer=regularizer, huber=huber,
+                                  starts=starts))
         means[a] = float(e.mean())
         ses[a] = float(e.std(ddof=1) / math.sqrt(len(e))) if len(e) > 1 else 0.0
     a_min = min(means, key=means.get)
@@ -286,7 +283,7 @@ def choose_alpha(problem, profiles, regularizer="tikhonov", huber=None, ladder=N
     return best, rms, se
 
 
-def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None, reuse=False):
+def self_check(problem, profiles, alpha, *, regularizer="tikhonov", huber=None, reuse=False):
     """Per stack: RMS error (input units) of predicting it from the fusion of the others and from each
     other single series alone; ``fusion_beats_best_single`` per stack and overall. ``reuse``: take the
     leave-one-out fusions of the profile choice (``problem.loo``) instead of solving again."""
@@ -300,7 +297,8 @@ def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None, reu
         if reuse and k in problem.loo:
             x = problem.loo[k]
         else:
-            x = problem.solve([stacks[i] for i in others], [profiles[i] for i in others], alpha, regularizer, huber)
+            x = problem.solve([stacks[i] for i in others], [profiles[i] for i in others], alpha,
+                              regularizer=regularizer, huber=huber)
         pred, meas, mask = problem.predict(s, profiles[k], x)
         if not mask.any():
             per.append(None)
@@ -333,12 +331,6 @@ def self_check(problem, profiles, alpha, regularizer="tikhonov", huber=None, reu
             "fusion_beats_best_single": None if best is None else bool(fused_same[best] < singles[best]),
         })
     return per
-
-
-def timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
 
 
 __all__ = ["BlockProblem", "Normalisation", "choose_alpha", "choose_block", "crop_stack", "estimate_profiles",

@@ -23,7 +23,8 @@ from typing import List
 import numpy as np
 
 from ..grid import Grid
-from .operators import Banded, make_operator
+from .banded import Banded
+from .operators import make_operator
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
@@ -95,7 +96,7 @@ def _smooth(volume, grid, sigma_mm, workers=None):
     return out
 
 
-def low_resolution_views(stacks, grid, psf="gaussian", monitor=None, workers=None):
+def low_resolution_views(stacks, grid, *, psf="gaussian", monitor=None, workers=None):
     """Each stack seen at a common coarse resolution on a coarse copy of ``grid``.
 
     Returns
@@ -136,7 +137,7 @@ def low_resolution_views(stacks, grid, psf="gaussian", monitor=None, workers=Non
     return views, support, coarse
 
 
-def compare_stacks(stacks, grid, match, threshold, psf="gaussian", reference=0, monitor=None, workers=None):
+def compare_stacks(stacks, grid, *, match, threshold, psf="gaussian", reference=0, monitor=None, workers=None):
     """Fit per-stack linear intensity maps against ``reference`` and flag disagreeing stacks.
 
     Parameters
@@ -161,7 +162,7 @@ def compare_stacks(stacks, grid, match, threshold, psf="gaussian", reference=0, 
     report.pairwise = [[None] * n for _ in range(n)]
     if n == 0:
         return report
-    views, support, coarse = low_resolution_views(stacks, grid, psf, monitor, workers)
+    views, support, coarse = low_resolution_views(stacks, grid, psf=psf, monitor=monitor, workers=workers)
     report.coarse_spacing_mm = float(max(coarse.spacing_mm))
     for a in range(n):
         report.pairwise[a][a] = 1.0

@@ -1,9 +1,16 @@
-"""Through-plane slice profiles: the model family and its candidates for the data-driven choice.
+"""The point-spread function (PSF) of a thick-slice stack: its sizes, its 1-D weights, and the slice profiles.
 
-A slice profile is a kind ("box": a slab, as slab-averaged MPR reformats and many CT recons have;
-"gaussian": the conventional approximation of a scanner's slice sensitivity) and an effective width
-relative to the nominal slice thickness t: box of full width ``factor * t``, or Gaussian of
-FWHM ``factor * t``. In-plane the PSF is always Gaussian, FWHM 1.2 x pixel spacing (:mod:`.operators`).
+**The PSF.** A sample of a stack is the integral of the image against the PSF centred on the pixel centre,
+oriented with the slice: Gaussian in-plane, FWHM = 1.2 x pixel spacing (the NiftyMIC/SVRTK/MIALSRTK
+convention), and through-plane either Gaussian of FWHM = slice thickness or a box (a slab of the slice
+thickness: slab-averaged MPR reformats). :func:`psf_sigma_mm` gives the sizes, :func:`psf_rows` the weights
+of samples against the linear-interpolation basis of a 1-D lattice, which every operator builds its banded
+matrices from (:mod:`.banded`).
+
+**Slice profiles.** A slice profile is a kind ("box": a slab, as slab-averaged MPR reformats and many CT
+recons have; "gaussian": the conventional approximation of a scanner's slice sensitivity) and an effective
+width relative to the nominal slice thickness t: box of full width ``factor * t``, or Gaussian of
+FWHM ``factor * t``.
 
 The operators take the kind as ``psf`` and the width from ``stack.thickness_mm``, so a profile is
 applied by handing the operator a copy of the stack whose thickness is the effective width
@@ -16,14 +23,116 @@ through-plane direction in-plane, sharply, so the profile that maps their fusion
 samples is measurable from the data.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import InputError
 
+# Through-plane kinds the operators model, and the settings of ``--psf`` (auto: chosen per stack).
 PSF_KINDS = ("box", "gaussian")
 PSF_CHOICES = ("auto",) + PSF_KINDS
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
+IN_PLANE_FWHM_FACTOR = 1.2
+# Gaussian PSFs are truncated at this many standard deviations (0.27 % of the mass), as NiftyMIC does.
+GAUSSIAN_CUTOFF_SIGMAS = 3.0
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def check_kind(psf):
+    """An InputError naming the PSF unless ``psf`` is a kind the operators model ("gaussian" or "box")."""
+    if psf not in PSF_KINDS:
+        raise InputError(f"unknown PSF '{psf}' (use gaussian or box)")
+
+
+def psf_sigma_mm(stack, psf="gaussian"):
+    """PSF sizes in mm as (along i (row), along j (column), through-plane).
+
+    In-plane: Gaussian sigma = 1.2 x pixel spacing / 2.3548. Through-plane: Gaussian sigma = thickness /
+    2.3548, or for ``psf="box"`` the full slab width (= thickness).
+    """
+    di, dj = stack.pixel_spacing_mm
+    s_i = IN_PLANE_FWHM_FACTOR * di / FWHM_PER_SIGMA
+    s_j = IN_PLANE_FWHM_FACTOR * dj / FWHM_PER_SIGMA
+    if psf == "gaussian":
+        return s_i, s_j, stack.thickness_mm / FWHM_PER_SIGMA
+    check_kind(psf)
+    return s_i, s_j, stack.thickness_mm
+
+
+def _cdf_moments(z, kind, width):
+    """CDF P0(z) and first moment P1(z) = int_{-inf}^{z} t p(t) dt of a centred PSF (index units)."""
+    if kind == "gaussian":
+        s = max(width, 1e-9)
+        u = z / s
+        p0 = 0.5 * (1.0 + _erf(u / math.sqrt(2.0)).astype(float))
+        p1 = -s / math.sqrt(2.0 * math.pi) * np.exp(-0.5 * u * u)
+        return p0, p1
+    w = max(width, 1e-9)  # box of full width w
+    zc = np.clip(z, -0.5 * w, 0.5 * w)
+    return (zc + 0.5 * w) / w, (zc * zc - 0.25 * w * w) / (2.0 * w)
+
+
+def psf_rows(positions, n_nodes, kind, width):
+    """Normalised PSF weights of samples against the linear-interpolation basis of a 1-D lattice.
+
+    Parameters
+    ----------
+    positions : array (m,)
+        Sample centres in node-index units (node ``v`` sits at ``v``).
+    n_nodes : int
+        Number of lattice nodes; the image is their linear interpolant, constant for half a node beyond
+        each end and unknown (excluded) further out.
+    kind : {"gaussian", "box"}
+    width : float
+        Gaussian sigma, or the box's full width, in node-index units.
+
+    Returns
+    -------
+    start : int array (m,)
+        Index of the first node of each row.
+    weights : float64 array (m, taps)
+        Row weights (summing to 1) for nodes ``start .. start + taps - 1``; all zero for samples whose
+        centre lies outside ``[-0.5, n_nodes - 0.5]``.
+    """
+    c = np.asarray(positions, dtype=float).reshape(-1)
+    reach = (GAUSSIAN_CUTOFF_SIGMAS * width if kind == "gaussian" else 0.5 * width) + 1.0
+    taps = int(math.ceil(2 * reach)) + 2
+    start = np.floor(c - reach).astype(np.int64)
+    start = np.clip(start, 0, max(n_nodes - taps, 0))
+    taps = min(taps, n_nodes)
+    v = start[:, None] + np.arange(taps)[None, :]  # node of each tap
+    cc = c[:, None]
+    # Left piece of node v's basis: ramp on [v-1, v] (constant 1 on [-0.5, 0] for the first node).
+    a_l = np.where(v == 0, -0.5, v - 1.0)
+    alpha_l = np.where(v == 0, 1.0, 1.0 - v)
+    beta_l = np.where(v == 0, 0.0, 1.0)
+    # Right piece: ramp down on [v, v+1] (constant 1 on [n-1, n-0.5] for the last node).
+    last = v == n_nodes - 1
+    b_r = np.where(last, n_nodes - 0.5, v + 1.0)
+    alpha_r = np.where(last, 1.0, v + 1.0)
+    beta_r = np.where(last, 0.0, -1.0)
+    vf = v.astype(float)
+    p0a, p1a = _cdf_moments(a_l - cc, kind, width)
+    p0b, p1b = _cdf_moments(vf - cc, kind, width)
+    p0c, p1c = _cdf_moments(b_r - cc, kind, width)
+    w = (alpha_l + beta_l * cc) * (p0b - p0a) + beta_l * (p1b - p1a)
+    w += (alpha_r + beta_r * cc) * (p0c - p0b) + beta_r * (p1c - p1b)
+    w = np.maximum(w, 0.0)
+    # Keep the truncated PSF support (the analytic tails beyond the cutoff are dropped) ...
+    if kind == "gaussian":
+        far = np.abs(vf - cc) > GAUSSIAN_CUTOFF_SIGMAS * width + 1.0
+        w[far] = 0.0
+    inside = (c >= -0.5) & (c <= n_nodes - 0.5)
+    total = w.sum(axis=1)
+    ok = inside & (total > 1e-12)
+    # ... and normalise over the part inside the lattice: A 1 = 1.
+    w = np.where(ok[:, None], w / np.where(ok, total, 1.0)[:, None], 0.0)
+    return start, w
+
+
+# -------------------------------------------------------------------------------------------- profiles
 # Candidate widths relative to the nominal thickness: the DICOM SliceThickness is usually right within
 # 10-20 %; a wider search would only let noise pick implausible widths.
 WIDTH_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.25)
@@ -108,5 +217,6 @@ def choose_profile(predictions, measured, weights=None):
     return int(np.argmin(rms)), rms
 
 
-__all__ = ["PSF_CHOICES", "PSF_KINDS", "SliceProfile", "WIDTH_FACTORS", "candidates", "choose_profile",
+__all__ = ["FWHM_PER_SIGMA", "GAUSSIAN_CUTOFF_SIGMAS", "IN_PLANE_FWHM_FACTOR", "PSF_CHOICES", "PSF_KINDS",
+           "SliceProfile", "WIDTH_FACTORS", "candidates", "check_kind", "choose_profile", "psf_rows", "psf_sigma_mm",
            "validate_psf"]

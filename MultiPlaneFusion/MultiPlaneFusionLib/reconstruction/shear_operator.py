@@ -22,13 +22,14 @@ import math
 
 import numpy as np
 
-from .operators import GeneralOperator, _grid_axes, _grid_spacing_kji
+from ..transforms import stack_frame
+from .general_operator import GeneralOperator, LatticeInterpolation
 from .parallel import workers_or_serial
+from .stack_operator import grid_axes, grid_spacing_kji
 
 # Largest rotation (degrees, from the nearest signed axis permutation) that make_operator sends down the shear
-# path: the shears grow the intermediate boxes by about tan(angle) x the grid size per pass. At 30 degrees the
-# real gantry-tilted Philips series (16.5 / 18.5 degrees) took it and srr needed 23.8 grid copies and 441 s
-# (load 7) against 10.3 and 79 s on the trilinear path; below 12 degrees the boxes stay within ~1.2 grids.
+# path: the shears grow the intermediate boxes by about tan(angle) x the grid size per pass, so beyond this the
+# memory and time exceed the trilinear path's (measured on the real gantry-tilted series, see the README).
 # shear_factors refuses larger angles.
 SHEAR_MAX_DEG = 12.0
 _KEYS_A = -0.5
@@ -99,10 +100,7 @@ def _nearest_signed_permutation(lin):
 def rotation_off_grid_deg(stack, grid):
     """Angle (degrees) between the stack frame (row, column, normal after its transform) and the nearest
     signed permutation of the grid axes."""
-    from .operators import _stack_frame
-
-    frame = _stack_frame(stack)[0]
-    lin = _grid_axes(grid).T @ frame[:, ::-1]  # rows k, j, i; columns normal, column, row
+    lin = grid_axes(grid).T @ stack_frame(stack)[:, ::-1]  # rows k, j, i; columns normal, column, row
     return _nearest_signed_permutation(lin)[1]
 
 
@@ -233,8 +231,8 @@ def _run_groups(groups, run, workers):
     workers.map(run, [groups[i::n] for i in range(n)])
 
 
-class _ShearInterp:
-    """Grid -> lattice by three shears (protocol of ``operators._SharedAxisInterp``; one chunk)."""
+class _ShearInterp(LatticeInterpolation):
+    """Grid -> lattice by three shears (one chunk, the whole lattice)."""
 
     def __init__(self, lattice, grid, factors):
         self.grid_shape = tuple(int(v) for v in grid.shape)
@@ -286,7 +284,7 @@ class _ShearInterp:
             lo_out, hi_out = boxes[s + 1]
             self.stages.append(_Stage(order[s], coef[s], taus[s], lo_in, hi_in - lo_in + 1,
                                       lo_out, hi_out - lo_out + 1))
-        self.name = "u"
+        self.chunk_axis = 2  # u
         self.ranges = [(0, lat_shape[2])]
         self.box_voxels = [int(np.prod(b[1] - b[0] + 1)) for b in boxes[1:]]
 
@@ -332,8 +330,8 @@ class ShearOperator(GeneralOperator):
 
     def _lattice_steps(self, steps, frame):
         # Node spacing along each frame axis = the spacing of the grid axis it (nearly) follows.
-        h = _grid_spacing_kji(grid=self.grid)
-        cos = np.abs(_grid_axes(self.grid).T @ frame)  # rows grid k, j, i; columns u, v, w
+        h = grid_spacing_kji(self.grid)
+        cos = np.abs(grid_axes(self.grid).T @ frame)  # rows grid k, j, i; columns u, v, w
         return [float(h[int(np.argmax(cos[:, a]))]) for a in range(3)]
 
     def _adjust_lattice(self, lattice):

@@ -54,7 +54,7 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..grid import Grid
 from ..progress import CallbackGuard, Monitor
-from ..reconstruction.operators import psf_sigma_mm
+from ..reconstruction.psf import psf_sigma_mm
 from ..reconstruction.resample import resample_stack
 from ..stack import check_reference, scanner_centre_mm
 from ..transforms import apply, describe_motion, stack_frame
