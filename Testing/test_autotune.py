@@ -9,9 +9,10 @@ import pytest
 
 from MultiPlaneFusionLib import metrics
 from MultiPlaneFusionLib.errors import InputError
+from MultiPlaneFusionLib.reconstruction.autotune import choose_profile
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions, parse_alpha
-from MultiPlaneFusionLib.reconstruction.psf import SliceProfile, choose_profile
 from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
+from MultiPlaneFusionLib.sampling.psf import SliceProfile
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_stack
 
 SCALE = 0.4

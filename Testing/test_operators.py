@@ -12,10 +12,10 @@ from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.grid import Grid
 from MultiPlaneFusionLib.reconstruction.general_operator import GeneralOperator
 from MultiPlaneFusionLib.reconstruction.operators import make_operator
-from MultiPlaneFusionLib.reconstruction.psf import FWHM_PER_SIGMA, psf_rows
 from MultiPlaneFusionLib.reconstruction.separable_operator import SeparableOperator
 from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator, shear_path_applies
 from MultiPlaneFusionLib.reconstruction.stack_operator import StackOperator, separable_axes
+from MultiPlaneFusionLib.sampling.psf import FWHM_PER_SIGMA, psf_rows
 from MultiPlaneFusionLib.stack import Stack, stack_from_affine
 
 GRID = Grid(shape=(20, 22, 24), spacing_mm=(1.0, 1.0, 1.0), origin_mm=(0.0, 0.0, 0.0))

@@ -9,7 +9,8 @@ import SimpleITK as sitk
 from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.metrics import correlation
 from MultiPlaneFusionLib.reading import read_stacks, stack_from_image
-from MultiPlaneFusionLib.reconstruction import fuse_average, resample_stack
+from MultiPlaneFusionLib.reconstruction import fuse_average
+from MultiPlaneFusionLib.sampling import resample_stack
 from MultiPlaneFusionLib.stack import Stack
 
 

@@ -19,8 +19,7 @@ from MultiPlaneFusionLib.grid import Grid
 from MultiPlaneFusionLib.metrics import correlation
 from MultiPlaneFusionLib.progress import Monitor
 from MultiPlaneFusionLib.reading import read_stacks
-from MultiPlaneFusionLib.reconstruction import fuse_average, resample_stack
-from MultiPlaneFusionLib.reconstruction.psf import psf_sigma_mm
+from MultiPlaneFusionLib.reconstruction import fuse_average
 from MultiPlaneFusionLib.registration import (
     RegistrationOptions,
     add_registration_arguments,
@@ -32,6 +31,8 @@ from MultiPlaneFusionLib.registration import (
     write_transforms,
 )
 from MultiPlaneFusionLib.registration.rigid import register_pair
+from MultiPlaneFusionLib.sampling import resample_stack
+from MultiPlaneFusionLib.sampling.psf import psf_sigma_mm
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_grid, phantom_truth, simulate_stack
 from MultiPlaneFusionLib.transforms import apply, box_corners, describe_motion, rotation_vector_deg
 

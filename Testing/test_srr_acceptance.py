@@ -15,8 +15,8 @@ import pytest
 from MultiPlaneFusionLib import metrics
 from MultiPlaneFusionLib.reconstruction.average import fuse_average
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions
-from MultiPlaneFusionLib.reconstruction.resample import resample_stack
 from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
+from MultiPlaneFusionLib.sampling.resample import resample_stack
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks
 
 BONE_HU = 300.0

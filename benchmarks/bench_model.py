@@ -169,7 +169,7 @@ def phantom_cases(spacing_mm, scale, max_points, repeat):
 def staircase_cases(grid, truth_image, scale, thickness_mm, max_points):
     """Models from thick-slice stacks against the ground-truth model (all on the truth grid)."""
     from MultiPlaneFusionLib.reading import stack_to_image
-    from MultiPlaneFusionLib.reconstruction.resample import resample_stack
+    from MultiPlaneFusionLib.sampling.resample import resample_stack
     from MultiPlaneFusionLib.simulation import simulate_orthogonal_stacks
 
     pixel = float(grid.spacing_mm[0])
@@ -428,7 +428,7 @@ def panel_volumes(truth_image, stacks_for, quick):
     """Fused volumes (srr, average) of three orthogonal series and the best single series resampled."""
     from MultiPlaneFusionLib.grid import grid_from_image
     from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
-    from MultiPlaneFusionLib.reconstruction.resample import resample_stack
+    from MultiPlaneFusionLib.sampling.resample import resample_stack
 
     grid = grid_from_image(truth_image)
     settings = [("3 mm box, 10 HU", 3.0, "box", 10.0, ("srr",)),

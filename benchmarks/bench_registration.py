@@ -46,7 +46,7 @@ from MultiPlaneFusionLib.grid import Grid  # noqa: E402
 from MultiPlaneFusionLib.metrics import correlation, psnr
 from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
 from MultiPlaneFusionLib.reading import read_stacks
-from MultiPlaneFusionLib.reconstruction import fuse_average, resample_stack
+from MultiPlaneFusionLib.reconstruction import fuse_average
 from MultiPlaneFusionLib.registration import (
     RegistrationOptions,
     describe_motion,
@@ -54,6 +54,7 @@ from MultiPlaneFusionLib.registration import (
     rigid_matrix,
     target_registration_error,
 )
+from MultiPlaneFusionLib.sampling import resample_stack
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_truth, simulate_stack
 from MultiPlaneFusionLib.transforms import apply, box_corners
 

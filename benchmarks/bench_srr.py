@@ -47,8 +47,8 @@ from MultiPlaneFusionLib.grid import Grid  # noqa: E402
 from MultiPlaneFusionLib.reading import read_grid_source, read_stacks  # noqa: E402
 from MultiPlaneFusionLib.reconstruction.average import fuse_average  # noqa: E402
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions  # noqa: E402
-from MultiPlaneFusionLib.reconstruction.resample import resample_stack  # noqa: E402
 from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr  # noqa: E402
+from MultiPlaneFusionLib.sampling.resample import resample_stack  # noqa: E402
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks  # noqa: E402
 
 BONE_HU = 300.0

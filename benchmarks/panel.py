@@ -67,7 +67,7 @@ from MultiPlaneFusionLib import metrics  # noqa: E402
 from MultiPlaneFusionLib.grid import Grid  # noqa: E402
 from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks  # noqa: E402
 from MultiPlaneFusionLib.reading import read_stacks, stack_to_image  # noqa: E402
-from MultiPlaneFusionLib.reconstruction.resample import resample_stack  # noqa: E402
+from MultiPlaneFusionLib.sampling.resample import resample_stack  # noqa: E402
 from MultiPlaneFusionLib.stack import Stack  # noqa: E402
 
 PANEL_VERSION = 1  # bump when the simulation changes: cached series are keyed by it

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from .grid import Grid
-from .reconstruction.resample import resample_stack
+from .sampling.resample import resample_stack
 from .writing import atomic_path
 
 log = logging.getLogger("MultiPlaneFusionLib")

@@ -1,15 +1,14 @@
-"""Reconstruction: resampling and the average baseline here; super-resolution in its own modules.
+"""Reconstruction: the average baseline here; super-resolution in its own modules. The acquisition model
+they build on (PSF, slice profiles, resampling) is :mod:`MultiPlaneFusionLib.sampling`.
 
-Layers, lowest first: ``psf`` (PSF sizes and 1-D weights, slice profiles) and ``banded`` (banded-matrix
-kernel); ``stack_operator`` (the operator contract, the stack/grid geometry), the three paths
-``separable_operator``, ``general_operator`` and ``shear_operator``, and ``operators.make_operator`` (the
-choice between them); ``smoothing``, ``penalty`` and ``workspace`` (Gaussian filter, first-order penalty and
-Huber weights, work memory) under ``solvers``; ``intensity`` and ``autotune`` (agreement, settings from the
-data); ``options`` (SrrOptions and its flags) and ``srr`` (the reconstruction). ``parallel`` (threads) serves
-them all.
+Layers, lowest first: ``banded`` (banded-matrix kernel); ``stack_operator`` (the operator contract, the
+stack/grid geometry), the three paths ``separable_operator``, ``general_operator`` and ``shear_operator``,
+and ``operators.make_operator`` (the choice between them); ``smoothing``, ``penalty`` and ``workspace``
+(Gaussian filter, first-order penalty and Huber weights, work memory) under ``solvers``; ``intensity`` and
+``autotune`` (agreement, settings from the data); ``options`` (SrrOptions and its flags) and ``srr`` (the
+reconstruction). ``parallel`` (threads) serves them all.
 """
 
 from .average import AverageResult, default_background, fuse_average
-from .resample import resample_stack, stack_sampling_image
 
-__all__ = ["AverageResult", "default_background", "fuse_average", "resample_stack", "stack_sampling_image"]
+__all__ = ["AverageResult", "default_background", "fuse_average"]

@@ -33,10 +33,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import InputError
 from ..grid import Grid
+from ..sampling.psf import candidates
+from ..sampling.resample import resample_stack
 from .operators import make_operator
-from .psf import candidates, choose_profile
-from .resample import resample_stack
 from .solvers import NormalEquations, data_weights, solve_huber, solve_tikhonov
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
@@ -207,6 +208,39 @@ class BlockProblem:
         return pred, self.normalised(stack), self.interior(stack, op.valid)
 
 
+def choose_profile(predictions, measured, weights=None):
+    """Index of the candidate whose prediction fits ``measured`` best, and every candidate's error.
+
+    Parameters
+    ----------
+    predictions : list of ndarray
+        Per candidate, the predicted samples (same shape as ``measured``).
+    measured : ndarray
+        The stack's samples being predicted.
+    weights : ndarray of bool or float, optional
+        Samples to score (e.g. well inside the region the prediction is reliable in).
+
+    Returns
+    -------
+    best : int
+    rms : list of float
+        Root-mean-square prediction error per candidate, input units.
+
+    The error is plain least squares in the data's units: the same functional the reconstruction
+    minimises, so the chosen profile is the one under which the stacks are most consistent.
+    """
+    m = np.asarray(measured, dtype=np.float64)
+    w = np.ones(m.shape) if weights is None else np.asarray(weights, dtype=np.float64)
+    tw = float(w.sum())
+    if tw <= 0:
+        raise InputError("no samples to compare slice profiles on")
+    rms = []
+    for p in predictions:
+        d = np.asarray(p, dtype=np.float64) - m
+        rms.append(float(np.sqrt(float((w * d * d).sum()) / tw)))
+    return int(np.argmin(rms)), rms
+
+
 def estimate_profiles(problem, initial, kinds, *, alpha=PROFILE_ALPHA):
     """Per stack the best-predicting candidate profile (leave one stack out, module docstring).
 
@@ -333,5 +367,5 @@ def self_check(problem, profiles, alpha, *, regularizer="tikhonov", huber=None, 
     return per
 
 
-__all__ = ["BlockProblem", "Normalisation", "choose_alpha", "choose_block", "crop_stack", "estimate_profiles",
-           "select_slices", "self_check"]
+__all__ = ["BlockProblem", "Normalisation", "choose_alpha", "choose_block", "choose_profile", "crop_stack",
+           "estimate_profiles", "select_slices", "self_check"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..progress import Monitor
-from .resample import resample_stack
+from ..sampling.resample import resample_stack
 
 
 def default_background(stacks):

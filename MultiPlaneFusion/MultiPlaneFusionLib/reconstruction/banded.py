@@ -9,8 +9,8 @@ split over threads (``workers``, :mod:`.parallel`) in disjoint output pieces and
 
 import numpy as np
 
+from ..sampling.psf import psf_rows
 from .parallel import workers_or_serial
-from .psf import psf_rows
 
 # Rows of a banded matrix grouped per BLAS call, by the array axis it contracts (measured on the phantom's
 # operators): along axis 0 the product runs over whole planes and stays efficient with few rows, so small

@@ -13,10 +13,10 @@ import threading
 
 import numpy as np
 
+from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS, psf_sigma_mm
 from ..transforms import apply
 from .banded import Banded
 from .parallel import split, workers_or_serial
-from .psf import GAUSSIAN_CUTOFF_SIGMAS, psf_sigma_mm
 from .stack_operator import (
     CHUNK_NODES,
     StackOperator,

@@ -6,8 +6,8 @@ The operators' contract (``forward``, ``adjoint``, ``normal``, ...) and the mode
 """
 
 from ..errors import InputError
+from ..sampling.psf import check_kind
 from .general_operator import GeneralOperator
-from .psf import check_kind
 from .separable_operator import SeparableOperator
 from .shear_operator import ShearOperator, shear_path_applies
 from .stack_operator import separable_axes

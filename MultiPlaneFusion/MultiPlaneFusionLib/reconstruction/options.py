@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from ..errors import InputError
-from .psf import SliceProfile, validate_psf
+from ..sampling.psf import SliceProfile, validate_psf
 
 # The choices of SrrOptions.regularizer (the default first), for front ends that list them.
 REGULARIZERS = ("tikhonov", "huber")

@@ -7,9 +7,9 @@ integrated against the linear-interpolation basis of that axis (contract and con
 import numpy as np
 
 from ..errors import InputError
+from ..sampling.psf import psf_sigma_mm
 from .banded import Banded
 from .parallel import row_slabs
-from .psf import psf_sigma_mm
 from .stack_operator import StackOperator, grid_spacing_kji, separable_axes
 
 # Separable normal operator: axes whose sample count is below this fraction of the grid nodes are applied

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 
+from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS
 from .banded import Banded
 from .parallel import row_slabs
-from .psf import GAUSSIAN_CUTOFF_SIGMAS
 
 
 class GaussianBlur:

@@ -31,13 +31,13 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import Monitor
+from ..sampling.psf import PSF_KINDS, WIDTH_FACTORS, SliceProfile
 from . import autotune
 from .average import default_background
 from .intensity import compare_stacks
 from .operators import make_operator
 from .options import SrrOptions
 from .parallel import Workers, row_slabs
-from .psf import PSF_KINDS, WIDTH_FACTORS, SliceProfile
 from .solvers import NormalEquations, data_weights, solve_huber, solve_tikhonov
 from .workspace import Scratch
 

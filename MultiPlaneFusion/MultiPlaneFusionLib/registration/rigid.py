@@ -54,8 +54,8 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..grid import Grid
 from ..progress import CallbackGuard, Monitor
-from ..reconstruction.psf import psf_sigma_mm
-from ..reconstruction.resample import resample_stack
+from ..sampling.psf import psf_sigma_mm
+from ..sampling.resample import resample_stack
 from ..stack import check_reference, scanner_centre_mm
 from ..transforms import apply, describe_motion, stack_frame
 from ..writing import atomic_path, make_folder

@@ -5,7 +5,7 @@ oriented with the slice: Gaussian in-plane, FWHM = 1.2 x pixel spacing (the Nift
 convention), and through-plane either Gaussian of FWHM = slice thickness or a box (a slab of the slice
 thickness: slab-averaged MPR reformats). :func:`psf_sigma_mm` gives the sizes, :func:`psf_rows` the weights
 of samples against the linear-interpolation basis of a 1-D lattice, which every operator builds its banded
-matrices from (:mod:`.banded`).
+matrices from (:mod:`MultiPlaneFusionLib.reconstruction.banded`).
 
 **Slice profiles.** A slice profile is a kind ("box": a slab, as slab-averaged MPR reformats and many CT
 recons have; "gaussian": the conventional approximation of a scanner's slice sensitivity) and an effective
@@ -17,10 +17,8 @@ applied by handing the operator a copy of the stack whose thickness is the effec
 (:meth:`SliceProfile.apply`); nothing else of the stack changes (its slice positions, steps, data
 weight and coverage are geometric, not profile properties).
 
-:func:`choose_profile` keeps, per stack, the candidate that best predicts the stack from a
-reconstruction of the OTHER stacks (see :mod:`.autotune`): the other stacks see this stack's
-through-plane direction in-plane, sharply, so the profile that maps their fusion onto this stack's
-samples is measurable from the data.
+The reconstruction's :mod:`~MultiPlaneFusionLib.reconstruction.autotune` chooses among
+:func:`candidates` from the data.
 """
 
 import math
@@ -184,39 +182,6 @@ def validate_psf(value):
     return value
 
 
-def choose_profile(predictions, measured, weights=None):
-    """Index of the candidate whose prediction fits ``measured`` best, and every candidate's error.
-
-    Parameters
-    ----------
-    predictions : list of ndarray
-        Per candidate, the predicted samples (same shape as ``measured``).
-    measured : ndarray
-        The stack's samples being predicted.
-    weights : ndarray of bool or float, optional
-        Samples to score (e.g. well inside the region the prediction is reliable in).
-
-    Returns
-    -------
-    best : int
-    rms : list of float
-        Root-mean-square prediction error per candidate, input units.
-
-    The error is plain least squares in the data's units: the same functional the reconstruction
-    minimises, so the chosen profile is the one under which the stacks are most consistent.
-    """
-    m = np.asarray(measured, dtype=np.float64)
-    w = np.ones(m.shape) if weights is None else np.asarray(weights, dtype=np.float64)
-    tw = float(w.sum())
-    if tw <= 0:
-        raise InputError("no samples to compare slice profiles on")
-    rms = []
-    for p in predictions:
-        d = np.asarray(p, dtype=np.float64) - m
-        rms.append(float(np.sqrt(float((w * d * d).sum()) / tw)))
-    return int(np.argmin(rms)), rms
-
-
 __all__ = ["FWHM_PER_SIGMA", "GAUSSIAN_CUTOFF_SIGMAS", "IN_PLANE_FWHM_FACTOR", "PSF_CHOICES", "PSF_KINDS",
-           "SliceProfile", "WIDTH_FACTORS", "candidates", "check_kind", "choose_profile", "psf_rows", "psf_sigma_mm",
+           "SliceProfile", "WIDTH_FACTORS", "candidates", "check_kind", "psf_rows", "psf_sigma_mm",
            "validate_psf"]
