@@ -156,3 +156,25 @@ def test_choose_profile_picks_the_best_fit():
     preds = [m + 1.0, m + 0.1 * rng.normal(size=m.shape), m - 2.0]
     best, rms = choose_profile(preds, m)
     assert best == 1 and rms[1] < rms[0] < rms[2]
+
+
+def test_cancel_during_the_automatic_choices_stops_within_one_block_solve(grid, monkeypatch):
+    # The profile and weight choices run many block solves before the main solve reports any progress:
+    # a cancel (the Slicer module's Cancel button) must not wait for all of them.
+    from MultiPlaneFusionLib.errors import CancelledError
+    from MultiPlaneFusionLib.progress import Monitor
+    from MultiPlaneFusionLib.reconstruction import autotune
+
+    solves = []
+    real_solve = autotune.BlockProblem.solve
+
+    def counted(self, *a, **kw):
+        solves.append(1)
+        return real_solve(self, *a, **kw)
+
+    monkeypatch.setattr(autotune.BlockProblem, "solve", counted)
+    stacks = _stacks("box")
+    monitor = Monitor(cancel=lambda: len(solves) >= 2)
+    with pytest.raises(CancelledError):
+        reconstruct_srr(stacks, grid, SrrOptions(psf="auto", alpha="auto"), monitor=monitor)
+    assert len(solves) == 2  # the third solve was never started

@@ -134,10 +134,12 @@ class BlockProblem:
 
     ``stacks``: the (intensity-matched) stacks, already cropped to the block; ``norm``: the normalisation
     of the full reconstruction; ``margin_mm``: samples closer than this to the block's faces are not
-    scored.
+    scored; ``check``: called before every block solve (a Monitor's ``check``: raises CancelledError when
+    the run was cancelled, so a cancel during the automatic choices takes effect within one solve).
     """
 
-    def __init__(self, stacks, grid, norm, *, margin_mm, workers=None):
+    def __init__(self, stacks, grid, norm, *, margin_mm, workers=None, check=None):
+        self.check = check or (lambda: None)
         self.stacks = stacks
         self.grid = grid
         self.norm = norm
@@ -173,6 +175,7 @@ class BlockProblem:
 
     def solve(self, stacks, profiles, alpha, *, regularizer="tikhonov", huber=None, x0=None):
         """Normalised reconstruction of the block from ``stacks`` with per-stack ``profiles``."""
+        self.check()
         grid = self.grid
         ops = [make_operator(p.apply(s), grid, p.kind) for s, p in zip(stacks, profiles)]
         c = data_weights(stacks, grid)

@@ -190,7 +190,8 @@ def _settings_from_data(run):
     run.profiles_from_data = options.psf == "auto" and options.stack_profiles is None and len(work) > 1
     if run.profiles_from_data or options.alpha_is_auto or (options.self_check and len(work) > 1):
         t0 = time.perf_counter()
-        run.probe = _probe(work, run.grid, offset=run.offset, scale=run.scale, options=options, workers=run.workers)
+        run.probe = _probe(work, run.grid, offset=run.offset, scale=run.scale, options=options, workers=run.workers,
+                           check=run.monitor.check)
         run.timed("probe_setup_s", t0)
     if run.probe is not None and run.profiles_from_data:
         _choose_profiles(run)
@@ -462,7 +463,7 @@ class _Probe:
                 "solves": self.problem.n_solves, "cg_iterations": self.problem.n_iterations}
 
 
-def _probe(work, grid, *, offset, scale, options, workers):
+def _probe(work, grid, *, offset, scale, options, workers, check=None):
     """The probe block and the stacks cropped to it (None when fewer than one stack reaches it)."""
     block, lo = autotune.choose_block(work, grid, options.probe_block_voxels)
     t_max = max(s.thickness_mm for s in work) * max(WIDTH_FACTORS)
@@ -477,7 +478,7 @@ def _probe(work, grid, *, offset, scale, options, workers):
     if not cropped:
         return None
     problem = autotune.BlockProblem(cropped, block, autotune.Normalisation(offset, scale), margin_mm=margin,
-                                    workers=workers)
+                                    workers=workers, check=check)
     return _Probe(problem, index, lo)
 
 
