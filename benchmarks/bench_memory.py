@@ -72,7 +72,8 @@ def run_case(name, args, work):
     return {"case": name, "grid_voxels": grid, "paths": ",".join(paths) if paths else "-",
             "estimate_mb": estimate, "peak_mb": peak, "time_max_rss_mb": max_rss,
             "ratio": estimate / peak if estimate and peak else None, "wall_s": wall,
-            "load": f"{load0}-{load_average()}", "summary": js.name}
+            "load": f"{load0}-{load_average()}", "timings_s": s.get("timings_s"),
+            "wall_time_s": s.get("wall_time_s")}
 
 
 def rotate_to_nrrd(src, dst, degrees):

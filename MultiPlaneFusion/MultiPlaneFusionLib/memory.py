@@ -53,17 +53,17 @@ MODEL_KEPT_GRID_COPIES = 1.7
 REPORT_FIXED_BYTES = 160 * _MIB
 REPORT_GRID_COPIES = 1.1
 
-# trilinear: the general path without a shared axis; "trilinear-nodes" carries its lattice size
-PATHS = ("separable", "shear", "general", "trilinear")
+PATHS = ("separable", "shear", "general", "trilinear")  # trilinear: the general path without a shared axis
 
 
 def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_bytes=0, *, stack_paths=(),
-                   register=False, resolve=False):
+                   trilinear_nodes=0, register=False, resolve=False):
     """Estimated peak bytes of fusing onto a grid of ``n_grid_voxels``, on top of ``baseline_bytes`` (what
     the process holds already: see :func:`current_rss_bytes`).
 
     ``n_input_voxels``: samples of all the stacks. ``stack_paths``: for srr, ``(path, n_samples)`` per
     stack, path one of :data:`PATHS` (see :func:`srr_paths`); stacks not listed count as separable.
+    ``trilinear_nodes``: lattice nodes of the largest trilinear stack (see :func:`estimate_fusion_bytes`).
     ``register``: registration runs first. ``resolve``: srr solves again after a refinement (holding the
     first solve's volume).
     """
@@ -80,9 +80,8 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_b
             n += SHEAR_FIXED_BYTES + 4.0 * SHEAR_GRID_COPIES * n_grid + SHEAR_BYTES_PER_SAMPLE * sum(shear)
         if general:
             n += GENERAL_KEPT_BYTES_PER_SAMPLE * sum(general) + GENERAL_WORK_BYTES_PER_SAMPLE * max(general)
-        nodes = [int(k) for p, k in stack_paths if p == "trilinear-nodes"]
-        if nodes:
-            n += TRILINEAR_BYTES_PER_NODE * min(max(nodes), TRILINEAR_CHUNK_NODES)
+        if any(p == "trilinear" for p, _ in stack_paths):
+            n += TRILINEAR_BYTES_PER_NODE * min(int(trilinear_nodes), TRILINEAR_CHUNK_NODES)
         if resolve:
             n += 4.0 * RESOLVE_GRID_COPIES * n_grid
     return int(n)
@@ -101,11 +100,8 @@ def srr_paths(stacks, grid):
             path = "separable"
         elif shear_path_applies(s, grid):
             path = "shear"
-        elif _shares_grid_axis(s, grid):
-            path = "general"
         else:
-            path = "trilinear"
-            out.append(("trilinear-nodes", _lattice_nodes(s, grid)))
+            path = "general" if _shares_grid_axis(s, grid) else "trilinear"
         out.append((path, int(s.n_voxels)))
     return out
 
@@ -142,9 +138,11 @@ def _shares_grid_axis(stack, grid):
 
 def estimate_fusion_bytes(stacks, grid, method, baseline_bytes=0, register=False, resolve=False):
     """:func:`estimate_bytes` for ``stacks`` on ``grid`` in their current geometry."""
-    paths = srr_paths(stacks, grid) if method == "srr" else ()
+    paths = srr_paths(stacks, grid) if method == "srr" else []
+    nodes = [_lattice_nodes(s, grid) for s, (p, _) in zip(stacks, paths) if p == "trilinear"]
     return estimate_bytes(grid.n_voxels, sum(int(s.n_voxels) for s in stacks), method, baseline_bytes,
-                          stack_paths=paths, register=register and len(stacks) > 1, resolve=resolve)
+                          stack_paths=paths, trilinear_nodes=max(nodes, default=0),
+                          register=register and len(stacks) > 1, resolve=resolve)
 
 
 class Budget:
