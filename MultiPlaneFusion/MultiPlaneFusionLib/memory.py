@@ -122,7 +122,10 @@ def _shares_grid_axis(stack, grid):
     operators' tolerance over the stack's extent: the general path then interpolates bilinearly."""
     import numpy as np
 
-    from .reconstruction.operators import PARALLEL_TOLERANCE_VOXELS
+    try:  # its home since the reconstruction package was split
+        from .reconstruction.stack_operator import PARALLEL_TOLERANCE_VOXELS
+    except ImportError:
+        from .reconstruction.operators import PARALLEL_TOLERANCE_VOXELS
 
     r = np.asarray(stack.transform, float)[:3, :3]
     corners = np.asarray(stack.corners_mm())
