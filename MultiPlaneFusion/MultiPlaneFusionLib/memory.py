@@ -79,9 +79,10 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_b
         if shear:
             n += SHEAR_FIXED_BYTES + 4.0 * SHEAR_GRID_COPIES * n_grid + SHEAR_BYTES_PER_SAMPLE * sum(shear)
         if general:
-            n += GENERAL_KEPT_BYTES_PER_SAMPLE * sum(general) + GENERAL_WORK_BYTES_PER_SAMPLE * max(general)
-        if any(p == "trilinear" for p, _ in stack_paths):
-            n += TRILINEAR_BYTES_PER_NODE * min(int(trilinear_nodes), TRILINEAR_CHUNK_NODES)
+            work = GENERAL_WORK_BYTES_PER_SAMPLE * max(general)
+            if any(p == "trilinear" for p, _ in stack_paths):  # its chunks' stencils, in place of that work
+                work = max(work, TRILINEAR_BYTES_PER_NODE * min(int(trilinear_nodes), TRILINEAR_CHUNK_NODES))
+            n += GENERAL_KEPT_BYTES_PER_SAMPLE * sum(general) + work
         if resolve:
             n += 4.0 * RESOLVE_GRID_COPIES * n_grid
     return int(n)
