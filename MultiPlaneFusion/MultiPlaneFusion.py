@@ -35,7 +35,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MultiPlaneFusionLib import slicer_boundary
+from MultiPlaneFusionLib import memory, slicer_boundary
 from MultiPlaneFusionLib.model.options import ISLAND_MODES, SURFACE_METHODS
 from MultiPlaneFusionLib.pipeline import EXTENTS, METHODS
 from MultiPlaneFusionLib.reconstruction.options import REGULARIZERS
@@ -101,7 +101,8 @@ class MultiPlaneFusionParameterNode:
     Reconstruction: method ('srr' super-resolution or 'average'), spacingMm (0 = finest input pixel),
     extent ('overlap' of all series or 'union'), register (rigid alignment of the series),
     regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('tikhonov'
-    smooth, default, or 'huber' edge-preserving), memoryLimitGb.
+    smooth, default, or 'huber' edge-preserving), memoryLimitGb (0 = the library's default: 90 % of the memory
+    available when the run starts).
     Bone model: buildModel, thresholdPreset (CT presets in HU, 'custom' uses thresholdRange,
     'automatic' = Otsu for MR), islands ('region': the largest piece and the bones near it,
     'largest', or 'all' above minIslandMm3), fillCavities,
@@ -123,7 +124,7 @@ class MultiPlaneFusionParameterNode:
     register: bool = True
     regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
     regularizer: Annotated[str, Choice(list(REGULARIZERS))] = "tikhonov"
-    memoryLimitGb: Annotated[float, WithinRange(0.5, 1024.0)] = 16.0
+    memoryLimitGb: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0
 
     buildModel: bool = True
     thresholdPreset: Annotated[str, Choice(list(THRESHOLD_CHOICES))] = "bone"
@@ -687,7 +688,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
         if p.method == "srr":
             srr = SrrOptions(alpha=p.regularization or None, regularizer=p.regularizer)
         fusion = FuseOptions(method=p.method, spacing_mm=p.spacingMm or None, extent=p.extent, register=p.register,
-                             memory_limit_gb=p.memoryLimitGb, srr=srr)
+                             memory_limit_gb=p.memoryLimitGb or memory.DEFAULT_MEMORY_LIMIT_GB, srr=srr)
         model = None
         if p.buildModel:
             preset = p.thresholdPreset

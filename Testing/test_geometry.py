@@ -147,8 +147,11 @@ def test_grid_like_is_exact():
 def test_memory_estimate_and_limit():
     g = Grid((100, 200, 300), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     est = memory.estimate_bytes(g.n_voxels, 1_000_000, "srr")
-    assert est == 4 * (12 * 6_000_000 + 2_000_000)
+    assert 4 * 6 * 6_000_000 < est < 4 * 9 * 6_000_000  # srr: about 7 float32 grid copies
     assert memory.estimate_bytes(g.n_voxels, 0, "average") < est
+    # stacks off the grid axes need more (shear path: grid-sized boxes; general path: per-sample arrays)
+    assert memory.estimate_bytes(g.n_voxels, 1_000_000, "srr", stack_paths=[("shear", 500_000)]) > est
+    assert memory.estimate_bytes(g.n_voxels, 1_000_000, "srr", stack_paths=[("general", 500_000)]) > est
     memory.check_limit(est, 1.0)
     with pytest.raises(MemoryLimitError, match="limit"):
         memory.check_limit(est, 0.1)

@@ -312,6 +312,18 @@ def test_ui_has_the_widgets_the_issue_asks_for():
     assert all(r in widgets for _, _, r, _ in connections), "a .ui connection names a widget that does not exist"
 
 
+
+def test_memory_limit_default_is_the_librarys():
+    """memoryLimitGb defaults to 0, shown as "available memory" (the spin box's minimum, where Qt shows its
+    special value text) and passed to the library as its default (None: 90 % of the available memory)."""
+    fields, _ = parameter_fields(module_tree())
+    _, extras, default = fields["memoryLimitGb"]
+    assert ast.literal_eval(default) == 0.0 and extras["WithinRange"][0] == 0.0
+    widgets, _, _ = ui_widgets()
+    (props,) = [props for cls, props, param in widgets.values() if param == "memoryLimitGb"]
+    assert float(props["minimum"]) == 0.0 and "available" in props["specialValueText"]
+    assert "p.memoryLimitGb or memory.DEFAULT_MEMORY_LIMIT_GB" in read(MODULE_PY)
+
 # parameterNodeWrapper's GUI connectors (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, v5.8.1
 # and main): widget class -> the parameter base types it can show.
 CONNECTORS = {

@@ -244,6 +244,9 @@ def cmd_model(args, progress):
     image = read_volume(args.volume)
     monitor.report("read", 1.0)
     modality = guess_modality(image, args.modality)
+    need = memory.estimate_model_bytes(image.GetNumberOfPixels(), memory.current_rss_bytes())
+    memory.check_limit(need, memory.DEFAULT_MEMORY_LIMIT_GB, "the bone model")
+    log.info("estimated peak memory %.2f GB", need / 1024**3)
     options = options_from_args(args)
     result = build_model(image, options, modality=modality, progress=progress)
     monitor.report("write", 0.0)
@@ -253,7 +256,8 @@ def cmd_model(args, progress):
         _end_progress_line(progress)
         print(f"model: {os.path.abspath(args.output)}")
     return {"input": args.volume, "modality": modality, "mesh": result.report, "export": report,
-            "outputs": {"model": os.path.abspath(args.output)}, "timings_s": {"total_s": time.perf_counter() - t}}
+            "outputs": {"model": os.path.abspath(args.output)}, "timings_s": {"total_s": time.perf_counter() - t},
+            "estimated_peak_memory_mb": need / 1024**2}
 
 
 def _print_outputs(outputs, progress, quiet):

@@ -1,5 +1,7 @@
 """Memory estimates made before allocating, and the peak-memory reading for summaries."""
 
+import logging
+import math
 import os
 import sys
 
@@ -12,16 +14,178 @@ DEFAULT_MEMORY_LIMIT_GB = None
 # and for the estimate's own error.
 AVAILABLE_MARGIN = 0.9
 
-# float32 volumes on the reconstruction grid each method holds at its peak (measured by the
-# benchmarks; keep in step with the implementations).
-GRID_COPIES = {"average": 4, "srr": 12, "model": 6}
+# The 16 GB limit used where the available memory cannot be read (the CLI, the library and the Slicer
+# module all come here for it).
+FALLBACK_LIMIT_GB = 16.0
+
+_MIB = 1024**2
+
+# Peak memory of a fusion above what the process holds when the estimate is made (the libraries and the
+# inputs already read), in float32 copies of the grid and of the inputs, plus bytes per input sample by
+# the srr operator path each stack takes. Fitted to the peaks measured by benchmarks/bench_memory.py (demo,
+# simulated and real Philips series, 3-44 M grid voxels) as their upper envelope; keep in step with the
+# implementations.
+GRID_COPIES = {"average": 3.9, "srr": 7.0}
+INPUT_COPIES = {"average": 1.2, "srr": 0.45}
+FIXED_BYTES = {"average": 8 * _MIB, "srr": 24 * _MIB}  # code loaded later, srr: the probe block, threads
+# Registration keeps about this much (SimpleITK images and metric buffers of the stacks).
+REGISTRATION_BYTES = 32 * _MIB
+# Shear path (stacks slightly rotated from the grid axes, e.g. after registration): its line shears need
+# grid-sized intermediate boxes at the peak (once), and lattices the size of each such stack.
+SHEAR_GRID_COPIES = 4.4
+SHEAR_BYTES_PER_SAMPLE = 17.0
+SHEAR_FIXED_BYTES = 24 * _MIB
+# General path (gantry tilts, oblique planes): each operator keeps per-slice in-plane matrices and
+# normalisation arrays (bytes per sample of its stack), and applying the largest one needs its lattice.
+GENERAL_KEPT_BYTES_PER_SAMPLE = 13.2
+GENERAL_WORK_BYTES_PER_SAMPLE = 14.5
+# A general-path stack with no axis along a grid axis interpolates trilinearly, chunk by chunk of lattice
+# nodes (the operators' chunk size), with about this many bytes of stencil arrays per node.
+TRILINEAR_CHUNK_NODES = 1 << 21
+TRILINEAR_BYTES_PER_NODE = 64
+# When srr refines the registration and solves again, the previous volume and coverage stay held.
+RESOLVE_GRID_COPIES = 1.25
+# After the fusion: the bone model (values, mask, distance field, VTK image and mesh), float32 grid copies
+# above what the process holds once the fusion is done; then, in `run`, the report picture (VTK's offscreen
+# rendering and matplotlib: a fixed part, plus slices), drawn while the mesh is still held.
+MODEL_GRID_COPIES = 4.0
+MODEL_KEPT_GRID_COPIES = 1.7
+REPORT_FIXED_BYTES = 160 * _MIB
+REPORT_GRID_COPIES = 1.1
+
+PATHS = ("separable", "shear", "general", "trilinear")  # trilinear: the general path without a shared axis
 
 
-def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_bytes=0):
-    """Estimated peak bytes of fusing onto a grid: float32 grid copies plus the inputs (float32), on top of
-    ``baseline_bytes`` (what the process holds already: see :func:`current_rss_bytes`)."""
-    copies = GRID_COPIES.get(method, 12)
-    return int(baseline_bytes) + int(4 * (copies * int(n_grid_voxels) + 2 * int(n_input_voxels)))
+def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_bytes=0, *, stack_paths=(),
+                   trilinear_nodes=0, register=False, resolve=False):
+    """Estimated peak bytes of fusing onto a grid of ``n_grid_voxels``, on top of ``baseline_bytes`` (what
+    the process holds already: see :func:`current_rss_bytes`).
+
+    ``n_input_voxels``: samples of all the stacks. ``stack_paths``: for srr, ``(path, n_samples)`` per
+    stack, path one of :data:`PATHS` (see :func:`srr_paths`); stacks not listed count as separable.
+    ``trilinear_nodes``: lattice nodes of the largest trilinear stack (see :func:`estimate_fusion_bytes`).
+    ``register``: registration runs first. ``resolve``: srr solves again after a refinement (holding the
+    first solve's volume).
+    """
+    n_grid, n_input = int(n_grid_voxels), int(n_input_voxels)
+    copies = GRID_COPIES.get(method, GRID_COPIES["srr"])
+    n = float(baseline_bytes) + FIXED_BYTES.get(method, 0) + 4.0 * (copies * n_grid + INPUT_COPIES.get(method, 0.5)
+                                                                     * n_input)
+    if register:
+        n += REGISTRATION_BYTES
+    if method == "srr":
+        shear = [int(k) for p, k in stack_paths if p == "shear"]
+        general = [int(k) for p, k in stack_paths if p in ("general", "trilinear")]
+        if shear:
+            n += SHEAR_FIXED_BYTES + 4.0 * SHEAR_GRID_COPIES * n_grid + SHEAR_BYTES_PER_SAMPLE * sum(shear)
+        if general:
+            work = GENERAL_WORK_BYTES_PER_SAMPLE * max(general)
+            if any(p == "trilinear" for p, _ in stack_paths):  # its chunks' stencils, in place of that work
+                work = max(work, TRILINEAR_BYTES_PER_NODE * min(int(trilinear_nodes), TRILINEAR_CHUNK_NODES))
+            n += GENERAL_KEPT_BYTES_PER_SAMPLE * sum(general) + work
+        if resolve:
+            n += 4.0 * RESOLVE_GRID_COPIES * n_grid
+    return int(n)
+
+
+def srr_paths(stacks, grid):
+    """``(path, n_samples)`` of each stack as srr's operators would take it now (geometry only, no
+    allocation): separable when aligned with the grid axes, shear when slightly rotated, else general
+    ("trilinear" when none of its axes runs along a grid axis)."""
+    from .reconstruction.operators import separable_axes
+    from .reconstruction.shear_operator import shear_path_applies
+
+    out = []
+    for s in stacks:
+        if separable_axes(s, grid) is not None:
+            path = "separable"
+        elif shear_path_applies(s, grid):
+            path = "shear"
+        else:
+            path = "general" if _shares_grid_axis(s, grid) else "trilinear"
+        out.append((path, int(s.n_voxels)))
+    return out
+
+
+def _lattice_nodes(stack, grid):
+    """About the general path's lattice nodes over the grid: in-plane an integer fraction of the pixel no
+    coarser than 1.25 grid spacings, through-plane about one grid spacing; x1.5 for the rotated box."""
+    g = float(min(grid.spacing_mm))
+    factor = 1.5
+    for pix in stack.pixel_spacing_mm:
+        step = float(pix) / math.ceil(float(pix) / (1.25 * g) - 1e-9)
+        factor *= g / step
+    return int(factor * grid.n_voxels)
+
+
+def _shares_grid_axis(stack, grid):
+    """Whether a stack axis (row, column, normal, after its transform) runs along a grid axis, within the
+    operators' tolerance over the stack's extent: the general path then interpolates bilinearly."""
+    import numpy as np
+
+    try:  # its home since the reconstruction package was split
+        from .reconstruction.stack_operator import PARALLEL_TOLERANCE_VOXELS
+    except ImportError:
+        from .reconstruction.operators import PARALLEL_TOLERANCE_VOXELS
+
+    r = np.asarray(stack.transform, float)[:3, :3]
+    corners = np.asarray(stack.corners_mm())
+    extent = float(np.linalg.norm(corners.max(axis=0) - corners.min(axis=0)))
+    grid_axes = np.asarray(grid.direction_matrix, float)
+    for axis in (stack.row_direction, stack.column_direction, stack.normal):
+        e = r @ np.asarray(axis, float)
+        cos = np.abs(grid_axes.T @ (e / np.linalg.norm(e))).max()
+        if np.sqrt(max(0.0, 1.0 - cos**2)) * extent <= PARALLEL_TOLERANCE_VOXELS * float(np.min(grid.spacing_mm)):
+            return True
+    return False
+
+
+def estimate_fusion_bytes(stacks, grid, method, baseline_bytes=0, register=False, resolve=False):
+    """:func:`estimate_bytes` for ``stacks`` on ``grid`` in their current geometry."""
+    paths = srr_paths(stacks, grid) if method == "srr" else []
+    nodes = [_lattice_nodes(s, grid) for s, (p, _) in zip(stacks, paths) if p == "trilinear"]
+    return estimate_bytes(grid.n_voxels, sum(int(s.n_voxels) for s in stacks), method, baseline_bytes,
+                          stack_paths=paths, trilinear_nodes=max(nodes, default=0),
+                          register=register and len(stacks) > 1, resolve=resolve)
+
+
+class Budget:
+    """The memory check of one fusion, made again whenever the stacks' geometry may have changed.
+
+    Registration can turn a stack off the grid axes, which moves it from srr's separable path to the
+    shear path (more memory), and a refinement that moves a stack makes srr solve again: each
+    :meth:`check` estimates for the stacks as they are, refuses above the limit and keeps the highest
+    estimate in ``peak_bytes`` (what the summary records). The baseline is the process's memory at the
+    first check.
+    """
+
+    def __init__(self, grid, method, limit_gb, what, register=False):
+        self.grid, self.method, self.limit_gb, self.what, self.register = grid, method, limit_gb, what, register
+        self.baseline_bytes = None
+        self.peak_bytes = 0
+
+    def check(self, stacks, resolve=False):
+        """Estimate, check against the limit (MemoryLimitError) and return the estimate in bytes."""
+        if self.baseline_bytes is None:
+            self.baseline_bytes = current_rss_bytes()
+        need = estimate_fusion_bytes(stacks, self.grid, self.method, self.baseline_bytes, self.register, resolve)
+        check_limit(need, self.limit_gb, self.what)
+        if self.peak_bytes and need > self.peak_bytes:
+            logging.getLogger("MultiPlaneFusionLib").info(
+                "estimated peak memory now %.2f GB (%s)", need / 1024**3,
+                "a second srr solve" if resolve else "stacks moved off the grid axes")
+        self.peak_bytes = max(self.peak_bytes, need)
+        return need
+
+
+def estimate_model_bytes(n_voxels, baseline_bytes=0, report=False):
+    """Estimated peak bytes of building the bone model of a volume of ``n_voxels`` (and, with ``report``,
+    then drawing the report picture), on top of ``baseline_bytes`` (the process with the volume loaded)."""
+    n = 4.0 * int(n_voxels)
+    need = MODEL_GRID_COPIES * n
+    if report:
+        need = max(need, REPORT_FIXED_BYTES + (MODEL_KEPT_GRID_COPIES + REPORT_GRID_COPIES) * n)
+    return int(float(baseline_bytes) + need)
 
 
 def current_rss_bytes():
@@ -96,10 +260,11 @@ def _windows_available():
 
 
 def default_limit_gb():
-    """The default memory limit: ``AVAILABLE_MARGIN`` of the available memory (16 GB when unknown)."""
+    """The default memory limit: ``AVAILABLE_MARGIN`` of the available memory (``FALLBACK_LIMIT_GB`` when
+    unknown)."""
     n = available_bytes()
     if n is None:
-        return 16.0
+        return FALLBACK_LIMIT_GB
     return AVAILABLE_MARGIN * n / 1024**3
 
 

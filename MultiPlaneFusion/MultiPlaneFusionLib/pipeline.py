@@ -137,9 +137,9 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # The reference goes first: grid axes and registration target are stack 0 downstream.
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
     grid = plan_grid(stacks, FuseOptions(**{**options.__dict__, "reference": 0}))
-    need = memory.estimate_bytes(grid.n_voxels, sum(s.n_voxels for s in stacks), options.method,
-                                 memory.current_rss_bytes())
-    memory.check_limit(need, options.memory_limit_gb, f"a {options.method} reconstruction on a {grid.shape[::-1]} grid")
+    budget = memory.Budget(grid, options.method, options.memory_limit_gb,
+                           f"a {options.method} reconstruction on a {grid.shape[::-1]} grid", options.register)
+    need = budget.check(stacks)
     log.info("grid %s voxels at %s mm, estimated peak memory %.2f GB",
              "x".join(str(v) for v in grid.shape[::-1]), grid.spacing_mm, need / 1024**3)
     background = options.background if options.background is not None else default_background(stacks)
@@ -148,6 +148,7 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
     if options.register and len(stacks) > 1:
         t = time.perf_counter()
         stacks, registration_reports = _register(stacks, options, monitor)
+        budget.check(stacks)  # a registered stack may take srr's shear path (more memory)
         timings["register_s"] = time.perf_counter() - t
 
     info = {}
@@ -155,7 +156,7 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # SRR starts from its own PSF-weighted average (the same bone surface and PSNR as from the linear
         # average fusion in bench_srr.py) and checks the overlap itself: no average fusion first.
         volume, coverage, info, stacks, more_reports, srr_timings = _srr_with_refinement(
-            stacks, grid, options, background, monitor
+            stacks, grid, options, background, monitor, budget
         )
         registration_reports.extend(more_reports)
         timings.update(srr_timings)
@@ -181,7 +182,7 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # better by a single other series than by the fusion; the Slicer module shows it in the status line
         "fusion_beats_single_series": info.get("fusion_beats_single_series"),
         "timings_s": timings,
-        "estimated_peak_memory_mb": need / 1024**2,
+        "estimated_peak_memory_mb": budget.peak_bytes / 1024**2,
         "duplicates_dropped": [{"stack": a, "same_as": b} for a, b in duplicates],
     }
     return FusionResult(image=image, coverage=coverage_image, grid=grid, stacks=stacks, summary=summary)
@@ -193,7 +194,7 @@ def _register(stacks, options, monitor):
     return register_stacks(stacks, reference=0, options=options.registration, monitor=monitor.sub("register", 0, 1))
 
 
-def _srr_with_refinement(stacks, grid, options, background, monitor):
+def _srr_with_refinement(stacks, grid, options, background, monitor, budget=None):
     from .reconstruction.srr import reconstruct_srr
 
     timings = {}
@@ -230,6 +231,8 @@ def _srr_with_refinement(stacks, grid, options, background, monitor):
         reports.extend({**r, "cycle": cycle + 1} for r in cycle_reports)
         if not any(r.get("moved", False) for r in cycle_reports):
             break  # no stack moved beyond unmoved_tolerance_mm: solving again would give the same volume
+        if budget is not None:
+            budget.check(stacks, resolve=True)
         initial = result.volume
         # Later cycles keep the slice profiles and weight chosen from the data in the first one (the small
         # registration refinements do not change them); the self-check still runs on the final cycle.
@@ -334,6 +337,10 @@ def _run_to_folder(inputs, paths, fuse_options, model_options, monitor, written)
     model_options = model_options or ModelOptions()
     check_writable(paths["volume"])
     fusion = fuse_paths(inputs, fuse_options, monitor)
+    model_need = memory.estimate_model_bytes(fusion.grid.n_voxels, memory.current_rss_bytes(), report=True)
+    memory.check_limit(model_need, (fuse_options or FuseOptions()).memory_limit_gb, "the bone model and report")
+    log.info("bone model and report: estimated peak memory %.2f GB", model_need / 1024**3)
+    fusion.summary["estimated_peak_memory_mb"] = max(fusion.summary["estimated_peak_memory_mb"], model_need / 1024**2)
     t = time.perf_counter()
     model = build_model(fusion.image, model_options, modality=fusion.stacks[0].modality, progress=monitor)
     fusion.summary["timings_s"]["model_s"] = time.perf_counter() - t

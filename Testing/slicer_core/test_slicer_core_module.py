@@ -137,6 +137,8 @@ def test_parameter_node_path_persists_settings_and_outputs(slicer, mpf, phantom_
         p.method = "magic"  # Choice from the library's METHODS
     job = logic.processParameterNode(p)
     assert job.fuseOptions.spacing_mm == 3.0 and job.modelOptions.smoothing == 0.2
+    # memoryLimitGb 0 (the spin box's "available memory") is the library's default limit
+    assert p.memoryLimitGb == 0.0 and job.fuseOptions.memory_limit_gb is None
     # Values and references live in the MRML node, and so survive a new wrapper (and a saved scene).
     again = logic.getParameterNode()
     assert again.parameterNode is p.parameterNode
