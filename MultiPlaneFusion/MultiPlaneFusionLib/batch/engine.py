@@ -34,6 +34,8 @@ log = logging.getLogger("MultiPlaneFusionLib")
 MEMORY_RESOURCE = "MEMORY"
 # Attempts of a case whose worker died: the first, and one retry.
 ATTEMPTS = 2
+# Topic of the "case started" events the workers send to the scheduler.
+STARTED_TOPIC = "multiplanefusion-batch-started"
 # How long an interrupted batch waits for the running cases to stop and remove their partial outputs.
 CANCEL_WAIT_S = 30.0
 # How often a running case asks the scheduler whether the batch was interrupted.
@@ -167,6 +169,8 @@ def run_case(spec):
     started, t = _utc_now(), time.perf_counter()
     interrupted = _Interrupted(spec.get("cancel_event"))
     row = {"case": case, "attempts": spec["attempt"], "started_utc": started, "worker": _worker_name()}
+    with contextlib.suppress(ValueError):  # the client tells a case killed while running from one queued behind it
+        get_worker().log_event(STARTED_TOPIC, {"key": spec.get("key")})
     if interrupted():
         return {**row, "status": "interrupted", "message": "the batch was interrupted before this case started"}
     from ..pipeline import run_to_folder
@@ -270,7 +274,7 @@ class Runner:
     may grow or shrink)."""
 
     TICK_S = 0.25
-    REFRESH_S = 5.0
+    REFRESH_S = 1.0
 
     def __init__(self, client, specs, on_row, on_tick=None, threads=None, use_resources=True):
         self.client = client
@@ -285,13 +289,22 @@ class Runner:
         self.finished = set()
 
     def _submit(self, case, attempt):
-        spec = {**self.specs[case], "attempt": attempt, "cancel_event": self.event_name}
+        key = f"multiplanefusion-case-{uuid.uuid4().hex}"
+        spec = {**self.specs[case], "attempt": attempt, "cancel_event": self.event_name, "key": key}
         resources = None
         if self.use_resources and spec.get("estimated_bytes"):
             resources = {MEMORY_RESOURCE: int(spec["estimated_bytes"])}
-        future = self.client.submit(run_case, spec, key=f"multiplanefusion-case-{uuid.uuid4().hex}", pure=False,
-                                    retries=0, resources=resources)
+        future = self.client.submit(run_case, spec, key=key, pure=False, retries=0, resources=resources)
         self.pending[future.key] = (future, case, attempt)
+
+    def _started(self, key):
+        """True when the task ``key`` began running (its worker said so), False when it never did (it
+        was waiting on a worker that died, e.g. while that worker restarted)."""
+        try:
+            events = self.client.get_events(STARTED_TOPIC)
+        except Exception:  # noqa: BLE001 - cannot tell: count the attempt
+            return True
+        return any(isinstance(msg, dict) and msg.get("key") == key for _, msg in events)
 
     def run(self):
         try:
@@ -317,6 +330,9 @@ class Runner:
         try:
             row = future.result()
         except KilledWorker:
+            if not self._started(future.key):
+                self.queue.appendleft((case, attempt))  # it never ran: not an attempt
+                return
             if attempt < ATTEMPTS:
                 log.warning("case %s: its worker died (killed, or above its memory limit); running it again", case)
                 self.queue.appendleft((case, attempt + 1))
@@ -384,7 +400,7 @@ def run_specs(specs, on_row, on_tick=None, *, scheduler=None, n_workers=1, memor
             use_resources = False
 
             def threads():
-                return n_workers
+                return worker_resources(client)[0]  # a worker restarting after a kill has no case yet
         runner = Runner(client, specs, on_row, on_tick, threads, use_resources)
         try:
             runner.run()
