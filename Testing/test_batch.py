@@ -131,7 +131,7 @@ def test_cohort_with_corrupt_duplicate_and_killed_cases_then_resume(cohort):
 
 def test_dicom_tree_interrupted_with_ctrl_c_then_resumed(tmp_path):
     tree = tmp_path / "tree"
-    for n in range(4):  # four patients, one study each
+    for n in range(3):  # three patients, one study each
         write_case(str(tree / f"patient{n}" / "study"), 20 + n, patient_id=f"P{n:03d}")
     outdir = str(tmp_path / "out")
     args = [sys.executable, "-m", "MultiPlaneFusionLib.cli", "batch", str(tree), "-o", outdir, *FAST]
@@ -145,9 +145,9 @@ def test_dicom_tree_interrupted_with_ctrl_c_then_resumed(tmp_path):
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("multiplanefusion: error: interrupted: the ")
     rows = read_rows(outdir)
-    assert len(rows) == 4 and {r["patient_id"] for r in rows.values()} == {f"P{n:03d}" for n in range(4)}
+    assert len(rows) == 3 and {r["patient_id"] for r in rows.values()} == {f"P{n:03d}" for n in range(3)}
     done = [c for c, r in rows.items() if r["status"] == "done"]
-    assert 1 <= len(done) < 4 and all(r["status"] == "interrupted" for c, r in rows.items() if c not in done)
+    assert 1 <= len(done) < 3 and all(r["status"] == "interrupted" for c, r in rows.items() if c not in done)
     for case in rows:
         (assert_done if case in done else assert_nothing_left)(outdir, case)
     assert not glob.glob(os.path.join(outdir, "*", ".*partial*"))
@@ -159,4 +159,26 @@ def test_dicom_tree_interrupted_with_ctrl_c_then_resumed(tmp_path):
     assert sorted(c for c, row in rows.items() if row["status"] == "done") == sorted(set(rows) - set(done))
     for case in rows:
         assert_done(outdir, case)
-    assert f"batch: 4 cases: {4 - len(done)} done, {len(done)} done earlier, 0 failed" in r.stdout
+    assert f"batch: 3 cases: {3 - len(done)} done, {len(done)} done earlier, 0 failed" in r.stdout
+
+
+def test_batch_on_an_existing_dask_cluster_leaves_it_running(cohort, tmp_path):
+    from distributed import Client, LocalCluster
+
+    root, _ = cohort
+    manifest = tmp_path / "two.csv"
+    manifest.write_text(f"case,stacks\nA,{';'.join(sorted(glob.glob(str(root / 'A' / '*'))))}\n"
+                        f"B,{';'.join(sorted(glob.glob(str(root / 'FLAKY' / '*'))))}\n")
+    outdir = str(tmp_path / "out")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                      resources={"MEMORY": 4 * 1024**3}) as cluster, Client(cluster) as client:
+        r = run_batch([str(manifest), "-o", outdir, "--scheduler", cluster.scheduler_address,
+                       *[a for a in FAST if a not in ("--workers", "2")]])
+        assert r.returncode == 0, r.stderr
+        workers = set(client.scheduler_info()["workers"])
+        assert len(workers) == 1  # still there: the batch closes only its own client
+    rows = read_rows(outdir)
+    assert [(c, row["status"], row["worker"] in workers) for c, row in rows.items()] == [("A", "done", True),
+                                                                                       ("B", "done", True)]
+    with open(os.path.join(outdir, "batch.json")) as f:
+        assert json.load(f)["scheduler"] == cluster.scheduler_address

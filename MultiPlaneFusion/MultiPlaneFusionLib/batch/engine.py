@@ -199,7 +199,7 @@ def run_case(spec):
         return {**row, "status": "done", "message": "", "warnings": case_log.messages,
                 **record.figures_from_summary(summary)}
     except CancelledError:
-        record.remove_partial(outdir, case, spec["model_format"])
+        record.remove_partial(outdir, case, spec["model_format"], spec.get("transforms_name"))
         return {**row, "status": "interrupted", "message": "interrupted; its partial outputs were removed"}
     except MultiPlaneFusionError as e:
         message = str(e)
@@ -210,7 +210,7 @@ def run_case(spec):
         message = f"unexpected {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
     finally:
         _give_back_memory()
-    record.remove_partial(outdir, case, spec["model_format"])
+    record.remove_partial(outdir, case, spec["model_format"], spec.get("transforms_name"))
     return {**row, "status": "failed", "message": message, "finished_utc": _utc_now(),
             "wall_s": round(time.perf_counter() - t, 3), "peak_memory_mb": memory.peak_rss_mb(),
             "warnings": case_log.messages}
@@ -338,12 +338,12 @@ class Runner:
                 self.queue.appendleft((case, attempt + 1))
                 return
             limit = spec.get("memory_limit_bytes")
-            record.remove_partial(spec["outdir"], case, spec["model_format"])
+            record.remove_partial(spec["outdir"], case, spec["model_format"], spec.get("transforms_name"))
             row = {"case": case, "status": "failed", "attempts": attempt,
                    "message": f"its worker died on all {attempt} attempts (killed, or above its memory limit"
                               + (f" of {limit / 1024**3:.3g} GB" if limit else "") + "); partial outputs removed"}
         except Exception as e:  # noqa: BLE001 - Dask could not run the task at all: this case fails
-            record.remove_partial(spec["outdir"], case, spec["model_format"])
+            record.remove_partial(spec["outdir"], case, spec["model_format"], spec.get("transforms_name"))
             text = str(e).strip().splitlines()
             row = {"case": case, "status": "failed", "attempts": attempt,
                    "message": f"Dask could not run it: {type(e).__name__}: {text[0] if text else ''}"}
@@ -404,12 +404,12 @@ def run_specs(specs, on_row, on_tick=None, *, scheduler=None, n_workers=1, memor
         runner = Runner(client, specs, on_row, on_tick, threads, use_resources)
         try:
             runner.run()
-        except KeyboardInterrupt:
-            raise CancelledError("interrupted") from None
         finally:
             with contextlib.suppress(Exception):
                 client.close()
         return runner
+    except KeyboardInterrupt:
+        raise CancelledError("interrupted") from None
     finally:
         if cluster is not None:
             with contextlib.suppress(Exception), _sigint_ignored():
