@@ -134,6 +134,12 @@ def _worker_name():
         return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _worker_threads():
+    with contextlib.suppress(ValueError, AttributeError):
+        return int(get_worker().state.nthreads)
+    return 1
+
+
 def _worker_memory_limit():
     with contextlib.suppress(ValueError, AttributeError):
         limit = get_worker().memory_manager.memory_limit
@@ -176,7 +182,8 @@ def run_case(spec):
     from ..pipeline import run_to_folder
 
     limit = spec.get("memory_limit_bytes") or _worker_memory_limit()
-    peak_is_case = _reset_peak_memory()
+    # A worker of several threads runs several cases in one process: their peaks cannot be told apart.
+    peak_is_case = _worker_threads() == 1 and _reset_peak_memory()
     try:
         with _CaseLog() as case_log:
             record.forget(outdir, case)
