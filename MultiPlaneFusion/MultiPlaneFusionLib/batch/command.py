@@ -176,7 +176,8 @@ def run_command(args, progress, fuse_options):
                               f"({per_worker / 1024**3:.3g} GB each)")
         try:
             engine.run_specs(specs, state.on_row, state.on_tick, scheduler=scheduler, n_workers=n_workers,
-                             memory_per_worker_bytes=per_worker, quiet_logs=not getattr(args, "verbose", False))
+                             memory_per_worker_bytes=per_worker, quiet_logs=not getattr(args, "verbose", False),
+                             threads=threads)
         except CancelledError:
             interrupted = True
     # A case without a row stopped when the batch did: kept if it finished writing, else its partial

@@ -159,6 +159,10 @@ def _case_options(spec, limit_bytes):
         from ..reconstruction.srr import SrrOptions
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
+        with contextlib.suppress(ImportError, AttributeError):
+            from vtkmodules.vtkCommonCore import vtkSMPTools
+
+            vtkSMPTools.Initialize(int(threads))  # the surface filters' own thread pool
         srr = fuse.srr if fuse.srr is not None else SrrOptions()
         if getattr(srr, "threads", None) is None:
             fuse = replace(fuse, srr=replace(srr, threads=int(threads)))
@@ -224,10 +228,20 @@ def run_case(spec):
 
 
 # ---------------------------------------------------------------------------------------------- client
+def dask_setup(worker):
+    """Dask preload hook, run in each worker process of the local cluster once it has started: a
+    terminal's Ctrl-C reaches the whole process group, and only the client may act on it (it tells the
+    running cases to stop, so that they remove their partial outputs). The first workers are started
+    with SIGINT ignored already (see run_specs); this covers those the nanny restarts after a kill."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def _sigint_ignored():
-    """Ignore Ctrl-C while the worker processes start: they inherit it, so a Ctrl-C at the terminal
-    reaches only this process, which stops the cases in order (their partial outputs removed)."""
+    """Ignore Ctrl-C for a moment. While the cluster starts: its worker processes inherit the ignored
+    signal (a Ctrl-C in those seconds is lost; the next one stops the batch). While it closes: a second
+    Ctrl-C must not leave it half shut."""
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread
@@ -239,9 +253,16 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def start_local_cluster(n_workers, memory_per_worker_bytes, quiet_logs=True):
+def start_local_cluster(n_workers, memory_per_worker_bytes, quiet_logs=True, threads=None):
     """A LocalCluster of ``n_workers`` processes of one thread, each offering its memory as the
-    ``MEMORY`` resource and limited to it (Dask's nanny restarts a worker above 95 % of it)."""
+    ``MEMORY`` resource and limited to it (Dask's nanny restarts a worker above 95 % of it).
+
+    ``threads``: the cores each worker's case may use; the libraries that size their thread pools from
+    the machine's cores when they load (ITK, Mesa's software renderer for the report picture) are told
+    through the environment, so that the workers do not oversubscribe the cores."""
+    env = {}
+    if threads:
+        env = {"ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads), "LP_NUM_THREADS": str(threads)}
     settings = {
         "distributed.scheduler.allowed-failures": 0,  # a killed case is retried by us, once
         "distributed.worker.memory.target": False,  # no Dask data to spill: the cases hold their own arrays
@@ -249,10 +270,11 @@ def start_local_cluster(n_workers, memory_per_worker_bytes, quiet_logs=True):
         "distributed.worker.memory.pause": False,
         "distributed.worker.memory.terminate": 0.95,
     }
-    with dask.config.set(settings), _sigint_ignored():
+    with dask.config.set(settings):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                                memory_limit=int(memory_per_worker_bytes),
-                               resources={MEMORY_RESOURCE: int(memory_per_worker_bytes)},
+                               resources={MEMORY_RESOURCE: int(memory_per_worker_bytes)}, env=env,
+                               preload=[__name__],  # dask_setup above
                                dashboard_address=None, silence_logs=logging.CRITICAL if quiet_logs else logging.WARNING)
         client = Client(cluster, set_as_default=False)
     return cluster, client
@@ -377,14 +399,16 @@ class Runner:
 
 
 def run_specs(specs, on_row, on_tick=None, *, scheduler=None, n_workers=1, memory_per_worker_bytes=None,
-              quiet_logs=True):
+              quiet_logs=True, threads=None):
     """Run the case ``specs`` on a new LocalCluster (``n_workers``) or on ``scheduler``'s cluster (see
     :class:`Runner` for the callbacks); returns the Runner. Ctrl-C: the running cases are stopped and
     their partial outputs removed, the cluster shut down, then CancelledError."""
     cluster = None
-    quiet = logging.getLogger("distributed"), logging.getLogger("distributed").level
+    loggers = [logging.getLogger(name) for name in ("distributed", "asyncio", "tornado")]
+    levels = [lg.level for lg in loggers]
     # Dask's own messages (cluster start, worker restarts) would bury the cohort line; --verbose keeps its warnings.
-    quiet[0].setLevel(logging.CRITICAL if quiet_logs else logging.WARNING)
+    loggers[0].setLevel(logging.CRITICAL if quiet_logs else logging.WARNING)
+    interrupted = False
     try:
         if scheduler:
             try:
@@ -394,7 +418,7 @@ def run_specs(specs, on_row, on_tick=None, *, scheduler=None, n_workers=1, memor
             _, offer = worker_resources(client)
             use_resources = offer is not None
 
-            def threads():
+            def slots():
                 return worker_resources(client)[0]
 
             if not use_resources:
@@ -402,13 +426,14 @@ def run_specs(specs, on_row, on_tick=None, *, scheduler=None, n_workers=1, memor
                          "(start workers with --resources %s=BYTES to place them by memory)",
                          scheduler, MEMORY_RESOURCE, MEMORY_RESOURCE)
         else:
-            cluster, client = start_local_cluster(n_workers, memory_per_worker_bytes, quiet_logs)
+            with _sigint_ignored():
+                cluster, client = start_local_cluster(n_workers, memory_per_worker_bytes, quiet_logs, threads)
             # Our workers are alike and each can hold the largest case: one case per worker is the limit.
             use_resources = False
 
-            def threads():
+            def slots():
                 return worker_resources(client)[0]  # a worker restarting after a kill has no case yet
-        runner = Runner(client, specs, on_row, on_tick, threads, use_resources)
+        runner = Runner(client, specs, on_row, on_tick, slots, use_resources)
         try:
             runner.run()
         finally:
@@ -416,9 +441,15 @@ def run_specs(specs, on_row, on_tick=None, *, scheduler=None, n_workers=1, memor
                 client.close()
         return runner
     except KeyboardInterrupt:
+        interrupted = True
         raise CancelledError("interrupted") from None
     finally:
+        if interrupted:  # a cluster stopped while starting reports its half-made parts at exit: not for users
+            for lg in loggers:
+                lg.setLevel(logging.CRITICAL)
         if cluster is not None:
             with contextlib.suppress(Exception), _sigint_ignored():
                 cluster.close()
-        quiet[0].setLevel(quiet[1])
+        if not interrupted:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
