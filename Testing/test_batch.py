@@ -182,3 +182,16 @@ def test_batch_on_an_existing_dask_cluster_leaves_it_running(cohort, tmp_path):
                                                                                        ("B", "done", True)]
     with open(os.path.join(outdir, "batch.json")) as f:
         assert json.load(f)["scheduler"] == cluster.scheduler_address
+
+
+def test_a_case_above_its_workers_memory_share_fails_before_anything_runs(cohort, tmp_path):
+    root, _ = cohort
+    manifest = tmp_path / "one.csv"
+    manifest.write_text(f"case,stacks\nA,{';'.join(sorted(glob.glob(str(root / 'A' / '*'))))}\n")
+    outdir = str(tmp_path / "out")
+    r = run_batch([str(manifest), "-o", outdir, *FAST, "--memory-limit-gb", "0.02"])
+    assert r.returncode == 1
+    row = read_rows(outdir)["A"]
+    assert row["status"] == "failed" and row["message"].startswith("needs about ")
+    assert "above the 0.01 GB of one worker (--memory-limit-gb 0.02 over 2 workers)" in row["message"]
+    assert not os.path.exists(os.path.join(outdir, "A"))
