@@ -25,7 +25,7 @@ from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.model import ModelOptions
 from MultiPlaneFusionLib.pipeline import FuseOptions, plan_grid
 from MultiPlaneFusionLib.reading import read_stacks
-from MultiPlaneFusionLib.reconstruction.srr import SrrOptions
+from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 from MultiPlaneFusionLib.simulation import simulate_orthogonal_stacks, write_dicom_series
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -156,7 +156,7 @@ def _case_options(spec, limit_bytes):
     if threads:
         import SimpleITK as sitk
 
-        from ..reconstruction.srr import SrrOptions
+        from ..reconstruction.options import SrrOptions
 
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
         with contextlib.suppress(ImportError, AttributeError):
