@@ -123,6 +123,15 @@ def build_parser():
     _add_model_arguments(p)
     _add_common(p)
 
+    p = sub.add_parser("batch", help="run many cases (a manifest or a DICOM tree) on Dask into OUTDIR/<case>/, "
+                                     "resumable; needs the batch extra")
+    _add_fuse_arguments(p)
+    _add_model_arguments(p)
+    _add_common(p)
+    from .batch import add_arguments as add_batch_arguments  # plain Python: Dask is imported by the command
+
+    add_batch_arguments(p)
+
     demo = _keyword_defaults("demo", "run_demo")
     p = sub.add_parser("demo", help="simulate a head phantom's three thick-slice DICOM series and run the pipeline")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
@@ -289,7 +298,14 @@ def cmd_demo(args, progress):
     return result.summary
 
 
-COMMANDS = {"inspect": cmd_inspect, "fuse": cmd_fuse, "model": cmd_model, "run": cmd_run, "demo": cmd_demo}
+def cmd_batch(args, progress):
+    from .batch.command import run_command  # imports Dask only when it runs (exit 1 with a hint if absent)
+
+    return run_command(args, progress, fuse_options_from_args(args))
+
+
+COMMANDS = {"inspect": cmd_inspect, "fuse": cmd_fuse, "model": cmd_model, "run": cmd_run, "demo": cmd_demo,
+            "batch": cmd_batch}
 
 
 def _write_json(path, summary):

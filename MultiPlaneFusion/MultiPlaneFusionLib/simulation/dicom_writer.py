@@ -74,7 +74,8 @@ def _signed_tilt_deg(stack):
     return tilt
 
 
-def _base_dataset(sop_class, study_uid, series_uid, frame_uid, patient_name, modality, description, series_number):
+def _base_dataset(sop_class, study_uid, series_uid, frame_uid, patient_name, modality, description, series_number,
+                  patient_id="PHANTOM0001"):
     now = datetime.datetime.now()
     ds = Dataset()
     ds.SOPClassUID = sop_class
@@ -88,7 +89,7 @@ def _base_dataset(sop_class, study_uid, series_uid, frame_uid, patient_name, mod
     ds.StudyDescription = "HEAD PHANTOM"
     ds.SeriesDescription = description
     ds.PatientName = patient_name
-    ds.PatientID = "PHANTOM0001"
+    ds.PatientID = patient_id
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.StudyInstanceUID = study_uid
@@ -151,7 +152,8 @@ def _prepare_folder(folder):
 
 
 def write_dicom_series(
-    stack, folder, series_number=1, study_uid=None, patient_name="PHANTOM^HEAD", transfer_syntax=None
+    stack, folder, series_number=1, study_uid=None, patient_name="PHANTOM^HEAD", transfer_syntax=None,
+    patient_id="PHANTOM0001",
 ):
     """Write one DICOM file per slice of ``stack`` into ``folder`` (created), named IM00001.dcm, ...
 
@@ -171,6 +173,8 @@ def write_dicom_series(
         None for Explicit VR Little Endian; Implicit VR Little Endian; or a lossless compressed syntax
         pydicom can encode here (RLE Lossless natively, JPEG 2000 Lossless with pylibjpeg-openjpeg,
         JPEG-LS Lossless with pyjpegls).
+    patient_id : str
+        PatientID (cohort tests write several patients).
 
     Returns
     -------
@@ -210,6 +214,7 @@ def write_dicom_series(
             modality,
             stack.description,
             series_number,
+            patient_id,
         )
         ds.SOPInstanceUID = generate_uid()
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
