@@ -134,6 +134,40 @@ def test_self_check_passes_good_fusion_and_flags_a_misplaced_stack(grid):
     assert bad.info["self_check"]["stacks_not_beating_single_series"]
 
 
+def test_self_check_judges_the_final_settings_with_profiles_from_the_data(grid, monkeypatch):
+    # With --psf auto the profile choice makes leave-one-out fusions of its own (other weight, profiles
+    # assumed before the choice); the self-check must solve again with the profiles and weight delivered.
+    from MultiPlaneFusionLib.reconstruction import autotune
+
+    calls = []
+    real_solve = autotune.BlockProblem.solve
+
+    def spied(self, stacks, profiles, alpha, **kw):
+        calls.append((len(stacks), tuple(profiles), float(alpha)))
+        return real_solve(self, stacks, profiles, alpha, **kw)
+
+    monkeypatch.setattr(autotune.BlockProblem, "solve", spied)
+    stacks = _stacks("box")
+    opts = SrrOptions(alpha=0.2, exclude_disagreeing=False)  # psf auto; a weight the profile choice does not use
+    good = reconstruct_srr(stacks, grid, opts)
+    assert good.info["profile_choice"] is not None
+    assert good.info["fusion_beats_single_series"] is True, good.info["self_check"]
+    final = tuple(good.profiles)
+    check_calls = calls[-3:]  # the self-check's three leave-one-out fusions come last
+    for k, (n, profiles, alpha) in enumerate(check_calls):
+        assert n == 2 and alpha == 0.2
+        assert profiles == tuple(p for i, p in enumerate(final) if i != k)
+    assert good.info["self_check"]["alpha"] == 0.2
+    # a deliberately bad fusion: one series 6 mm off (no registration) is flagged, with the warning's JSON flag
+    t = np.eye(4)
+    t[:3, 3] = (6.0, 0.0, 0.0)
+    moved = list(stacks)
+    moved[1] = replace(stacks[1], transform=t)
+    bad = reconstruct_srr(moved, grid, opts)
+    assert bad.info["fusion_beats_single_series"] is False, bad.info["self_check"]
+    assert bad.info["self_check"]["stacks_not_beating_single_series"]
+
+
 def test_invalid_settings_give_one_line_errors_naming_them():
     with pytest.raises(InputError, match="psf"):
         SrrOptions(psf="triangle").validate()

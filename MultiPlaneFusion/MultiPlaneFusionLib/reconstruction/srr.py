@@ -210,7 +210,9 @@ def _choose_profiles(run):
         profiles[k] = found[n]
     dt = time.perf_counter() - t0
     run.timings["profile_choice_s"] = dt
-    choice = {"method": "leave-one-stack-out prediction on the probe block",
+    choice = {"method": "leave-one-stack-out prediction on the probe block (fusion of the others at alpha "
+                        f"{autotune.PROFILE_ALPHA:g}, re-blurred by their in-plane PSF; residual smoothed in-plane, "
+                        f"sigma {autotune.PROFILE_SMOOTH_MM:g} mm)",
               "rms_by_candidate": [None] * len(run.stacks), "seconds": round(dt, 3)}
     for n, k in enumerate(probe.index):
         choice["rms_by_candidate"][run.used[k]] = report[n]
@@ -359,11 +361,11 @@ def _run_self_check(run):
     if probe is None or not options.self_check or len(probe.index) <= 1:
         return None
     t0 = time.perf_counter()
-    # with profiles chosen from the data, the leave-one-out fusions made for that choice are reused
     per = autotune.self_check(probe.problem, [run.profiles[k] for k in probe.index], run.alpha,
-                              regularizer=options.regularizer, huber=_huber_args(options),
-                              reuse=run.profiles_from_data)
+                              regularizer=options.regularizer, huber=_huber_args(options))
     check = _self_check_summary(per, probe, run.used, run.stacks, seconds=time.perf_counter() - t0)
+    check["alpha"] = float(run.alpha)
+    check["regularizer"] = options.regularizer
     run.timed("self_check_s", t0)
     return check
 
@@ -505,7 +507,8 @@ def _self_check_summary(per, probe, used, stacks, *, seconds):
                         name, r["fusion_rms_where_best_single_covers"], r["best_single_rms"])
     judged = [r for r in rows if r is not None and r["fusion_beats_best_single"] is not None]
     return {
-        "method": "leave-one-stack-out prediction on the probe block, against each other series alone (B-spline)",
+        "method": "leave-one-stack-out prediction on the probe block with the final profiles, weight and "
+                  "regularizer, against each other series alone (B-spline)",
         "per_stack": rows,
         "stacks_not_beating_single_series": failing,
         "fusion_beats_single_series": (not failing) if judged else None,
