@@ -89,6 +89,7 @@ def test_known_motions_are_recovered(seed):
         assert report["final_metric"] < report["initial_metric"]
         assert report["iterations"] > 0
         assert report["motion"] == "small" and report["search"] is None  # small motions: no search, no extra cost
+        assert report["decision"].startswith("small motion accepted")
         # The reported motion is the stack's transform described at its centre.
         true = describe_motion(np.linalg.inv(motion), stack.with_transform(np.eye(4)).corners_mm().mean(axis=0))
         assert np.allclose(report["translation_mm"], true["translation_mm"], atol=0.5)
@@ -196,7 +197,9 @@ def test_large_motions_are_recovered_by_default(seed, orientation, frame):
     assert tre <= 0.5, (tre, report["initialisation"], report["search"])
     assert report["accepted"] and report["motion"] == "large" and "large motion accepted" in report["note"]
     assert report["search"] is not None and report["search"]["candidates"] > 10  # the large motion set it off
-    assert report["gain"] >= RegistrationOptions().large_motion_min_gain
+    assert report["gain"] >= RegistrationOptions().large_motion_min_gain and report["decision"] == report["note"]
+    starts = ["scanner geometry"] if frame == FRAME else ["moments centring", "scanner geometry"]
+    assert [t["initialisation"] for t in report["initialisations_tried"]] == starts
 
 
 def test_implausible_motions_are_rejected():

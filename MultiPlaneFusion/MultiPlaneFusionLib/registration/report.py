@@ -40,7 +40,7 @@ def reference_report(n, stack):
     """The report entry of the reference stack (it is not moved)."""
     report = {"index": n, "description": stack.description, "reference": True, "initialisation": "reference",
               "iterations": 0, "accepted": True, "warning": None, "initial_metric": None, "final_metric": None,
-              "motion": None, "gain": None, "search": None}
+              "motion": None, "gain": None, "search": None, "decision": "reference: not moved"}
     report.update(describe_motion(stack.transform, scanner_centre_mm(stack)))
     report["transform"] = _transform_rows(stack)
     return report
@@ -67,5 +67,5 @@ def log_report(report, target_name):
                  "its result beat the local one" if search.get("won") else "the local result was better, kept it")
     if report["warning"]:
         log.warning("registration of '%s': %s", report["description"], report["warning"])
-    elif report.get("note"):
-        log.info("registration of '%s': %s", report["description"], report["note"])
+    elif report.get("note") or report.get("decision"):
+        log.info("registration of '%s': %s", report["description"], report.get("note") or report["decision"])

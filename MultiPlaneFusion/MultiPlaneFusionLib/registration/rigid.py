@@ -516,10 +516,10 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
     r_final : ndarray (4, 4)
         Patient -> moving-scanner map to use (``r_start`` when the result was rejected).
     info : dict
-        initial_metric, final_metric, result_metric, iterations, accepted, warning, note, spacing_mm, stop,
-        seconds, motion ('small', 'large' or 'implausible', of the result relative to the optimiser's
-        start), gain (relative metric improvement on ``r_start``), search (None when not run, else why,
-        candidates scored, refined, the winning turn and whether it won).
+        initial_metric, final_metric, result_metric, iterations, accepted, warning, note, decision (one
+        sentence, always), spacing_mm, stop, seconds, motion ('small', 'large' or 'implausible', of the
+        result relative to the optimiser's start), gain (relative metric improvement on ``r_start``), search
+        (None when not run, else why, candidates scored, refined, the winning turn and whether it won).
     """
     t0 = time.perf_counter()
     search = options.motion_search if search is None else search
@@ -601,6 +601,11 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
             note = (f"large motion accepted ({np.linalg.norm(change['translation_mm']):.1f} mm, "
                     f"{change['rotation_angle_deg']:.1f} degrees): metric gain {100 * gain:.1f} % "
                     f">= {100 * options.large_motion_min_gain:g} %")
+    # One sentence on why the result was used or not, whatever happened.
+    decision = warning or note or (
+        f"small motion accepted ({np.linalg.norm(change['translation_mm']):.1f} mm, "
+        f"{change['rotation_angle_deg']:.1f} degrees, within {options.max_translation_mm:g} mm / "
+        f"{options.max_rotation_deg:g} degrees): metric gain {100 * gain:.1f} %")
     info = {
         "initial_metric": initial_metric,
         "final_metric": final_metric,
@@ -609,6 +614,7 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
         "accepted": accepted,
         "warning": warning,
         "note": note,
+        "decision": decision,
         "motion": motion,
         "gain": gain,
         "search": search_info,
@@ -622,7 +628,8 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
 def _kept(r_start, warning, t0):
     """(r_start, info) of a registration that could not run."""
     info = {"initial_metric": None, "final_metric": None, "result_metric": None, "iterations": 0,
-            "accepted": False, "warning": warning, "note": None, "motion": None, "gain": None, "search": None,
+            "accepted": False, "warning": warning, "note": None, "decision": warning, "motion": None, "gain": None,
+            "search": None,
             "spacing_mm": None, "stop": None, "seconds": time.perf_counter() - t0}
     return np.asarray(r_start, dtype=float), info
 
@@ -676,7 +683,8 @@ def register_stacks(stacks, *, reference=0, options=None, monitor=None):
         FrameOfReferenceUIDs match, else "moments centring" or "scanner geometry", whichever won; with
         " + rotation search" when the large-motion search found the result), motion ('small', 'large',
         'implausible'), gain (relative metric improvement), search (None, or what the large-motion search
-        did: reason, candidates, refined, turn_deg, won, metric), transform (4x4), seconds.
+        did: reason, candidates, refined, turn_deg, won, metric), decision (one sentence: why the result was
+        used or not), initialisations_tried (each start's outcome), transform (4x4), seconds.
 
     The stacks' transforms are not written to disk here; call :func:`write_transforms` with the final
     stacks (after any refinement) when ``options.transforms_out`` is set.
@@ -701,17 +709,22 @@ def register_stacks(stacks, *, reference=0, options=None, monitor=None):
             # Unrelated headers: start from the foreground centroids, but also from the scanner geometry
             # (series of one session often share coordinates under different UIDs); the better one wins.
             candidates.insert(0, ("moments centring", _moments_initialisation(target, s, options)))
-        best = None
+        best, tried = None, []
         width = (span[1] - span[0]) / len(candidates)
         for c, (initialisation, r_init) in enumerate(candidates):
             sub_span = (span[0] + c * width, span[0] + (c + 1) * width)
             r_final, info = register_pair(target, target_sigmas, s, r_start=r_start, r_init=r_init, options=options,
                                          monitor=monitor, span=sub_span)
+            tried.append({"initialisation": initialisation, "accepted": info["accepted"],
+                          "final_metric": info["final_metric"], "searched": info.get("search") is not None,
+                          "decision": info.get("decision")})
             if _better(info, best[2] if best else None):
                 best = (initialisation, r_final, info)
         initialisation, r_final, info = best
         moved = s.with_transform(np.linalg.inv(r_final))
-        return moved, stack_report(n, moved, initialisation, info, metric=options.metric)
+        report = stack_report(n, moved, initialisation, info, metric=options.metric)
+        report["initialisations_tried"] = tried
+        return moved, report
 
     return register_each(stacks, reference, monitor, register_one, f"reference '{target.description}'")
 
