@@ -178,11 +178,13 @@ def add_registration_arguments(parser):
                              "beyond, only if it clearly improves (see --max-large-rotation-deg) "
                              f"({d.max_rotation_deg:g})")
     parser.add_argument("--max-large-translation-mm", type=float, default=d.max_large_translation_mm, metavar="MM",
-                        help="beyond --max-translation-mm, accept a move up to this only when the metric clearly "
-                             f"improves; reject beyond ({d.max_large_translation_mm:g})")
+                        help="beyond --max-translation-mm, accept a move up to this only when the metric improves "
+                             f"by {100 * d.large_motion_min_gain:g} %% or more; reject beyond "
+                             f"({d.max_large_translation_mm:g})")
     parser.add_argument("--max-large-rotation-deg", type=float, default=d.max_large_rotation_deg, metavar="DEG",
-                        help="beyond --max-rotation-deg, accept a rotation up to this only when the metric clearly "
-                             f"improves; reject beyond ({d.max_large_rotation_deg:g})")
+                        help="beyond --max-rotation-deg, accept a rotation up to this only when the metric improves "
+                             f"by {100 * d.large_motion_min_gain:g} %% or more; reject beyond "
+                             f"({d.max_large_rotation_deg:g})")
     parser.add_argument("--motion-search", choices=SEARCH_MODES, default=d.motion_search,
                         help="coarse rotation search for large motion: when the local result rotated a lot or was "
                              f"rejected (auto), always, or never ({d.motion_search})")
