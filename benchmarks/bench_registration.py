@@ -12,6 +12,11 @@ Sections
   average fusion with the 1 mm series (its grid at 0.9 mm in-plane, inside the phantom: 1 mm > -500 HU)
   before and after registration; the change of geometry and the moved-vs-unmoved agreement (TRE over the
   5 mm series' corners). Also the 1 mm vs 5 mm reformats of one acquisition (must not move).
+- ``large``: large motion (``--large-angles``, default 0/10/17/25 degrees about a random axis through the head
+  centre, with translations of 0-15 mm in a random direction, ``--large-seeds`` per angle): a coronal and a
+  sagittal phantom stack registered to the axial one with the default options, as a stack of the same frame
+  of reference and of another one, and (same frame) without the rotation search (``motion_search='off'``) to
+  show what it buys. Table: TRE, accepted, motion class, whether the search ran / won, seconds.
 - ``timing``: registration vs super-resolution reconstruction on the same input through the pipeline
   (``fuse_stacks``), synthetic seed 0 (and the real Philips series with ``--real-srr``, several minutes).
 - ``cycles``: refinement cycles 0, 1, 2 (``--cycles``) on synthetic seed 0 with motion: PSNR and
@@ -20,7 +25,7 @@ Sections
 Usage::
 
     python benchmarks/bench_registration.py [--seeds 8] [--scale 0.75] [--skip-real] [--real-srr]
-        [--cycles 0,1,2] [--json PATH]
+        [--cycles 0,1,2] [--large-angles 0,10,17,25] [--large-seeds 4] [--json PATH]
 
 Prints tables and writes JSON (default benchmarks/results/bench_registration.json).
 """
@@ -132,6 +137,65 @@ def bench_synthetic(args):
                "mean_seconds_per_stack": float(np.mean([r["seconds"] for r in rows]))}
     print(f"TRE mean {summary['mean_tre_mm']:.3f} mm, max {summary['max_tre_mm']:.3f} mm; "
           f"{summary['mean_seconds_per_stack']:.1f} s per stack")
+    return {"rows": rows, "summary": summary}
+
+
+# ----------------------------------------------------------------------------------------- large motion
+def bench_large(args):
+    corners, centre = head(args.scale)
+    print(f"\n== large motion: scale {args.scale}, pixel {args.pixel} mm, slices {args.thickness} mm, "
+          f"{args.large_seeds} seeds per angle, translations 0-15 mm")
+    print(f"{'deg':>4} {'mm':>5} {'seed':>4} {'stack':9} {'frame':6} {'search':7} {'TRE mm':>7} {'before':>7} "
+          f"{'ok':>3} {'motion':11} {'searched':>8} {'won':>4} {'s':>6}")
+    ref = simulate_stack("axial", thickness_mm=args.thickness, pixel_spacing_mm=args.pixel, scale=args.scale,
+                         noise_hu=15.0, seed=0, frame_of_reference_uid="1.2.3.9")
+    rows = []
+    for angle in args.large_angles:
+        for seed in range(args.large_seeds):
+            rng = np.random.default_rng(5000 + seed)
+            axis, direction = rng.normal(size=3), rng.normal(size=3)
+            shift = 15.0 * seed / max(1, args.large_seeds - 1)
+            motion = rigid_matrix(axis / np.linalg.norm(axis) * angle, direction / np.linalg.norm(direction) * shift,
+                                  centre)
+            truth = np.linalg.inv(motion)
+            for n, orientation in ((1, "coronal"), (2, "sagittal")):
+                for frame, mode in (("same", "auto"), ("other", "auto"), ("same", "off")):
+                    moving = simulate_stack(
+                        orientation, thickness_mm=args.thickness, pixel_spacing_mm=args.pixel, scale=args.scale,
+                        noise_hu=15.0, seed=3 * seed + n, motion=motion,
+                        frame_of_reference_uid="1.2.3.9" if frame == "same" else "1.2.3.10")
+                    t0 = time.perf_counter()
+                    out, reports = register_stacks([ref, moving], options=RegistrationOptions(motion_search=mode))
+                    seconds = time.perf_counter() - t0
+                    rep = reports[1]
+                    search = rep.get("search") or {}
+                    row = {"angle_deg": angle, "translation_mm": shift, "seed": seed, "stack": orientation,
+                           "frame": frame, "motion_search": mode,
+                           "tre_mm": target_registration_error(out[1].transform, truth, corners),
+                           "tre_before_mm": target_registration_error(np.eye(4), truth, corners),
+                           "accepted": rep["accepted"], "motion": rep["motion"], "gain": rep["gain"],
+                           "initialisation": rep["initialisation"], "searched": bool(search),
+                           "search_won": bool(search.get("won")), "seconds": seconds}
+                    rows.append(row)
+                    print(f"{angle:4.0f} {shift:5.1f} {seed:4d} {orientation:9} {frame:6} {mode:7} "
+                          f"{row['tre_mm']:7.3f} {row['tre_before_mm']:7.2f} {'y' if rep['accepted'] else 'N':>3} "
+                          f"{str(rep['motion']):11} "
+                          f"{'y' if search else '-':>8} {'y' if search.get('won') else '-':>4} {seconds:6.1f}",
+                          flush=True)
+    summary = []
+    print(f"\n{'deg':>4} {'frame':6} {'search':7} {'max TRE':>8} {'<=0.5 mm':>9} {'accepted':>9} {'mean s':>7}")
+    for angle in args.large_angles:
+        for frame, mode in (("same", "auto"), ("other", "auto"), ("same", "off")):
+            sel = [r for r in rows if r["angle_deg"] == angle and r["frame"] == frame and r["motion_search"] == mode]
+            tre = np.array([r["tre_mm"] for r in sel])
+            entry = {"angle_deg": angle, "frame": frame, "motion_search": mode, "max_tre_mm": float(tre.max()),
+                     "within_0_5_mm": int(np.sum(tre <= 0.5)), "n": len(sel),
+                     "accepted": int(sum(r["accepted"] for r in sel)),
+                     "mean_seconds": float(np.mean([r["seconds"] for r in sel]))}
+            summary.append(entry)
+            print(f"{angle:4.0f} {frame:6} {mode:7} {entry['max_tre_mm']:8.3f} "
+                  f"{entry['within_0_5_mm']:>5}/{len(sel):<3} {entry['accepted']:>5}/{len(sel):<3} "
+                  f"{entry['mean_seconds']:7.1f}")
     return {"rows": rows, "summary": summary}
 
 
@@ -286,12 +350,21 @@ def main(argv=None):
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--real-srr", action="store_true", help="also time srr on the real series (minutes)")
     p.add_argument("--cycles", default="0,1,2", help="refinement cycles to compare ('' to skip)")
+    p.add_argument("--large-angles", default="0,10,17,25", help="large-motion rotations in degrees ('' to skip)")
+    p.add_argument("--large-seeds", type=int, default=4, help="large-motion cases per angle (translations 0-15 mm)")
+    p.add_argument("--skip-synthetic", action="store_true", help="skip the small-motion synthetic table")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "bench_registration.json"))
     args = p.parse_args(argv)
     args.cycles = [int(v) for v in args.cycles.split(",") if v.strip()]
+    args.large_angles = [float(v) for v in args.large_angles.split(",") if v.strip()]
     out = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
-           "options": RegistrationOptions().summary(), "args": {k: v for k, v in vars(args).items()}}
-    out["synthetic"] = bench_synthetic(args)
+           "options": RegistrationOptions().summary(), "args": {k: v for k, v in vars(args).items()},
+           "load_average_start": os.getloadavg()}
+    print(f"load average at start (1, 5, 15 min): {_fmt(out['load_average_start'])} on {os.cpu_count()} cpus")
+    if not args.skip_synthetic:
+        out["synthetic"] = bench_synthetic(args)
+    if args.large_angles:
+        out["large"] = bench_large(args)
     if not args.skip_real:
         with tempfile.TemporaryDirectory() as tmp:
             real = bench_real(args, tmp)
@@ -302,6 +375,8 @@ def main(argv=None):
             out["real"] = real
     if args.cycles:
         out["cycles"] = bench_cycles(args)
+    out["load_average_end"] = os.getloadavg()
+    print(f"load average at end (1, 5, 15 min): {_fmt(out['load_average_end'])}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1, default=float)

@@ -102,8 +102,9 @@ def refine_registration(stacks, reconstruction_volume, grid, *, options=None, mo
     def register_one(n, span):
         s = stacks[n]
         r_start = np.linalg.inv(s.transform)
+        # No large-motion search: the stacks come registered, and a cycle corrects what is left of it.
         r_final, info = register_pair(target, np.zeros(3), s, r_start=r_start, r_init=r_start, options=options,
-                                      monitor=monitor, span=span)
+                                      monitor=monitor, span=span, search="off")
         new = np.linalg.inv(r_final)
         box_shift = max_box_shift_mm(s.transform, new, box)
         # A kept start comes back as inv(inv(T)), off by round-off (1e-15 mm): that is no motion, and neither

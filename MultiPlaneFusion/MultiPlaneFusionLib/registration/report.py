@@ -18,7 +18,16 @@ def _transform_rows(stack):
 
 
 def stack_report(n, stack, initialisation, info, *, metric):
-    """The report of stack ``n`` after registration: motion, the optimiser's ``info`` dict, the 4x4 transform."""
+    """The report of stack ``n`` after registration: motion, the optimiser's ``info`` dict, the 4x4 transform.
+
+    ``initialisation`` names the start the result came from; " + rotation search" is appended when the
+    large-motion search found the result. ``info["search"]`` (None when the search did not run) says why it
+    ran, how many candidates it scored and refined, the winning turn (degrees about L, P, S) and whether it
+    beat the local result; ``info["motion"]`` classes the result's motion ('small', 'large', 'implausible')
+    and ``info["gain"]`` is its relative metric improvement, which the guards judged."""
+    search = info.get("search")
+    if search and search.get("won"):
+        initialisation += " + rotation search"
     report = {"index": n, "description": stack.description, "reference": False, "metric": metric,
               "initialisation": initialisation}
     report.update(describe_motion(stack.transform, scanner_centre_mm(stack)))
@@ -30,7 +39,8 @@ def stack_report(n, stack, initialisation, info, *, metric):
 def reference_report(n, stack):
     """The report entry of the reference stack (it is not moved)."""
     report = {"index": n, "description": stack.description, "reference": True, "initialisation": "reference",
-              "iterations": 0, "accepted": True, "warning": None, "initial_metric": None, "final_metric": None}
+              "iterations": 0, "accepted": True, "warning": None, "initial_metric": None, "final_metric": None,
+              "motion": None, "gain": None, "search": None, "decision": "reference: not moved"}
     report.update(describe_motion(stack.transform, scanner_centre_mm(stack)))
     report["transform"] = _transform_rows(stack)
     return report
@@ -49,7 +59,13 @@ def log_report(report, target_name):
         report["description"], target_name, t[0], t[1], t[2], report["rotation_angle_deg"],
         metric(report["initial_metric"]), metric(report["final_metric"]), report["iterations"], report["seconds"],
     )
+    search = report.get("search")
+    if search:
+        turn = "none" if search.get("turn_deg") is None else "({:.0f}, {:.0f}, {:.0f}) deg".format(*search["turn_deg"])
+        log.info("registration of '%s': large-motion search (%s): %d candidates scored, %d refined, best turn %s; "
+                 "%s", report["description"], search["reason"], search["candidates"], search["refined"], turn,
+                 "its result beat the local one" if search.get("won") else "the local result was better, kept it")
     if report["warning"]:
         log.warning("registration of '%s': %s", report["description"], report["warning"])
-    elif report.get("note"):
-        log.info("registration of '%s': %s", report["description"], report["note"])
+    elif report.get("note") or report.get("decision"):
+        log.info("registration of '%s': %s", report["description"], report.get("note") or report["decision"])

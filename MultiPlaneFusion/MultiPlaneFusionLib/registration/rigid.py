@@ -34,11 +34,25 @@ Euler3DTransform about the fixed mask's centroid; Mattes mutual information (or 
 ``max_samples`` jittered random points per level (fixed seed); regular-step gradient descent with
 physical-shift scales over a shrink-factor pyramid. Stacks sharing the reference's FrameOfReferenceUID
 start from the scanner geometry; others start from a moments centring of the foreground masks *and* from the
-scanner geometry, and the better result wins. A result is rejected (the start geometry kept, a warning logged
-and reported) when it moves the stack's centre more than ``max_translation_mm``, rotates it more than
-``max_rotation_deg`` or makes the metric worse than at the start geometry. That comparison is made densely in
-numpy over every masked voxel, not with the optimiser's samples; a change within 1e-3 (relative) counts as
-"no improvement" and silently keeps the start.
+scanner geometry, and the better result wins.
+
+Large motion: MR stacks of one session share a frame of reference, but the patient moves between them (fetal
+MRI: 17-22 degrees). From 17-25 degrees away the local optimiser alone stops in a nearby optimum or short of
+the truth (0.8-16 mm TRE on the phantom). So when the local result rotated the stack by more than
+``search_trigger_deg`` or was rejected (``motion_search='auto'``; 'always', 'off'), a rotation search follows:
+the start and the local result, each also turned by +-``search_steps_deg`` (15, 30) about L, P and S through
+the fixed mask's centroid (26 candidates), are scored densely at the coarsest pyramid level; the
+``search_keep`` best are optimised at that level, the best of those through the finer levels, and that
+replaces the local result when its dense metric is better. Small motions do not set it off: they cost what
+they did. Refinement cycles never search.
+
+Guards, on the result's motion relative to the optimiser's start: within ``max_translation_mm`` and
+``max_rotation_deg`` (small) it is accepted unless it makes the metric worse than at the start geometry;
+beyond those but within ``max_large_translation_mm`` / ``max_large_rotation_deg`` (large) only when it also
+improves the metric by ``large_motion_min_gain`` (relative) or more; beyond those it is implausible. A rejected
+result keeps the start geometry (a warning logged and reported); an accepted large motion is noted in the
+report and the log. The metric comparisons are made densely in numpy over every masked voxel, not with the
+optimiser's samples; a change within 1e-3 (relative) counts as "no improvement" and silently keeps the start.
 """
 
 import logging
@@ -57,7 +71,7 @@ from ..progress import CallbackGuard, Monitor
 from ..sampling.psf import psf_sigma_mm
 from ..sampling.resample import resample_stack
 from ..stack import check_reference, scanner_centre_mm
-from ..transforms import apply, describe_motion, stack_frame
+from ..transforms import apply, describe_motion, rigid_matrix, stack_frame
 from ..writing import atomic_path, make_folder
 from .options import RegistrationOptions
 from .report import log_report, reference_report, stack_report
@@ -361,7 +375,123 @@ def _moments_initialisation(target, moving, options):
     return matrix_from_sitk(init)
 
 
-def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options, monitor, span=(0.0, 1.0)):
+def _execute(pair, options, r_init, on_iteration):
+    """Run SimpleITK's optimiser over ``options``' pyramid from ``r_init``: (R, stop condition, iterations).
+
+    A cancel or Ctrl-C inside ``on_iteration`` stops the optimiser and is raised again here; a SimpleITK
+    failure (e.g. every sample left the moving image) raises RuntimeError."""
+    reg = _method(options, pair)
+    reg.SetInitialTransform(_euler(r_init, pair.centre_mm), inPlace=False)
+    guard = CallbackGuard(reg.StopRegistration)
+    count = [0]
+
+    def step():
+        count[0] += 1
+        on_iteration()
+
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: guard.call(step))
+    try:
+        result = reg.Execute(pair.fixed, pair.moving)
+    except RuntimeError:
+        guard.reraise()
+        raise
+    guard.reraise()
+    return matrix_from_sitk(result), reg.GetOptimizerStopConditionDescription(), count[0]
+
+
+def _coarse_pair(pair, options):
+    """``pair`` at the first (coarsest) level of the pyramid: images smoothed and shrunk as SimpleITK's
+    registration does, masks subsampled. The large-motion search scores its candidates densely on it and
+    optimises them on it as a one-level pyramid (SimpleITK would smooth and shrink the full images again for
+    every candidate). ``spacing_mm`` stays that of the full pair: the optimiser's steps are those of the
+    first level of a full registration."""
+    factor = int(options.shrink_factors[0])
+    sigma_mm = float(options.smoothing_sigmas[0]) * pair.spacing_mm
+
+    def shrink(image, smooth):
+        if smooth and sigma_mm > 0:
+            image = sitk.DiscreteGaussian(image, sigma_mm**2, 64, 0.01, True)
+        return sitk.Shrink(image, [factor] * 3) if factor > 1 else image
+
+    fixed_mask = shrink(pair.fixed_mask, False)
+    return replace(pair, fixed=shrink(pair.fixed, True), fixed_mask=fixed_mask, moving=shrink(pair.moving, True),
+                   moving_mask=shrink(pair.moving_mask, False),
+                   mask_voxels=int(sitk.GetArrayViewFromImage(fixed_mask).sum()))
+
+
+def search_rotations_deg(options):
+    """The rotation vectors (degrees) the large-motion search adds to a start: +-each step about L, P and S."""
+    return [axis * sign * step for axis in np.eye(3) for step in options.search_steps_deg for sign in (1.0, -1.0)]
+
+
+def _rotation_search(pair, options, bases, execute):
+    """Large-motion search: every start in ``bases`` (R matrices) turned by each of
+    :func:`search_rotations_deg` about the fixed mask's centroid, scored densely at the coarse level; the
+    ``search_keep`` best optimised at that level, the best of those through the finer levels.
+    Returns (R or None when every candidate failed, info dict)."""
+    coarse = _coarse_pair(pair, options)
+    turns = [np.zeros(3)] + search_rotations_deg(options)
+    scored = []
+    for base in bases:
+        for rv in turns:
+            r = np.asarray(base, dtype=float) @ rigid_matrix(rv, (0.0, 0.0, 0.0), pair.centre_mm)
+            scored.append((_metric_at(options, coarse, r), len(scored), r, rv))
+    scored.sort(key=lambda c: (c[0], c[1]))
+    first = replace(options, shrink_factors=(1,), smoothing_sigmas=(0.0,), iterations=options.search_iterations)
+    refined = []
+    for _, order, r, rv in scored[: options.search_keep]:
+        try:
+            r_coarse, _, _ = execute(first, r, coarse)
+        except RuntimeError:
+            continue
+        refined.append((_metric_at(options, coarse, r_coarse), order, r_coarse, rv))
+    info = {"candidates": len(scored), "refined": len(refined), "turn_deg": None, "stop": None}
+    if not refined:
+        return None, info
+    _, order, r_best, rv = min(refined, key=lambda c: (c[0], c[1]))
+    info["turn_deg"] = [float(v) for v in rv]
+    info["base"] = order // len(turns)
+    finer = options.shrink_factors[1:]
+    if finer:
+        rest = replace(options, shrink_factors=finer, smoothing_sigmas=options.smoothing_sigmas[1:])
+        r_best, info["stop"], _ = execute(rest, r_best)
+    return r_best, info
+
+
+def _judge(options, change, initial_metric, final_metric):
+    """(warning or None, motion class, relative gain) of a result by the guards; see :class:`RegistrationOptions`.
+
+    ``change`` is :func:`describe_motion` of the result relative to the optimiser's start."""
+    shift = float(np.linalg.norm(change["translation_mm"]))
+    angle = float(change["rotation_angle_deg"])
+    if not np.isfinite(final_metric):
+        gain = None
+    elif not np.isfinite(initial_metric):  # the start geometry did not even overlap the target
+        gain = float("inf")
+    else:
+        gain = (initial_metric - final_metric) / max(abs(initial_metric), 1e-12)
+    small = shift <= options.max_translation_mm and angle <= options.max_rotation_deg
+    large_mm = max(options.max_large_translation_mm, options.max_translation_mm)
+    large_deg = max(options.max_large_rotation_deg, options.max_rotation_deg)
+    plausible = shift <= large_mm and angle <= large_deg
+    motion = "small" if small else ("large" if plausible else "implausible")
+    moved = f"{shift:.1f} mm, {angle:.1f} degrees"
+    if not np.isfinite(final_metric):
+        return "registration left no overlap with the target", motion, gain
+    if motion == "implausible":
+        return (f"registration moved the stack by {moved}: beyond the plausible {large_mm:g} mm / "
+                f"{large_deg:g} degrees"), motion, gain
+    if motion == "large" and gain < options.large_motion_min_gain:
+        return (f"registration moved the stack by {moved} (beyond {options.max_translation_mm:g} mm / "
+                f"{options.max_rotation_deg:g} degrees) for a metric gain of {100 * gain:.1f} % "
+                f"(< {100 * options.large_motion_min_gain:g} %)"), motion, gain
+    if final_metric > initial_metric + _METRIC_NOISE * abs(initial_metric):
+        return f"registration made the metric worse ({initial_metric:.4f} -> {final_metric:.4f})", motion, gain
+    return None, motion, gain
+
+
+def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options, monitor, span=(0.0, 1.0),
+                  search=None):
     """Register one stack to a target; the building block of :func:`register_stacks` and refinement.
 
     Parameters
@@ -378,59 +508,76 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
     options : RegistrationOptions
     monitor : Monitor
         Reports stage "register" over ``span``; cancellation stops the optimiser and raises CancelledError.
+    search : {'auto', 'always', 'off'} or None
+        The large-motion rotation search (None: ``options.motion_search``); see the module docstring.
 
     Returns
     -------
     r_final : ndarray (4, 4)
         Patient -> moving-scanner map to use (``r_start`` when the result was rejected).
     info : dict
-        initial_metric, final_metric, iterations, accepted, warning, spacing_mm, seconds.
+        initial_metric, final_metric, result_metric, iterations, accepted, warning, note, decision (one
+        sentence, always), spacing_mm, stop, seconds, motion ('small', 'large' or 'implausible', of the
+        result relative to the optimiser's start), gain (relative metric improvement on ``r_start``), search
+        (None when not run, else why, candidates scored, refined, the winning turn and whether it won).
     """
     t0 = time.perf_counter()
+    search = options.motion_search if search is None else search
     try:
         pair = _prepare_pair(target, target_sigmas_mm, moving, r_init, options)
     except InputError as e:  # no overlap: nothing to register against
         return _kept(r_start, f"{e}; kept the starting geometry", t0)
-    reg = _method(options, pair)
-    reg.SetInitialTransform(_euler(r_init, pair.centre_mm), inPlace=False)
-    total = int(options.iterations) * len(options.shrink_factors)
+    levels = len(options.shrink_factors)
+    local_budget = int(options.iterations) * levels
+    search_budget = options.search_keep * int(options.search_iterations) + int(options.iterations) * (levels - 1)
+    # Progress: the local registration fills the span when no search can follow, else its first part.
+    total = local_budget + (search_budget if search != "off" else 0)
     state = {"iterations": 0}
-    # Ctrl-C or a cancel inside the callback stops the optimiser and is raised again after Execute.
-    guard = CallbackGuard(reg.StopRegistration)
 
     def on_iteration():
         state["iterations"] += 1
         monitor.report(STAGE, span[0] + (span[1] - span[0]) * min(1.0, state["iterations"] / total))
 
-    reg.AddCommand(sitk.sitkIterationEvent, lambda: guard.call(on_iteration))
+    def execute(opts, r, on=None):
+        return _execute(pair if on is None else on, opts, r, on_iteration)
+
     try:
-        result = reg.Execute(pair.fixed, pair.moving)
+        r_local, stop, _ = execute(options, r_init)
     except RuntimeError as e:  # e.g. every sample left the moving image
-        guard.reraise()
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else "SimpleITK error"
         return _kept(r_start, f"registration failed ({reason}); kept the starting geometry", t0)
-    guard.reraise()
-    monitor.report(STAGE, span[1])  # the optimiser may converge before ``total`` iterations
-    r_final = matrix_from_sitk(result)
     initial_metric = _metric_at(options, pair, r_start)
-    final_metric = _metric_at(options, pair, r_final)
+    local_metric = _metric_at(options, pair, r_local)
+    centre = scanner_centre_mm(moving)
+    local_change = describe_motion(np.linalg.inv(r_local) @ r_init, centre)
+    local_warning, _, _ = _judge(options, local_change, initial_metric, local_metric)
+    r_final, final_metric, search_info = r_local, local_metric, None
+    reason = None
+    if search == "always":
+        reason = "always"
+    elif search == "auto":
+        if local_warning is not None:
+            reason = "local result rejected"
+        elif local_change["rotation_angle_deg"] > options.search_trigger_deg:
+            reason = f"local result rotated {local_change['rotation_angle_deg']:.1f} degrees"
+    if reason is not None:
+        r_search, search_info = _rotation_search(pair, options, [r_init, r_local], execute)
+        search_info["reason"] = reason
+        search_info["won"] = False
+        if r_search is not None:
+            search_metric = _metric_at(options, pair, r_search)
+            search_info["metric"] = search_metric
+            # Another optimum must be better beyond the metric's noise to replace the local one.
+            margin = _METRIC_NOISE * abs(local_metric) if np.isfinite(local_metric) else 0.0
+            if search_metric < local_metric - margin:
+                r_final, final_metric = r_search, search_metric
+                search_info["won"] = True
+                stop = search_info["stop"] or stop
+    monitor.report(STAGE, span[1])  # the optimiser may converge before ``total`` iterations
 
     # Guards, relative to the optimiser's start: how far the stack's centre moved, and by what angle.
-    centre = scanner_centre_mm(moving)
     change = describe_motion(np.linalg.inv(r_final) @ r_init, centre)
-    shift = float(np.linalg.norm(change["translation_mm"]))
-    warning = None
-    if not np.isfinite(final_metric):
-        warning = "registration left no overlap with the target"
-    elif shift > options.max_translation_mm:
-        warning = f"registration moved the stack by {shift:.1f} mm (> {options.max_translation_mm:g} mm)"
-    elif change["rotation_angle_deg"] > options.max_rotation_deg:
-        warning = (
-            f"registration rotated the stack by {change['rotation_angle_deg']:.1f} degrees "
-            f"(> {options.max_rotation_deg:g} degrees)"
-        )
-    elif final_metric > initial_metric + _METRIC_NOISE * abs(initial_metric):
-        warning = f"registration made the metric worse ({initial_metric:.4f} -> {final_metric:.4f})"
+    warning, motion, gain = _judge(options, change, initial_metric, final_metric)
     accepted = warning is None
     result_metric, note = final_metric, None
     if not accepted:
@@ -450,6 +597,15 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
         if moved_mm < options.min_shift_mm:
             note = f"change below {options.min_shift_mm:g} mm ({moved_mm:.3f} mm); kept the starting geometry"
             r_final, final_metric = np.asarray(r_start, dtype=float), initial_metric
+        elif motion == "large":
+            note = (f"large motion accepted ({np.linalg.norm(change['translation_mm']):.1f} mm, "
+                    f"{change['rotation_angle_deg']:.1f} degrees): metric gain {100 * gain:.1f} % "
+                    f">= {100 * options.large_motion_min_gain:g} %")
+    # One sentence on why the result was used or not, whatever happened.
+    decision = warning or note or (
+        f"small motion accepted ({np.linalg.norm(change['translation_mm']):.1f} mm, "
+        f"{change['rotation_angle_deg']:.1f} degrees, within {options.max_translation_mm:g} mm / "
+        f"{options.max_rotation_deg:g} degrees): metric gain {100 * gain:.1f} %")
     info = {
         "initial_metric": initial_metric,
         "final_metric": final_metric,
@@ -458,8 +614,12 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
         "accepted": accepted,
         "warning": warning,
         "note": note,
+        "decision": decision,
+        "motion": motion,
+        "gain": gain,
+        "search": search_info,
         "spacing_mm": pair.spacing_mm,
-        "stop": reg.GetOptimizerStopConditionDescription(),
+        "stop": stop,
         "seconds": time.perf_counter() - t0,
     }
     return r_final, info
@@ -468,8 +628,9 @@ def register_pair(target, target_sigmas_mm, moving, *, r_start, r_init, options,
 def _kept(r_start, warning, t0):
     """(r_start, info) of a registration that could not run."""
     info = {"initial_metric": None, "final_metric": None, "result_metric": None, "iterations": 0,
-            "accepted": False, "warning": warning, "note": None, "spacing_mm": None, "stop": None,
-            "seconds": time.perf_counter() - t0}
+            "accepted": False, "warning": warning, "note": None, "decision": warning, "motion": None, "gain": None,
+            "search": None,
+            "spacing_mm": None, "stop": None, "seconds": time.perf_counter() - t0}
     return np.asarray(r_start, dtype=float), info
 
 
@@ -517,8 +678,13 @@ def register_stacks(stacks, *, reference=0, options=None, monitor=None):
     reports : list of dict
         One per stack, in order: translation_mm (3, displacement of the stack's centre), rotation_deg
         (rotation vector, degrees), rotation_angle_deg, initial_metric and final_metric (lower is better),
-        iterations, accepted, warning (None or a sentence), initialisation ("scanner geometry" when the
-        FrameOfReferenceUIDs match, else "moments centring"), transform (4x4), seconds.
+        iterations, accepted, warning (None or a sentence), note (None or a sentence: why the start was kept
+        silently, or that a large motion was accepted), initialisation ("scanner geometry" when the
+        FrameOfReferenceUIDs match, else "moments centring" or "scanner geometry", whichever won; with
+        " + rotation search" when the large-motion search found the result), motion ('small', 'large',
+        'implausible'), gain (relative metric improvement), search (None, or what the large-motion search
+        did: reason, candidates, refined, turn_deg, won, metric), decision (one sentence: why the result was
+        used or not), initialisations_tried (each start's outcome), transform (4x4), seconds.
 
     The stacks' transforms are not written to disk here; call :func:`write_transforms` with the final
     stacks (after any refinement) when ``options.transforms_out`` is set.
@@ -543,17 +709,22 @@ def register_stacks(stacks, *, reference=0, options=None, monitor=None):
             # Unrelated headers: start from the foreground centroids, but also from the scanner geometry
             # (series of one session often share coordinates under different UIDs); the better one wins.
             candidates.insert(0, ("moments centring", _moments_initialisation(target, s, options)))
-        best = None
+        best, tried = None, []
         width = (span[1] - span[0]) / len(candidates)
         for c, (initialisation, r_init) in enumerate(candidates):
             sub_span = (span[0] + c * width, span[0] + (c + 1) * width)
             r_final, info = register_pair(target, target_sigmas, s, r_start=r_start, r_init=r_init, options=options,
                                          monitor=monitor, span=sub_span)
+            tried.append({"initialisation": initialisation, "accepted": info["accepted"],
+                          "final_metric": info["final_metric"], "searched": info.get("search") is not None,
+                          "decision": info.get("decision")})
             if _better(info, best[2] if best else None):
                 best = (initialisation, r_final, info)
         initialisation, r_final, info = best
         moved = s.with_transform(np.linalg.inv(r_final))
-        return moved, stack_report(n, moved, initialisation, info, metric=options.metric)
+        report = stack_report(n, moved, initialisation, info, metric=options.metric)
+        report["initialisations_tried"] = tried
+        return moved, report
 
     return register_each(stacks, reference, monitor, register_one, f"reference '{target.description}'")
 
