@@ -15,15 +15,24 @@ the peak memory of the model path, triangles, closedness, the symmetric vertex-t
 to the exact isosurface (mean / p95, on up to ``--max-points`` vertices per side), the volume change
 caused by smoothing, and the staircase fraction (area whose normal is within 5 degrees of an axis).
 
+- ``--panel``: fidelity against truth on the realistic panel of ``benchmarks/panel.py`` (every case, or
+  ``--cases``): per case the default fusion on the truth grid (fused once, cached), the fused volume's own
+  isosurface and the candidate models (``--candidates``) against the truth's 300 HU bone surface (mean /
+  p95 distance, area-weighted facet-normal error and its area fraction above 20 degrees), next to the
+  InVesalius-style baseline (plain flying edges on the best single series) of the same run.
+- ``--islands``: the island rule on whole volumes.
+
 Usage::
 
     python benchmarks/bench_model.py [--json PATH] [--spacing 0.75] [--skip-real] [--smp STDThread]
+    nice -n 10 python benchmarks/bench_model.py --panel [--cases A P] [--candidates JSON]
 
 Prints a table and writes the JSON (default benchmarks/results/bench_model.json). Uses the shared
 helpers of ``benchmarks/common.py`` (real-data cache, peak memory, table, JSON).
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -249,77 +258,14 @@ def philips_cases(max_points, repeat):
 
 
 # ------------------------------------------------------------------------------------ fidelity panel
-# Truths (the real 1 mm Philips series, the analytic phantom), fused volumes of three orthogonal thick
-# series simulated from each, and the best single series resampled; every model is compared with the
-# truth's bone surface: the model must be as faithful as the volume it comes from.
-GATE_MM = 5.0  # model vertices farther than this from the truth's bone (the head holder) are left out
-
-
-def _profile_weights(centre, n, step_mm, thickness_mm, profile):
-    """Weights of samples 0..n-1 (spacing ``step_mm``) for a slice centred at sample ``centre``
-    (fractional): the profile integrated over each sample's cell, so it is exactly centred."""
-    import math
-
-    m = np.arange(n, dtype=float)
-    lo, hi = (m - 0.5 - centre) * step_mm, (m + 0.5 - centre) * step_mm
-    if profile == "box":
-        w = np.clip(np.minimum(hi, thickness_mm / 2) - np.maximum(lo, -thickness_mm / 2), 0.0, None)
-    else:
-        sigma = thickness_mm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-        erf = np.vectorize(math.erf)
-        w = 0.5 * (erf(hi / (sigma * math.sqrt(2))) - erf(lo / (sigma * math.sqrt(2))))
-        w[np.abs(m - centre) * step_mm > 4 * sigma + step_mm] = 0.0
-    return w / w.sum()
-
-
-def simulate_from_volume(image, orientation, thickness_mm, profile="box", noise_hu=10.0, seed=0):
-    """A thick-slice stack simulated from a voxel volume (axis-aligned, identity direction).
-
-    Each slice is the volume integrated along ``orientation``'s normal axis over a centred slice profile
-    (box of width, or Gaussian of FWHM, ``thickness_mm``), slices every ``thickness_mm``; in-plane
-    the volume's own sampling; white Gaussian noise last. Slice planes follow DICOM's orientations
-    (coronal row x, column -z; sagittal row y, column -z).
-    """
-    from MultiPlaneFusionLib.stack import Stack
-
-    d = np.asarray(image.GetDirection()).reshape(3, 3)
-    if not np.allclose(d, np.eye(3), atol=1e-6):
-        raise ValueError("simulate_from_volume expects an identity direction")
-    v = sitk.GetArrayViewFromImage(image)  # [k, j, i] = [z, y, x]
-    sp = np.asarray(image.GetSpacing(), float)
-    o = np.asarray(image.GetOrigin(), float)
-    axis = {"axial": 2, "coronal": 1, "sagittal": 0}[orientation]  # x y z index of the normal
-    n = v.shape[2 - axis]
-    step = thickness_mm / sp[axis]
-    centres = np.arange(0.5 * step - 0.5, n - 0.5 * step + 0.5, step)
-    centres += 0.5 * ((n - 1) - (centres[0] + centres[-1]))  # symmetric in the volume
-    slices = []
-    for c in centres:
-        w = _profile_weights(c, n, sp[axis], thickness_mm, profile)
-        nz = np.flatnonzero(w)
-        s = np.tensordot(w[nz], np.take(v, nz, axis=2 - axis), axes=(0, 2 - axis))
-        slices.append(s.astype(np.float32))
-    rng = np.random.default_rng(seed)
-    pos = o[axis] + centres * sp[axis]
-    if orientation == "axial":
-        pix = np.stack(slices)  # [n, y, x]
-        origins = np.stack([np.full(len(pos), o[0]), np.full(len(pos), o[1]), pos], axis=1)
-        row, col, ps = (1, 0, 0), (0, 1, 0), (sp[0], sp[1])
-    elif orientation == "coronal":
-        pix = np.stack([s[::-1, :] for s in slices])  # s is [z, x] -> [-z, x]
-        z_top = o[2] + (v.shape[0] - 1) * sp[2]
-        origins = np.stack([np.full(len(pos), o[0]), pos, np.full(len(pos), z_top)], axis=1)
-        row, col, ps = (1, 0, 0), (0, 0, -1), (sp[0], sp[2])
-    else:
-        pix = np.stack([s[::-1, :] for s in slices])  # s is [z, y] -> [-z, y]
-        z_top = o[2] + (v.shape[0] - 1) * sp[2]
-        origins = np.stack([pos, np.full(len(pos), o[1]), np.full(len(pos), z_top)], axis=1)
-        row, col, ps = (0, 1, 0), (0, 0, -1), (sp[1], sp[2])
-        pix, origins = pix[::-1], origins[::-1]  # normal -x: offsets increase with decreasing x
-    pix = pix + rng.normal(0.0, noise_hu, pix.shape).astype(np.float32)
-    return Stack(pixels=pix, slice_origins_mm=origins, row_direction=row, column_direction=col,
-                 pixel_spacing_mm=ps, thickness_mm=thickness_mm, modality="CT",
-                 description=f"SIM {orientation.upper()} {thickness_mm:g}MM {profile}")
+# The realistic panel of benchmarks/panel.py (truths: the real 1 mm Philips series and the analytic phantom;
+# three series per case read back from DICOM/NRRD; the real 5 mm + tilted series against the 1 mm series):
+# each case fused once with the default fusion on the truth grid (cached), each series alone resampled
+# linearly (the baseline's input); every model is compared with the truth's bone surface: the model must
+# be as faithful as the volume it comes from.
+GATE_MM = 5.0  # model vertices farther than this from the truth's bone are left out
+BOX_MARGIN_MM = 7.0  # measures inside the grid less this (no field-of-view caps)
+NORMAL_SIGMA_MM = 1.0  # the truth's normal field: gradient of the truth blurred at this scale
 
 
 def inner_box(grid, margin_mm):
@@ -334,9 +280,15 @@ class Truth:
 
     Only model vertices / facets inside ``box`` (away from the field of view's caps) and within
     ``GATE_MM`` of the truth count; truth vertices inside ``box`` count for the other direction.
+    Two references for facet normals: the truth mesh's interpolated point normal at the closest truth
+    point ('facet'), and the gradient of the truth volume blurred by ``NORMAL_SIGMA_MM`` there
+    ('facet_grad': on the hard-edged phantom the truth's own 0.9 mm mesh is terraced by partial volume,
+    so its normals carry a grid-scale error of their own).
     """
 
-    def __init__(self, polydata, box):
+    def __init__(self, polydata, box, volume=None, grid=None):
+        from MultiPlaneFusionLib.model.surface import SampledField
+
         self.poly = polydata
         self.box = box
         self.pts = points(polydata)
@@ -347,6 +299,13 @@ class Truth:
         self.locator = vtk.vtkStaticCellLocator()
         self.locator.SetDataSet(polydata)
         self.locator.BuildLocator()
+        self.gradient = None
+        if volume is not None:
+            img = sitk.GetImageFromArray(np.asarray(volume, dtype=np.float32))
+            img.SetSpacing(tuple(float(v) for v in grid.spacing_mm))
+            blurred = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(img, NORMAL_SIGMA_MM))
+            self.gradient = SampledField(np.ascontiguousarray(blurred, dtype=np.float32),
+                                         np.asarray(grid.origin_mm, float), np.asarray(grid.spacing_mm, float))
 
     def inside(self, p):
         return np.all((p >= self.box[0]) & (p <= self.box[1]), axis=1)
@@ -378,8 +337,8 @@ class Truth:
                 "gated_out_fraction": float(1.0 - gated.mean()) if len(gated) else 0.0, **angle}
 
     def facet_angles(self, model, n, rng):
-        """Area-weighted angle (deg) between model facet normals and the truth's interpolated point
-        normal at the closest truth point: facets drawn with probability proportional to area."""
+        """Area-weighted angle (deg) between model facet normals and the truth's normal at the closest
+        truth point (see the class doc): facets drawn with probability proportional to area."""
         mp, mt = points(model), triangles(model)
         c = mp[mt].mean(axis=1)
         sel = self.inside(c)
@@ -391,12 +350,11 @@ class Truth:
         idx = rng.choice(len(c), min(n, len(c)), replace=True, p=area / area.sum())
         closest = [0.0, 0.0, 0.0]
         cell, sub, d2 = vtk.reference(0), vtk.reference(0), vtk.reference(0.0)
-        cosines, kept = [], 0
+        facets, refs, at = [], [], []
         for i in idx:
             self.locator.FindClosestPoint(c[i].tolist(), closest, cell, sub, d2)
             if d2 > GATE_MM ** 2:
                 continue
-            kept += 1
             t = self.tris[int(cell)]
             a, b, e = self.pts[t[0]], self.pts[t[1]], self.pts[t[2]]
             x = np.asarray(closest)
@@ -410,121 +368,180 @@ class Truth:
             else:
                 wb = (d11 * d20 - d01 * d21) / den
                 we = (d00 * d21 - d01 * d20) / den
-            nrm = (1 - wb - we) * self.normals[t[0]] + wb * self.normals[t[1]] + we * self.normals[t[2]]
-            f = cross[i]
-            cosines.append(float(f @ nrm) / max(np.linalg.norm(f) * np.linalg.norm(nrm), 1e-30))
-        ang = np.degrees(np.arccos(np.clip(np.asarray(cosines), -1.0, 1.0)))
-        return {"facet_angle_deg": float(ang.mean()), "facet_above20_fraction": float((ang > 20).mean()),
-                "facet_samples": kept}
+            refs.append((1 - wb - we) * self.normals[t[0]] + wb * self.normals[t[1]] + we * self.normals[t[2]])
+            facets.append(cross[i])
+            at.append(x)
+        f = np.asarray(facets)
+        f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-30)
+
+        def angles(ref):
+            ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-30)
+            return np.degrees(np.arccos(np.clip(np.sum(f * ref, axis=1), -1.0, 1.0)))
+
+        ang = angles(np.asarray(refs))
+        out = {"facet_angle_deg": float(ang.mean()), "facet_above20_fraction": float((ang > 20).mean()),
+               "facet_samples": len(f)}
+        if self.gradient is not None:
+            _, g = self.gradient.sample(np.asarray(at))
+            ga = angles(-g)  # bone is bright: the outward normal is down the gradient
+            out.update(facet_grad_deg=float(ga.mean()), facet_grad_above20_fraction=float((ga > 20).mean()))
+        return out
 
 
 def truth_surface(image, level):
     """The truth's bone surface: its exact isosurface at ``level``, kept pieces of the default island
-    rule (the head holder left out), unsmoothed, with point normals."""
+    rule, unsmoothed, with point normals."""
     return build_model(image, ModelOptions(threshold=(level, 3071.0), smoothing=0)).polydata
 
 
-def panel_volumes(truth_image, stacks_for, quick):
-    """Fused volumes (srr, average) of three orthogonal series and the best single series resampled."""
-    from MultiPlaneFusionLib.grid import grid_from_image
-    from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
+def _fusion_key(case, grid):
+    """Cache key of a case's default fusion: the case and the default fusion options (their repr)."""
+    import hashlib
+
+    import panel
+
+    opts = panel.fuse_options({}, grid, case.register)
+    return hashlib.sha1((case.key() + repr(opts)).encode()).hexdigest()[:12]
+
+
+def panel_inputs(case, log=print):
+    """(fused image, [(series description, single series image)], fusion seconds) of a panel case on its
+    truth grid: the default fusion (as ``fuse --grid-like TRUTH``) and each series (registered, for the
+    real case) resampled linearly, each outside its coverage -1024 HU. Fused once, then read from the
+    cache (``cache_dir()/model-panel``, keyed by the case and the default fusion options)."""
+    import json
+
+    import panel
+
     from MultiPlaneFusionLib.sampling.resample import resample_stack
 
-    grid = grid_from_image(truth_image)
-    settings = [("3 mm box, 10 HU", 3.0, "box", 10.0, ("srr",)),
-                ("5 mm Gaussian, 20 HU", 5.0, "gaussian", 20.0, ("average",) if quick else ("srr", "average"))]
-    for label, thickness, profile, noise, methods in settings:
-        stacks = stacks_for(thickness, profile, noise)
-        fused = []
-        for method in methods:
-            t = time.perf_counter()
-            f = fuse_stacks(stacks, FuseOptions(method=method, grid=grid, register=False))
-            print(f"  {method} of 3 x {label}: {time.perf_counter() - t:.1f} s", flush=True)
-            fused.append((f"{method}, 3 x {label}", f.image))
-        singles = []
-        for s in stacks:
+    truth, grid = panel.truth_for(case)
+    root = panel.cache_dir() / "model-panel" / f"{case.truth}-{_fusion_key(case, grid)}"
+    meta = root / "meta.json"
+    if not meta.exists():
+        paths = panel.case_paths(case)
+        _, seconds, res = panel.run_fusion(paths, grid, {}, case.register)
+        root.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(res.image, str(root / "fused.nrrd"), True)
+        descs = []
+        for n, s in enumerate(res.stacks):
             v, covered = resample_stack(s, grid, "linear")
-            v[~covered] = -1024.0
-            singles.append((s.description, grid.image(v)))
-        yield label, fused, singles
+            v[~covered] = panel.BACKGROUND_HU
+            sitk.WriteImage(grid.image(v), str(root / f"single{n}.nrrd"), True)
+            descs.append(f"{n} {s.description[:24]}")
+        meta.write_text(json.dumps({"case": case.name, "fusion_s": seconds, "singles": descs}))
+        log(f"  fused {case.name} in {seconds:.1f} s (cached in {root})")
+    info = json.loads(meta.read_text())
+    fused = sitk.ReadImage(str(root / "fused.nrrd"), sitk.sitkFloat32)
+    singles = [(d, sitk.ReadImage(str(root / f"single{n}.nrrd"), sitk.sitkFloat32))
+               for n, d in enumerate(info["singles"])]
+    return fused, singles, info["fusion_s"]
 
 
-def panel_case(name, truth_image, stacks_for, level, quick, candidates, max_points):
+def without_holder(image, region):
+    """``image`` with the voxels outside the scored region (the Philips head holder) set to air."""
+    if region is None:
+        return image
+    v = sitk.GetArrayFromImage(image)
+    v[~region] = -1024.0
+    out = sitk.GetImageFromArray(v)
+    out.CopyInformation(image)
+    return out
+
+
+PHANTOM_TRUTH_SUPERSAMPLE = 4
+
+
+def phantom_truth_fine():
+    """The analytic phantom averaged over 4^3 sub-points per voxel on the panel's phantom grid (cached).
+
+    The panel scores volumes against 2^3 sub-points; its 300 HU surface is terraced by the coarse partial
+    volume (0.05 mm mean from this one, facets 9.8 degrees off its normals), which would put a floor
+    under the facet measure near the baseline's own error."""
+    import panel
+
+    from MultiPlaneFusionLib.simulation import phantom_truth
+
+    _, grid = panel.phantom_truth_volume()
+    path = panel.cache_dir() / "model-panel" / (
+        f"phantom-truth-x{PHANTOM_TRUTH_SUPERSAMPLE}-{panel.PHANTOM_SCALE:g}-{panel.PHANTOM_SPACING_MM:g}.nrrd")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        v = phantom_truth(grid, panel.PHANTOM_SCALE, supersample=PHANTOM_TRUTH_SUPERSAMPLE)
+        sitk.WriteImage(grid.image(v), str(path), True)
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32)), grid
+
+
+def panel_truth(case):
+    """(Truth, truth image, scored region) of a panel case (region: None or the Philips truth less the
+    head holder, as benchmarks/panel.py scores it; the phantom: :func:`phantom_truth_fine`)."""
+    import panel
+
+    volume, grid = phantom_truth_fine() if case.truth == "phantom" else panel.truth_for(case)
+    region = panel.scored_region(case)
+    image = without_holder(grid.image(volume), region)
+    v = sitk.GetArrayViewFromImage(image)
+    return Truth(truth_surface(image, 300.0), inner_box(grid, BOX_MARGIN_MM), v, grid), image, region
+
+
+def panel_case(case, candidates, max_points, log=print):
+    """Rows of one panel case: truth floor, each single series' plain flying edges (the baseline: the
+    best of them by mean distance), then for the fused volume its own isosurface and every candidate."""
     from MultiPlaneFusionLib.grid import grid_from_image
 
-    grid = grid_from_image(truth_image)
-    box = inner_box(grid, 7.0)
-    truth = Truth(truth_surface(truth_image, level), box)
-    print(f"{name}: truth surface {truth.poly.GetNumberOfCells()} triangles", flush=True)
+    truth, truth_image, region = panel_truth(case)
+    fused, singles, fusion_s = panel_inputs(case, log)
+    level = 300.0
     opts = dict(threshold=(level, 3071.0))
     rows = []
 
-    def add(case, label, poly, extra=None):
+    def add(label, poly, extra=None):
         m = truth.measure(poly, max_points)
-        r = {"case": f"{name}: {case}", "model": label, **m, **(extra or {})}
+        r = {"case": case.name, "model": label, **m, **(extra or {})}
         rows.append(r)
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        log({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
         return r
 
-    add("truth", "truth itself (floor of the angle measure)", truth.poly)
-    for _setting, fused, singles in panel_volumes(truth_image, stacks_for, quick):
-        # InVesalius-style baseline: plain flying edges, unsmoothed, on each single series; the best kept.
-        best = None
-        for desc, img in singles:
-            fe = iso_surface(sitk.GetArrayViewFromImage(img), level, grid_from_image(img))
-            r = add(f"single {desc}", "baseline: flying edges, unsmoothed", fe)
-            if best is None or r["mean_mm"] < best[0]["mean_mm"]:
-                best = (r, desc, img)
-        base_row, best_desc, best_img = best
-        base_row["best_single"] = True
-        for case, img in fused + [(f"best single series ({best_desc}) resampled", best_img)]:
-            own = build_model(img, ModelOptions(smoothing=0, **opts))
-            own_row = add(case, "volume's own isosurface (s=0)", own.polydata)
-            for label, o in candidates:
-                res = build_model(img, ModelOptions(**o, **opts))
-                add(case, label, res.polydata, {
-                    "displacement_mean_mm": res.report["smoothing_displacement_mm"]["mean"],
-                    "displacement_max_mm": res.report["smoothing_displacement_mm"]["max"],
-                    "volume_change_percent": res.report["smoothing_volume_change_percent"],
-                    "closed": res.report["closed"], "outward": res.report["outward"],
-                    "islands": res.report["islands"], "baseline_angle_deg": base_row["facet_angle_deg"],
-                    "own_mean_mm": own_row["mean_mm"], "own_p95_mm": own_row["p95_mm"]})
+    add("truth itself (floor)", truth.poly)
+    best = None
+    for desc, img in singles:
+        img = without_holder(img, region)
+        fe = iso_surface(sitk.GetArrayViewFromImage(img), level, grid_from_image(img))
+        r = add(f"baseline: flying edges on single {desc}", fe)
+        if best is None or r["mean_mm"] < best["mean_mm"]:
+            best = r
+    best["best_single"] = True
+    fused = without_holder(fused, region)
+    own = build_model(fused, ModelOptions(smoothing=0, **opts))
+    own_row = add("fused: own isosurface (s=0)", own.polydata, {"fusion_s": fusion_s})
+    for label, o in candidates:
+        t = time.perf_counter()
+        res = build_model(fused, ModelOptions(**{**opts, **o}))
+        seconds = time.perf_counter() - t
+        rep = res.report
+        add(f"fused: {label}", res.polydata, {
+            "model_s": seconds, "triangles": rep["triangles"],
+            "displacement_mean_mm": rep["smoothing_displacement_mm"]["mean"],
+            "displacement_max_mm": rep["smoothing_displacement_mm"]["max"],
+            "volume_change_percent": rep["smoothing_volume_change_percent"],
+            "closed": rep["closed"], "outward": rep["outward"], "islands": rep["islands"],
+            "baseline_angle_deg": best["facet_angle_deg"], "baseline_grad_deg": best.get("facet_grad_deg"),
+            "own_mean_mm": own_row["mean_mm"], "own_p95_mm": own_row["p95_mm"]})
     return rows
 
 
-def philips_truth(z_range=None):
-    from MultiPlaneFusionLib.reading import read_volume
+def run_model_panel(args, candidates, log=print):
+    import panel
 
-    image = sitk.Cast(read_volume(extract_series("philips_axial_1mm")), sitk.sitkFloat32)
-    # The skull's box (x 95..402, y 28..442 of 512 x 512) with a margin; the head holder's rim is kept.
-    return image[80:420, 15:460, z_range[0]:z_range[1]]
-
-
-def philips_panel(args, candidates):
-    try:
-        truth = philips_truth((25, 115) if args.full else (40, 90))
-    except FileNotFoundError as e:
-        print(f"{e}: skipping the Philips panel", flush=True)
-        return []
-
-    def stacks_for(thickness, profile, noise):
-        return [simulate_from_volume(truth, o, thickness, profile, noise, seed=n)
-                for n, o in enumerate(("axial", "coronal", "sagittal"))]
-
-    return panel_case("philips 1 mm", truth, stacks_for, 300.0, not args.full, candidates, args.max_points)
-
-
-def phantom_panel(args, candidates):
-    from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks
-
-    grid = phantom_grid(args.panel_spacing, scale=args.scale)
-    truth = grid.image(phantom_truth(grid, scale=args.scale))
-
-    def stacks_for(thickness, profile, noise):
-        return simulate_orthogonal_stacks(thickness_mm=thickness, pixel_spacing_mm=args.panel_spacing,
-                                          scale=args.scale, noise_hu=noise, profile=profile, seed=3)
-
-    return panel_case("phantom", truth, stacks_for, 300.0, not args.full, candidates, args.max_points)
+    rows = []
+    for case in panel.get_cases(args.cases or None):
+        if args.skip_real and case.truth != "phantom":
+            continue
+        if args.skip_phantom and case.truth == "phantom":
+            continue
+        log(f"== {case.name}")
+        rows += panel_case(case, candidates, args.max_points, log)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -619,30 +636,44 @@ PANEL_COLUMNS = [
     ("p95_mm", "p95 mm", ".3f"),
     ("facet_angle_deg", "facet deg", ".2f"),
     ("facet_above20_fraction", ">20 deg", ".3f"),
-    ("displacement_mean_mm", "disp mean mm", ".3f"),
-    ("displacement_max_mm", "disp max mm", ".3f"),
+    ("facet_grad_deg", "facet/grad deg", ".2f"),
+    ("displacement_mean_mm", "disp mean", ".3f"),
+    ("displacement_max_mm", "disp max", ".3f"),
     ("volume_change_percent", "dV %", ".3f"),
     ("d_mean", "mean - own", "+.4f"),
     ("d_p95", "p95 - own", "+.4f"),
-    ("angle_ratio", "facet / baseline", ".2f"),
+    ("angle_ratio", "facet / base", ".2f"),
+    ("grad_ratio", "grad / base", ".2f"),
+    ("verdict", "ok", "s"),
 ]
 
 
-def show_panel(rows):
+def show_panel(rows, all_singles=False):
+    """One table: per case the truth floor, the best single series' baseline (or every single with
+    ``all_singles``), the fused volume's own isosurface and the candidates, with the acceptance checks."""
     flat = []
     for r in rows:
+        if r["model"].startswith("baseline") and not (all_singles or r.get("best_single")):
+            continue
         f = dict(r)
         if "own_mean_mm" in r:
             f["d_mean"] = r["mean_mm"] - r["own_mean_mm"]
             f["d_p95"] = r["p95_mm"] - r["own_p95_mm"]
             f["angle_ratio"] = r["facet_angle_deg"] / r["baseline_angle_deg"]
+            if r.get("baseline_grad_deg"):
+                f["grad_ratio"] = r["facet_grad_deg"] / r["baseline_grad_deg"]
+            ok_d = f["d_mean"] <= 0.02 and f["d_p95"] <= 0.05
+            f["verdict"] = ("dist " + ("ok" if ok_d else "MISS") + ", facet "
+                            + ("ok" if f["angle_ratio"] <= 0.5 else "MISS"))
         flat.append(f)
-    print_table("bone model against the truth (panel)", flat, PANEL_COLUMNS)
+    print_table("bone model against the truth (realistic panel)", flat, PANEL_COLUMNS)
     print(f"mean/p95: symmetric vertex-to-surface distance to the truth's 300 HU bone surface, inside the grid "
-          f"less 7 mm (no field-of-view caps), model vertices within {GATE_MM:g} mm of the truth (the head holder "
-          "left out); facet deg: area-weighted angle between model facets and the truth's normal at the closest "
-          "truth point; >20 deg: area fraction; baseline: plain flying edges on the best single series of the "
-          "same setting. Acceptance: mean - own <= +0.02, p95 - own <= +0.05, facet / baseline <= 0.5.")
+          f"less {BOX_MARGIN_MM:g} mm (no field-of-view caps), model vertices within {GATE_MM:g} mm of the truth "
+          "(head holder left out); facet deg: area-weighted angle between model facets and the truth mesh's "
+          "normal at the closest truth point; facet/grad: the same against the gradient of the truth blurred "
+          f"by {NORMAL_SIGMA_MM:g} mm; >20 deg: area fraction; baseline: plain flying edges (unsmoothed, "
+          "InVesalius-style) on the best single series of the case (by mean distance), same run. "
+          "Acceptance: mean - own <= +0.02, p95 - own <= +0.05, facet / base <= 0.5.")
 
 
 def main(argv=None):
@@ -659,8 +690,11 @@ def main(argv=None):
     ap.add_argument("--panel", action="store_true",
                     help="only the fidelity panel: models of fused and single-series volumes against the truth")
     ap.add_argument("--islands", action="store_true", help="only the island rule on whole volumes")
-    ap.add_argument("--full", action="store_true", help="panel: larger Philips crop, srr of the 5 mm series too")
-    ap.add_argument("--panel-spacing", type=float, default=0.9, help="panel: phantom grid spacing, mm")
+    ap.add_argument("--cases", nargs="*", help="panel: case names or substrings (default: every panel case)")
+    ap.add_argument("--candidates", help='panel: JSON {label: {ModelOptions field: value}} of models to compare '
+                    '(default: {"default model": {}})')
+    ap.add_argument("--all-singles", action="store_true", help="panel: print every single series' baseline")
+    ap.add_argument("--panel-spacing", type=float, default=0.9, help="islands: phantom grid spacing, mm")
     args = ap.parse_args(argv)
     if args.smp:
         vtk.vtkSMPTools.SetBackend(args.smp)
@@ -672,16 +706,14 @@ def main(argv=None):
                    {"environment": env, "rows": island_rows(args)})
         return
     if args.panel:
-        candidates = [("default model", {})]
-        rows = []
-        if not args.skip_real:
-            rows += philips_panel(args, candidates)
-            show_panel(rows)
-        if not args.skip_phantom:
-            rows += phantom_panel(args, candidates)
-        show_panel(rows)
+        import json
+
+        candidates = list(json.loads(args.candidates).items()) if args.candidates else [("default model", {})]
+        rows = run_model_panel(args, candidates)
+        show_panel(rows, args.all_singles)
         write_json(args.json.replace("bench_model.json", "bench_model_panel.json"),
-                   {"environment": env, "args": vars(args), "rows": rows})
+                   {"environment": env, "load_average": list(os.getloadavg()), "args": vars(args),
+                    "rows": rows})
         return
     rows = []
     if not args.skip_phantom:

@@ -25,6 +25,8 @@ from .surface import (
     contour_labelmap,
     decimate,
     iso_band_mm,
+    iso_shift_mm,
+    iso_smoothing_parameters,
     orient_outward,
     smooth,
     smooth_iso,
@@ -170,8 +172,10 @@ def build_model(image, options=None, *, modality="CT", progress=None, cancel=Non
     report = mesh_report(poly, facts)
     timings["report_s"] = time.perf_counter() - t5
     timings["total_s"] = time.perf_counter() - t0
-    pass_band, iterations = smoothing_parameters(options.smoothing)
-    band = iso_band_mm(options.smoothing, spacing) if options.surface_method == "iso" else None
+    iso = options.surface_method == "iso"
+    pass_band, iterations = (iso_smoothing_parameters if iso else smoothing_parameters)(options.smoothing)
+    band = iso_band_mm(options.smoothing, spacing) if iso else None
+    shift = iso_shift_mm(options.smoothing, spacing) if iso else None
     change = 100.0 * (abs(volume_after) - abs(volume_before)) / abs(volume_before) if volume_before else 0.0
     report.update(
         threshold=[lo, hi],
@@ -181,6 +185,7 @@ def build_model(image, options=None, *, modality="CT", progress=None, cancel=Non
         smoothing_pass_band=pass_band if options.smoothing > 0 else None,
         smoothing_iterations=iterations if options.smoothing > 0 else 0,
         smoothing_iso_band_mm=band if options.smoothing > 0 else None,
+        smoothing_iso_shift_mm=shift if options.smoothing > 0 else None,
         smoothing_volume_change_percent=change,
         smoothing_displacement_mm={"mean": float(moved.mean()), "max": float(moved.max())},
         decimation=decimation,

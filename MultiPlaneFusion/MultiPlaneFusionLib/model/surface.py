@@ -28,11 +28,13 @@ from .mesh import defect_vertices, mesh_facts, points, set_triangles, transform_
 # Relative size of the tie guard (fraction of the value range in the contoured box).
 _TIE_EPS = 1e-3
 
-# Constrained iso smoothing (chosen by measurement against truth, see README 'Bone model'): a vertex
-# moves at most ISO_SHIFT_VOXELS * s of the finest spacing from where flying edges put it, and ends within
+# Constrained iso smoothing (chosen by measurement against truth, see README 'Bone model'). For factor s:
+# the windowed sinc's pass band is 10^(-ISO_PASS_BAND_DECADES * s) with Slicer's iterations, a vertex moves
+# at most ISO_SHIFT_VOXELS * s of the finest spacing from where flying edges put it, and ends within
 # ISO_BAND_VOXELS * s of the volume's isosurface.
+ISO_PASS_BAND_DECADES = 2.0
 ISO_SHIFT_VOXELS = 0.5
-ISO_BAND_VOXELS = 0.0
+ISO_BAND_VOXELS = 0.2
 
 
 def smoothing_parameters(smoothing):
@@ -43,6 +45,14 @@ def smoothing_parameters(smoothing):
     """
     s = float(smoothing)
     return 10.0 ** (-4.0 * s), int(20 + 40 * s)
+
+
+def iso_smoothing_parameters(smoothing):
+    """(pass band, iterations) of the windowed sinc in the constrained smoothing of the ``iso`` method:
+    pass band 10^(-2 s) (a sub-voxel isosurface has no stairs to flatten, so a weaker low-pass than
+    Slicer's 10^(-4 s)), Slicer's iterations int(20 + 40 s)."""
+    s = float(smoothing)
+    return 10.0 ** (-ISO_PASS_BAND_DECADES * s), int(20 + 40 * s)
 
 
 def _observe(algorithm, monitor, stage, start, stop):
@@ -169,7 +179,7 @@ def contour_labelmap(mask, box, spacing, monitor=None):
     return out
 
 
-def smooth(poly, smoothing, monitor=None, start=0.3, stop=0.85):
+def smooth(poly, smoothing, monitor=None, start=0.3, stop=0.85, pass_band=None, iterations=None):
     """Windowed-sinc smoothing with Slicer's parameters for factor ``smoothing`` (0 returns ``poly``).
 
     Boundary and feature-edge smoothing off, non-manifold smoothing on, coordinates normalised (as in
@@ -179,7 +189,9 @@ def smooth(poly, smoothing, monitor=None, start=0.3, stop=0.85):
     monitor = Monitor.wrap(monitor)
     if smoothing <= 0 or poly.GetNumberOfCells() == 0:
         return poly
-    pass_band, iterations = smoothing_parameters(smoothing)
+    pb, it = smoothing_parameters(smoothing)
+    pass_band = pb if pass_band is None else pass_band
+    iterations = it if iterations is None else iterations
     ws = vtk.vtkWindowedSincPolyDataFilter()
     ws.SetInputData(poly)
     ws.SetNumberOfIterations(iterations)
@@ -261,7 +273,8 @@ def constrain_to_isosurface(pts, field, band_mm, max_step_mm, steps=4):
     return pts
 
 
-def smooth_iso(poly, field, *, smoothing, spacing, monitor=None, start=0.3, stop=0.85):
+def smooth_iso(poly, field, *, smoothing, spacing, monitor=None, start=0.3, stop=0.85, pass_band=None,
+               iterations=None, shift_voxels=None, band_voxels=None):
     """Constrained smoothing of an isosurface: windowed sinc, then back to within a band of the level set.
 
     Parameters
@@ -271,10 +284,14 @@ def smooth_iso(poly, field, *, smoothing, spacing, monitor=None, start=0.3, stop
     field : SampledField
         The contoured field (:func:`contour_iso` with ``keep_field``).
     smoothing : float in [0, 1]
-        Slicer's factor s for the windowed sinc (:func:`smoothing_parameters`); the band's half width
-        is ``iso_band_mm(s, spacing)``. 0 returns ``poly``.
+        Factor s: the windowed sinc of :func:`iso_smoothing_parameters`, vertices moved at most
+        ``iso_shift_mm(s, spacing)`` and kept within ``iso_band_mm(s, spacing)`` of the isosurface.
+        0 returns ``poly``.
     spacing : (3,) float
         Voxel spacing in mm.
+    pass_band, iterations, shift_voxels, band_voxels : optional
+        Override the windowed sinc's parameters, ``ISO_SHIFT_VOXELS`` and ``ISO_BAND_VOXELS`` (for
+        measuring alternatives).
 
     Returns
     -------
@@ -283,18 +300,20 @@ def smooth_iso(poly, field, *, smoothing, spacing, monitor=None, start=0.3, stop
     """
     if smoothing <= 0 or poly.GetNumberOfCells() == 0:
         return poly
-    out = smooth(poly, smoothing, monitor, start, start + 0.8 * (stop - start))
+    pb, it = iso_smoothing_parameters(smoothing)
+    out = smooth(poly, smoothing, monitor, start, start + 0.8 * (stop - start),
+                 pass_band=pb if pass_band is None else pass_band, iterations=it if iterations is None else iterations)
     pts = points(out).astype(float, copy=True)
     # Tangential drift is limited too: at a rim (the edge of a hole, of a thin wall cut by the
     # threshold) it would widen the hole.
     x0 = points(poly)
     shift = pts - x0
     length = np.linalg.norm(shift, axis=1)
-    r = ISO_SHIFT_VOXELS * float(smoothing) * float(min(spacing))
+    r = iso_shift_mm(smoothing, spacing, shift_voxels)
     far = length > r
     pts[far] = x0[far] + shift[far] * (r / length[far])[:, None]
     del x0, shift, length
-    band = iso_band_mm(smoothing, spacing)
+    band = iso_band_mm(smoothing, spacing, band_voxels)
     constrain_to_isosurface(pts, field, band, 0.25 * float(min(spacing)))
     res = vtk.vtkPolyData()
     res.ShallowCopy(out)
@@ -305,10 +324,18 @@ def smooth_iso(poly, field, *, smoothing, spacing, monitor=None, start=0.3, stop
     return res
 
 
-def iso_band_mm(smoothing, spacing):
+def iso_band_mm(smoothing, spacing, band_voxels=None):
     """Half width (mm) of the band around the isosurface that constrained smoothing may use:
     ``ISO_BAND_VOXELS * s`` of the finest voxel spacing."""
-    return ISO_BAND_VOXELS * float(smoothing) * float(min(spacing))
+    v = ISO_BAND_VOXELS if band_voxels is None else band_voxels
+    return float(v) * float(smoothing) * float(min(spacing))
+
+
+def iso_shift_mm(smoothing, spacing, shift_voxels=None):
+    """Largest move (mm) of a vertex from its flying-edges position in constrained smoothing:
+    ``ISO_SHIFT_VOXELS * s`` of the finest voxel spacing."""
+    v = ISO_SHIFT_VOXELS if shift_voxels is None else shift_voxels
+    return float(v) * float(smoothing) * float(min(spacing))
 
 
 def _decimate_pro(pts, tris, reduction):
