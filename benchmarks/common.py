@@ -23,6 +23,8 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "Testing"))  # the tests' support package: one place that finds the shared data
 from support.shared_data import extract_archive, shared_data_dir  # noqa: E402
 
+from MultiPlaneFusionLib.memory import reset_peak_rss  # noqa: E402
+
 
 def cache_dir():
     """Where archives are extracted: ``$MPF_BENCH_CACHE`` or a folder in the system temp dir."""
@@ -64,16 +66,6 @@ def _status_mb(key):
     return None
 
 
-def _reset_peak():
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def rss_mb():
     """Current resident memory of this process, MB (None where unknown)."""
     return _status_mb("VmRSS")
@@ -94,7 +86,7 @@ def measure(fn, *args, **kwargs):
     call needed at its peak; None where the peak counter cannot be reset, i.e. outside Linux).
     """
     before = rss_mb()
-    exact = _reset_peak()
+    exact = reset_peak_rss()
     t = time.perf_counter()
     result = fn(*args, **kwargs)
     seconds = time.perf_counter() - t

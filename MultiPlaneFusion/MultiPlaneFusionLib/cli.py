@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import __version__, memory
+from .argtypes import int_at_least, positive_float
 from .errors import CancelledError, MultiPlaneFusionError
 from .pipeline import EXTENTS, INTERPOLATIONS, METHODS, FuseOptions
 from .progress import Monitor
@@ -22,31 +23,10 @@ log = logging.getLogger("MultiPlaneFusionLib")
 
 
 # --------------------------------------------------------------------------------------------- arguments
-def positive_float(text):
-    """argparse type: a float > 0 (bad values are argument errors, exit 2, before any reading)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _add_common(p):
     p.add_argument("--quiet", action="store_true", help="no progress or info messages on stderr")
     p.add_argument("--verbose", action="store_true", help="debug messages on stderr")
     p.add_argument("--json", metavar="SUMMARY.json", help="write a JSON summary of inputs, settings, timings, outputs")
-
-
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def _add_fuse_arguments(p):
@@ -61,7 +41,7 @@ def _add_fuse_arguments(p):
     g.add_argument("--extent", choices=EXTENTS, default=d.extent,
                    help="grid covers the region all stacks share (overlap) or any stack covers (union); "
                         f"default {d.extent}")
-    g.add_argument("--reference", type=_non_negative_int, default=d.reference, metavar="N",
+    g.add_argument("--reference", type=int_at_least(0), default=d.reference, metavar="N",
                    help=f"reference stack index (grid axes, registration target); default {d.reference}")
     g.add_argument("--no-register", action="store_true", help="trust the scanner geometry; skip registration")
     g.add_argument("--background", type=float, help="value where no stack covers (default -1024 for CT, else 0)")

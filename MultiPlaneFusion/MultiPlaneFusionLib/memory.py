@@ -286,3 +286,14 @@ def peak_rss_mb():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kB, macOS bytes.
     return peak / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)
+
+
+def reset_peak_rss():
+    """Restart this process's peak-RSS counter (Linux >= 4.0: VmHWM), so the next :func:`peak_rss_mb` is
+    the peak since now; False where the platform cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

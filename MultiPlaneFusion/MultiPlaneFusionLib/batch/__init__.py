@@ -5,6 +5,7 @@ imports Dask (``pip install multiplanefusion[batch]``) and only the ``batch`` co
 library and the Slicer module never do.
 """
 
+from ..argtypes import int_at_least
 from .cases import Case, discover_cases, find_duplicates, load_cases, read_csv_manifest, read_json_manifest
 from .record import completed_summary, input_fingerprint, options_fingerprint
 
@@ -22,18 +23,6 @@ __all__ = [
 ]
 
 
-def _positive_int(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
-
-
 def add_arguments(p):
     """The batch command's own arguments (the fuse and model options are those of ``run``); call it after
     the fusion arguments were added: it rewords --memory-limit-gb and --transforms-out for a batch."""
@@ -45,7 +34,7 @@ def add_arguments(p):
                    help="output folder: OUTDIR/<case>/ per case, OUTDIR/batch.csv and batch.json")
     p.add_argument("--model-format", choices=("stl", "obj", "ply", "vtp"), default="stl")
     g = p.add_argument_group("batch").add_mutually_exclusive_group()
-    g.add_argument("--workers", type=_positive_int, metavar="N",
+    g.add_argument("--workers", type=int_at_least(1), metavar="N",
                    help="worker processes of the local Dask cluster (default: from the cores and the cases' "
                         "memory estimates)")
     g.add_argument("--scheduler", metavar="ADDRESS",

@@ -49,17 +49,6 @@ def _utc_now():
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def _reset_peak_memory():
-    """Restart the process's peak-RSS counter (Linux: VmHWM), so the peak read after a case is that
-    case's and not an earlier one's on the same worker. False when the platform cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _give_back_memory():
     gc.collect()
     if sys.platform.startswith("linux"):
@@ -187,7 +176,7 @@ def run_case(spec):
 
     limit = spec.get("memory_limit_bytes") or _worker_memory_limit()
     # A worker of several threads runs several cases in one process: their peaks cannot be told apart.
-    peak_is_case = _worker_threads() == 1 and _reset_peak_memory()
+    peak_is_case = _worker_threads() == 1 and memory.reset_peak_rss()  # the peak read after a case is its own
     try:
         with _CaseLog() as case_log:
             record.forget(outdir, case)
