@@ -191,8 +191,11 @@ def test_the_estimate_from_headers_is_the_one_from_the_read_stacks(tmp_path, met
     stacks = [stacks[1]] + [s for n, s in enumerate(stacks) if n != 1]
     grid = plan_grid(stacks, FuseOptions(method=method, spacing_mm=spacing))
     n_input = sum(s.n_voxels for s in stacks)
-    expected = max(memory.estimate_bytes(grid.n_voxels, n_input, m, 10**8) for m in (method, "model"))
-    assert estimate_case_bytes(folders, options, baseline_bytes=10**8) == expected
+    fusion = memory.estimate_fusion_bytes(stacks, grid, method, 10**8, register=options.register)
+    model = memory.estimate_model_bytes(grid.n_voxels, 10**8 + 4 * (grid.n_voxels + n_input), report=True)
+    assert estimate_case_bytes(folders, options, baseline_bytes=10**8) == max(fusion, model)
+    assert estimate_case_bytes(folders, options, baseline_bytes=10**8) >= memory.estimate_bytes(
+        grid.n_voxels, n_input, method, 10**8)
     assert estimate_case_bytes([str(tmp_path / "missing")], options) is None
 
 

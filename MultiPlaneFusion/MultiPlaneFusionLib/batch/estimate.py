@@ -81,5 +81,14 @@ def estimate_case_bytes(paths, fuse_options, groups=None, baseline_bytes=None):
     except (MultiPlaneFusionError, ValueError, AttributeError, TypeError, KeyError, IndexError):
         return None
     base = memory.current_rss_bytes() if baseline_bytes is None else baseline_bytes
-    return max(memory.estimate_bytes(grid.n_voxels, n_input, fuse_options.method, base),
-               memory.estimate_bytes(grid.n_voxels, n_input, "model", base))
+    return case_peak_bytes(stacks, grid, n_input, fuse_options, base)
+
+
+def case_peak_bytes(stacks, grid, n_input, fuse_options, baseline_bytes):
+    """The larger of the fusion's estimate (srr operator path per stack, as ``run`` checks it) and the
+    model + report picture's, which ``run`` estimates on top of the process holding the inputs and the
+    fused volume (on small cases the report's offscreen rendering is the peak)."""
+    fusion = memory.estimate_fusion_bytes(stacks, grid, fuse_options.method, baseline_bytes,
+                                          register=fuse_options.register)
+    held = float(baseline_bytes) + 4.0 * (int(grid.n_voxels) + int(n_input))
+    return max(fusion, memory.estimate_model_bytes(grid.n_voxels, held, report=True))
