@@ -499,6 +499,26 @@ def phantom_series():
     return {s.orientation: sb.volume_from_stack(s) for s in stacks}
 
 
+def test_parameter_defaults_are_the_librarys(stubbed_module):
+    """The parameter node starts from the library's defaults (its option classes and its CT preset)."""
+    from MultiPlaneFusionLib.model import ModelOptions
+    from MultiPlaneFusionLib.model.thresholds import PRESETS, resolve_threshold
+    from MultiPlaneFusionLib.pipeline import FuseOptions
+    from MultiPlaneFusionLib.reconstruction.options import SrrOptions
+
+    p = stubbed_module.MultiPlaneFusionParameterNode
+    fusion, srr, model = FuseOptions(), SrrOptions(), ModelOptions()
+    assert (p.method, p.extent, p.register) == (fusion.method, fusion.extent, fusion.register)
+    assert p.regularizer == srr.regularizer
+    assert (p.islands, p.minIslandMm3, p.fillCavities, p.removeThinMm, p.surfaceMethod, p.smoothing) == (
+        model.islands, model.min_island_mm3, model.fill_cavities, model.remove_thin_mm, model.surface_method,
+        model.smoothing)
+    # The preset shown is the one the library applies to CT when none is named, with its range.
+    lo, hi, label = resolve_threshold(None, preset=model.preset, auto=model.auto_threshold, modality="CT")
+    assert label == f"preset {p.thresholdPreset}" and PRESETS[p.thresholdPreset] == (lo, hi)
+    assert (p.thresholdRange.minimum, p.thresholdRange.maximum) == (lo, hi)
+
+
 def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, phantom_series):
     import numpy as np
 
