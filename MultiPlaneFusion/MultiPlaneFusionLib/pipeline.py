@@ -20,6 +20,7 @@ from .grid import Grid, grid_for_stacks
 from .progress import Monitor
 from .reading import read_stacks
 from .reconstruction.average import default_background, fuse_average
+from .reconstruction.budget import Budget
 from .writing import check_volume_path, make_folder, write_image
 
 log = logging.getLogger("MultiPlaneFusionLib")
@@ -137,8 +138,8 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # The reference goes first: grid axes and registration target are stack 0 downstream.
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
     grid = plan_grid(stacks, FuseOptions(**{**options.__dict__, "reference": 0}))
-    budget = memory.Budget(grid, options.method, options.memory_limit_gb,
-                           f"a {options.method} reconstruction on a {grid.shape[::-1]} grid", options.register)
+    budget = Budget(grid, options.method, limit_gb=options.memory_limit_gb,
+                    what=f"a {options.method} reconstruction on a {grid.shape[::-1]} grid", register=options.register)
     need = budget.check(stacks)
     log.info("grid %s voxels at %s mm, estimated peak memory %.2f GB",
              "x".join(str(v) for v in grid.shape[::-1]), grid.spacing_mm, need / 1024**3)
