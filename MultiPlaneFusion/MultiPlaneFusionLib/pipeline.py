@@ -75,6 +75,10 @@ class FuseOptions:
             raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not '{self.interpolation}'")
         if self.spacing_mm is not None and not float(self.spacing_mm) > 0:
             raise InputError(f"spacing_mm must be positive (or None for the finest input pixel), got {self.spacing_mm}")
+        if int(self.reference) < 0:
+            raise InputError(f"reference must be a stack index, 0 or more, got {self.reference}")
+        if self.background is not None and not np.isfinite(self.background):
+            raise InputError(f"background must be a number (or None), got {self.background}")
         if self.memory_limit_gb is not None and not float(self.memory_limit_gb) > 0:
             raise InputError(f"memory_limit_gb must be positive (or None for the available memory), got "
                              f"{self.memory_limit_gb}")
