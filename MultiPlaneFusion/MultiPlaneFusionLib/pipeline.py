@@ -110,7 +110,7 @@ def plan_grid(stacks, options):
     """The reconstruction grid for ``stacks`` under ``options`` (no allocation)."""
     if options.grid is not None:
         return options.grid
-    return grid_for_stacks(stacks, options.reference, options.spacing_mm, options.extent)
+    return grid_for_stacks(stacks, reference=options.reference, spacing_mm=options.spacing_mm, extent=options.extent)
 
 
 def fuse_stacks(stacks, options=None, progress=None, cancel=None):
@@ -161,13 +161,14 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # SRR starts from its own PSF-weighted average (the same bone surface and PSNR as from the linear
         # average fusion in bench_srr.py) and checks the overlap itself: no average fusion first.
         volume, coverage, info, stacks, more_reports, srr_timings = _srr_with_refinement(
-            stacks, grid, options, background, monitor, budget
+            stacks, grid, options, background=background, monitor=monitor, budget=budget
         )
         registration_reports.extend(more_reports)
         timings.update(srr_timings)
     else:
         t = time.perf_counter()
-        average = fuse_average(stacks, grid, options.interpolation, background, monitor.sub("reconstruct", 0.0, 1.0))
+        average = fuse_average(stacks, grid, interpolation=options.interpolation, background_value=background,
+                               monitor=monitor.sub("reconstruct", 0.0, 1.0))
         timings["average_s"] = time.perf_counter() - t
         _check_overlap(stacks, average.covered_voxels)
         volume, coverage = average.volume, average.coverage
@@ -199,7 +200,7 @@ def _register(stacks, options, monitor):
     return register_stacks(stacks, reference=0, options=options.registration, monitor=monitor.sub("register", 0, 1))
 
 
-def _srr_with_refinement(stacks, grid, options, background, monitor, budget=None):
+def _srr_with_refinement(stacks, grid, options, *, background, monitor, budget=None):
     from .reconstruction.srr import reconstruct_srr
 
     timings = {}
@@ -324,7 +325,8 @@ def run_to_folder(inputs, outdir, *, fuse_options=None, model_options=None, mode
     created = make_folder(outdir)
     written = []
     try:
-        return _run_to_folder(inputs, paths, fuse_options, model_options, Monitor.wrap(progress, cancel), written)
+        return _run_to_folder(inputs, paths, fuse_options=fuse_options, model_options=model_options,
+                              monitor=Monitor.wrap(progress, cancel), written=written)
     except BaseException:
         for p in written:
             with contextlib.suppress(OSError):
@@ -334,7 +336,7 @@ def run_to_folder(inputs, outdir, *, fuse_options=None, model_options=None, mode
         raise
 
 
-def _run_to_folder(inputs, paths, fuse_options, model_options, monitor, written):
+def _run_to_folder(inputs, paths, *, fuse_options, model_options, monitor, written):
     from .model import ModelOptions, build_model, write_model
     from .report_picture import write_report_picture
     from .writing import check_writable

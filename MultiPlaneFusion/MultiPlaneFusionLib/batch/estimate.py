@@ -81,5 +81,5 @@ def estimate_case_bytes(paths, fuse_options, groups=None, baseline_bytes=None):
     except (MultiPlaneFusionError, ValueError, AttributeError, TypeError, KeyError, IndexError):
         return None
     base = memory.current_rss_bytes() if baseline_bytes is None else baseline_bytes
-    return max(memory.estimate_bytes(grid.n_voxels, n_input, fuse_options.method, base),
-               memory.estimate_bytes(grid.n_voxels, n_input, "model", base))
+    return max(memory.estimate_bytes(grid.n_voxels, n_input, method=fuse_options.method, baseline_bytes=base),
+               memory.estimate_bytes(grid.n_voxels, n_input, method="model", baseline_bytes=base))
