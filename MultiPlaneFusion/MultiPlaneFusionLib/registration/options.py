@@ -120,6 +120,10 @@ class RegistrationOptions:
     transforms_out: Optional[str] = None
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise InputError (one line, naming the setting) for a setting out of range; returns self."""
         if self.metric not in METRICS:
             raise InputError(f"unknown registration metric '{self.metric}' (use {' or '.join(METRICS)})")
         if not self.max_translation_mm > 0 or not self.max_rotation_deg > 0:
@@ -168,6 +172,7 @@ class RegistrationOptions:
             raise InputError(f"registration foreground_hu must be a number (or None), got {self.foreground_hu}")
         if int(self.seed) < 0:
             raise InputError(f"registration seed must be 0 or more, got {self.seed}")
+        return self
 
     def summary(self):
         """The settings as a JSON-ready dict."""
