@@ -36,15 +36,17 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MultiPlaneFusionLib import memory, slicer_boundary
-from MultiPlaneFusionLib.model.options import ISLAND_MODES, SURFACE_METHODS
-from MultiPlaneFusionLib.pipeline import EXTENTS, METHODS
-from MultiPlaneFusionLib.reconstruction.options import REGULARIZERS
+from MultiPlaneFusionLib.model.options import ISLAND_MODES, SURFACE_METHODS, ModelOptions
+from MultiPlaneFusionLib.model.thresholds import DEFAULT_CT_PRESET, PRESETS
+from MultiPlaneFusionLib.pipeline import EXTENTS, METHODS, FuseOptions
+from MultiPlaneFusionLib.reconstruction.options import REGULARIZERS, SrrOptions
 from MultiPlaneFusionLib.slicer_boundary import COORDINATE_SYSTEMS as EXPORT_COORDINATES
 from MultiPlaneFusionLib.slicer_boundary import EXPORT_FORMATS, EXPORT_SOURCES, THRESHOLD_CHOICES
 
 README_URL = "https://github.com/multiplanefusion/SlicerMultiPlaneFusion#readme"
 
-# The choice lists shown in the combo boxes are the library's own (imported above), so they cannot drift.
+# The choice lists shown in the combo boxes and the parameters' defaults are the library's own (imported
+# above: its option classes' field defaults and its CT preset), so they cannot drift.
 
 BONE_SEGMENT_NAME = "Bone"
 # Slicer's GenericAnatomyColors "bone" (241, 214, 145).
@@ -101,7 +103,7 @@ class MultiPlaneFusionParameterNode:
     Reconstruction: method ('srr' super-resolution or 'average'), spacingMm (0 = finest input pixel),
     extent ('overlap' of all series or 'union'), register (rigid alignment of the series),
     regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('tikhonov'
-    smooth, default, or 'huber' edge-preserving), memoryLimitGb (0 = the library's default: 90 % of the memory
+    smooth or 'huber' edge-preserving), memoryLimitGb (0 = the library's default: 90 % of the memory
     available when the run starts).
     Bone model: buildModel, thresholdPreset (CT presets in HU, 'custom' uses thresholdRange,
     'automatic' = Otsu for MR), islands ('region': the largest piece and the bones near it,
@@ -111,6 +113,8 @@ class MultiPlaneFusionParameterNode:
     Export: exportSource ('model' or 'segment'), exportFormat, exportCoordinates (LPS default),
     exportPath, exportAfterApply.
     Outputs: outputVolume, outputSegmentation, outputModel (created when empty).
+    The defaults of the library's settings are read from its option classes (FuseOptions, SrrOptions,
+    ModelOptions) and its default CT preset, where they are written once.
     """
 
     axialVolume: vtkMRMLScalarVolumeNode
@@ -118,23 +122,23 @@ class MultiPlaneFusionParameterNode:
     sagittalVolume: vtkMRMLScalarVolumeNode
     extraVolumes: list[vtkMRMLScalarVolumeNode]
 
-    method: Annotated[str, Choice(list(METHODS))] = "srr"
+    method: Annotated[str, Choice(list(METHODS))] = FuseOptions.method
     spacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
-    extent: Annotated[str, Choice(list(EXTENTS))] = "overlap"
-    register: bool = True
+    extent: Annotated[str, Choice(list(EXTENTS))] = FuseOptions.extent
+    register: bool = FuseOptions.register
     regularization: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
-    regularizer: Annotated[str, Choice(list(REGULARIZERS))] = "tikhonov"
+    regularizer: Annotated[str, Choice(list(REGULARIZERS))] = SrrOptions.regularizer
     memoryLimitGb: Annotated[float, WithinRange(0.0, 1024.0)] = 0.0
 
     buildModel: bool = True
-    thresholdPreset: Annotated[str, Choice(list(THRESHOLD_CHOICES))] = "bone"
-    thresholdRange: Annotated[FloatRange, RangeBounds(-3024.0, 10000.0)] = FloatRange(226.0, 3071.0)
-    islands: Annotated[str, Choice(list(ISLAND_MODES))] = "region"
-    minIslandMm3: Annotated[float, WithinRange(0.0, 1.0e7)] = 0.0
-    fillCavities: bool = False
-    removeThinMm: Annotated[float, WithinRange(0.0, 50.0)] = 0.0
-    surfaceMethod: Annotated[str, Choice(list(SURFACE_METHODS))] = "iso"
-    smoothing: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    thresholdPreset: Annotated[str, Choice(list(THRESHOLD_CHOICES))] = DEFAULT_CT_PRESET
+    thresholdRange: Annotated[FloatRange, RangeBounds(-3024.0, 10000.0)] = FloatRange(*PRESETS[DEFAULT_CT_PRESET])
+    islands: Annotated[str, Choice(list(ISLAND_MODES))] = ModelOptions.islands
+    minIslandMm3: Annotated[float, WithinRange(0.0, 1.0e7)] = ModelOptions.min_island_mm3
+    fillCavities: bool = ModelOptions.fill_cavities
+    removeThinMm: Annotated[float, WithinRange(0.0, 50.0)] = ModelOptions.remove_thin_mm
+    surfaceMethod: Annotated[str, Choice(list(SURFACE_METHODS))] = ModelOptions.surface_method
+    smoothing: Annotated[float, WithinRange(0.0, 1.0)] = ModelOptions.smoothing
     decimation: Annotated[float, WithinRange(0.0, 0.95)] = 0.0
 
     exportSource: Annotated[str, Choice(list(EXPORT_SOURCES))] = "model"
@@ -506,13 +510,11 @@ class MultiPlaneFusionSettings:
     export : MultiPlaneFusionExport or None
         Write the model or segment to a file after the run.
 
-    ``MultiPlaneFusionSettings()`` is the default run: srr, registration on, CT bone preset, smoothing 0.5.
+    ``MultiPlaneFusionSettings()`` is the default run: the library's default ``FuseOptions()`` and
+    ``ModelOptions()``.
     """
 
     def __init__(self, fusion=None, model=True, export=None):
-        from MultiPlaneFusionLib.model import ModelOptions
-        from MultiPlaneFusionLib.pipeline import FuseOptions
-
         self.fusion = FuseOptions() if fusion is None else fusion
         self.model = ModelOptions() if model is True else (model or None)
         self.export = export
@@ -680,10 +682,6 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def settingsFromParameterNode(p):
         """The :class:`MultiPlaneFusionSettings` the parameter node describes (library errors propagate)."""
-        from MultiPlaneFusionLib.model import ModelOptions
-        from MultiPlaneFusionLib.pipeline import FuseOptions
-        from MultiPlaneFusionLib.reconstruction.options import SrrOptions
-
         srr = None
         if p.method == "srr":
             srr = SrrOptions(alpha=p.regularization or None, regularizer=p.regularizer)
@@ -1229,9 +1227,6 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
 
     def test_MultiPlaneFusion_BadInput(self):
         self.delayDisplay("Bad input is refused with ValueError")
-        from MultiPlaneFusionLib.model import ModelOptions
-        from MultiPlaneFusionLib.pipeline import FuseOptions
-
         logic = MultiPlaneFusionLogic()
         with self.assertRaises(ValueError):
             logic.process(None)
@@ -1253,9 +1248,9 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
         import dataclasses
 
         from MultiPlaneFusionLib.metrics import psnr
-        from MultiPlaneFusionLib.model import ModelOptions, read_model
+        from MultiPlaneFusionLib.model import read_model
         from MultiPlaneFusionLib.model.mesh import mesh_report
-        from MultiPlaneFusionLib.pipeline import FuseOptions, fuse_stacks
+        from MultiPlaneFusionLib.pipeline import fuse_stacks
         from MultiPlaneFusionLib.simulation import phantom_truth
 
         self.delayDisplay("Simulating three thick-slice series of the head phantom")
@@ -1343,7 +1338,6 @@ class MultiPlaneFusionTest(ScriptedLoadableModuleTest):
 
     def test_MultiPlaneFusion_Cancel(self):
         from MultiPlaneFusionLib.errors import CancelledError
-        from MultiPlaneFusionLib.pipeline import FuseOptions
 
         nodes = self._pushPhantomSeries()
         output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "untouched")

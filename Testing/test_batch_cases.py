@@ -25,6 +25,7 @@ from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.model import ModelOptions
 from MultiPlaneFusionLib.pipeline import FuseOptions, plan_grid
 from MultiPlaneFusionLib.reading import read_stacks
+from MultiPlaneFusionLib.reconstruction.budget import estimate_fusion_bytes
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions
 from MultiPlaneFusionLib.simulation import simulate_orthogonal_stacks, write_dicom_series
 
@@ -191,7 +192,7 @@ def test_the_estimate_from_headers_is_the_one_from_the_read_stacks(tmp_path, met
     stacks = [stacks[1]] + [s for n, s in enumerate(stacks) if n != 1]
     grid = plan_grid(stacks, FuseOptions(method=method, spacing_mm=spacing))
     n_input = sum(s.n_voxels for s in stacks)
-    fusion = memory.estimate_fusion_bytes(stacks, grid, method, 10**8, register=options.register)
+    fusion = estimate_fusion_bytes(stacks, grid, method, baseline_bytes=10**8, register=options.register)
     model = memory.estimate_model_bytes(grid.n_voxels, 10**8 + 4 * (grid.n_voxels + n_input), report=True)
     assert estimate_case_bytes(folders, options, baseline_bytes=10**8) == max(fusion, model)
     assert estimate_case_bytes(folders, options, baseline_bytes=10**8) >= memory.estimate_bytes(

@@ -389,6 +389,18 @@ def test_options_and_flags():
             RegistrationOptions(**bad)
 
 
+@pytest.mark.parametrize("bad, name", [
+    ({"max_voxels": 0}, "max_voxels"),
+    ({"histogram_bins": 1}, "histogram_bins"),
+    ({"foreground_hu": float("nan")}, "foreground_hu"),
+    ({"seed": -1}, "seed"),
+])
+def test_options_refuse_bad_grid_histogram_mask_and_seed_settings(bad, name):
+    with pytest.raises(InputError, match=name):
+        RegistrationOptions(**bad)
+    assert RegistrationOptions(max_voxels=1, histogram_bins=2, foreground_hu=-300.0, seed=0).seed == 0
+
+
 def test_correlation_metric_progress_and_cancel():
     _, centre = head_box()
     motion = rigid_matrix((0.0, 0.0, 3.0), (4.0, 0.0, 0.0), centre)

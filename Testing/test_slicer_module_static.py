@@ -1,4 +1,4 @@
-"""Checks of the Slicer extension that run without Slicer (issue 6, point 7).
+"""Checks of the Slicer extension that run without Slicer.
 
 - Python 3.9 compatibility of every .py under MultiPlaneFusion/ (vermin; Slicer 5.8 ships Python 3.9);
 - the module imports only what Slicer bundles (plus its own library);
@@ -8,21 +8,32 @@
 - every file listed in the CMake files exists and every library file is listed (or globbed);
 - the catalog entry validates against the extension index schema v1.0.1; the icons are 128x128 PNG.
 
-The module and its library are read as text (ast, XML, regular expressions): nothing is imported.
+The module and its library are read as text (ast, XML, regular expressions; the readers are in
+support/static_files.py): nothing is imported, except in the last section, which runs the Logic with
+Slicer's Python modules stood in.
 """
 
 import ast
-import fnmatch
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
-import zlib
 
 import pytest
+from support.static_files import (
+    SCHEMA_URL,
+    base_kind,
+    module_cmake_files,
+    parameter_fields,
+    png_size,
+    python_files,
+    read,
+    top_cmake,
+    ui_usages,
+    ui_widgets,
+    validate_catalog_entry,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_DIR = os.path.join(ROOT, "MultiPlaneFusion")
@@ -43,106 +54,8 @@ ACCEPTED_CATEGORIES = {
 }
 
 
-# ------------------------------------------------------------------------------------------- helpers
-def python_files(folder):
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.endswith(".egg-info")]
-        out += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
-    return sorted(out)
-
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
 def module_tree():
     return ast.parse(read(MODULE_PY), MODULE_PY)
-
-
-def module_constants(tree):
-    """Module-level NAME = <literal> assignments (lists of choices and the like)."""
-    consts = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                consts[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    return consts
-
-
-def parameter_fields(tree):
-    """{name: (base type name, {annotation name: [args]})} of the @parameterNodeWrapper class."""
-    consts = module_constants(tree)
-    classes = [
-        n for n in tree.body
-        if isinstance(n, ast.ClassDef)
-        and any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in n.decorator_list)
-    ]
-    assert len(classes) == 1, "the module needs exactly one @parameterNodeWrapper class"
-    fields = {}
-    for item in classes[0].body:
-        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
-            continue
-        ann = item.annotation
-        extras = {}
-        if isinstance(ann, ast.Subscript) and ast.unparse(ann.value) == "Annotated":
-            elts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
-            base = ast.unparse(elts[0])
-            for e in elts[1:]:
-                if isinstance(e, ast.Call):
-                    args = []
-                    for a in e.args:
-                        if isinstance(a, ast.Name) and a.id in consts:
-                            args.append(consts[a.id])
-                        else:
-                            try:
-                                args.append(ast.literal_eval(a))
-                            except ValueError:
-                                args.append(ast.unparse(a))
-                    extras[ast.unparse(e.func)] = args
-        else:
-            base = ast.unparse(ann)
-        fields[item.target.id] = (base, extras, item.value)
-    return fields, classes[0]
-
-
-def ui_widgets():
-    """{objectName: (class, {property: value}, SlicerParameterName or None)} and the root widget name."""
-    root = ET.parse(UI_FILE).getroot()
-    top = root.find("widget")
-    widgets = {}
-    for w in root.iter("widget"):
-        props, param = {}, None
-        for p in w.findall("property"):
-            value = p[0] if len(p) else None
-            text = None
-            if value is not None:
-                if value.tag == "stringlist":
-                    text = [s.text or "" for s in value.findall("string")]
-                else:
-                    text = value.text or ""
-            if p.get("name") == "SlicerParameterName":
-                param = text
-            props[p.get("name")] = text
-        widgets[w.get("name")] = (w.get("class"), props, param)
-    connections = [
-        (c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
-        for c in root.iter("connection")
-    ]
-    return widgets, top.get("name"), connections
-
-
-def cmake_commands(path):
-    """[(command lower-case, [arguments])] of a CMake file (comments stripped, quotes kept as tokens)."""
-    text = re.sub(r"(?m)#.*$", "", read(path))
-    cmds = []
-    for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(((?:[^()]|\([^()]*\))*)\)", text):
-        args = re.findall(r'"[^"]*"|[^\s"]+', m.group(2))
-        cmds.append((m.group(1).lower(), [a.strip('"') for a in args]))
-    return cmds
 
 
 # ------------------------------------------------------------------------------- Python 3.9 syntax
@@ -186,7 +99,7 @@ def test_module_classes_follow_the_template():
     assert re.search(r'title = _\("Multi-Plane Fusion"\)', text)
     assert re.search(r'categories = \[translate\("qSlicerAbstractCoreModule", "Surface Models"\)\]', text)
     assert re.search(r'loadUI\(self\.resourcePath\("UI/MultiPlaneFusion\.ui"\)\)', text)
-    # The Logic's console entry points, in SlicerElastix's shape (issue 15).
+    # The Logic's console entry points, in SlicerElastix's shape.
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiPlaneFusionLogic")
     methods = {f.name: [a.arg for a in f.args.args] for f in logic.body if isinstance(f, ast.FunctionDef)}
     assert methods["process"] == ["self", "inputNodes", "settings", "outputs", "progressCallback", "cancel"]
@@ -229,32 +142,8 @@ SIGNAL_CLASSES = {
 }
 
 
-def ui_usages(tree):
-    """[(widget name, attribute or signal used or None, line)] for every ``self.ui.<name>`` in the module."""
-    uses = []
-    parents = {}
-    for node in ast.walk(tree):
-        for child in ast.iter_child_nodes(node):
-            parents[child] = node
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
-                and node.value.value.id == "self"):
-            parent = parents.get(node)
-            used = None
-            if isinstance(parent, ast.Attribute) and parent.value is node:
-                used = parent.attr
-                call = parents.get(parent)
-                if used == "connect" and isinstance(call, ast.Call) and call.args:
-                    sig = call.args[0]
-                    if isinstance(sig, ast.Constant) and isinstance(sig.value, str):
-                        used = "signal:" + sig.value.split("(")[0]
-            uses.append((node.attr, used, node.lineno))
-    return uses
-
-
 def test_every_ui_widget_used_by_the_module_exists_with_a_suitable_class():
-    widgets, _, _ = ui_widgets()
+    widgets, _, _ = ui_widgets(UI_FILE)
     uses = ui_usages(module_tree())
     assert uses, "the module never uses self.ui"
     problems = []
@@ -289,7 +178,7 @@ REQUIRED_WIDGETS = {
 
 
 def test_ui_has_the_widgets_the_issue_asks_for():
-    widgets, top, connections = ui_widgets()
+    widgets, top, connections = ui_widgets(UI_FILE)
     assert widgets[top][0] == "qMRMLWidget"
     for name, (cls, param) in REQUIRED_WIDGETS.items():
         assert name in widgets, f"{name} is missing from the .ui"
@@ -312,14 +201,13 @@ def test_ui_has_the_widgets_the_issue_asks_for():
     assert all(r in widgets for _, _, r, _ in connections), "a .ui connection names a widget that does not exist"
 
 
-
 def test_memory_limit_default_is_the_librarys():
     """memoryLimitGb defaults to 0, shown as "available memory" (the spin box's minimum, where Qt shows its
     special value text) and passed to the library as its default (None: 90 % of the available memory)."""
     fields, _ = parameter_fields(module_tree())
     _, extras, default = fields["memoryLimitGb"]
     assert ast.literal_eval(default) == 0.0 and extras["WithinRange"][0] == 0.0
-    widgets, _, _ = ui_widgets()
+    widgets, _, _ = ui_widgets(UI_FILE)
     (props,) = [props for cls, props, param in widgets.values() if param == "memoryLimitGb"]
     assert float(props["minimum"]) == 0.0 and "available" in props["specialValueText"]
     assert "p.memoryLimitGb or memory.DEFAULT_MEMORY_LIMIT_GB" in read(MODULE_PY)
@@ -343,21 +231,9 @@ RESERVED = {"allParameters", "default", "isCached", "dataType", "getValue", "set
             "RemoveObserver", "Modified", "parameterNode"}
 
 
-def base_kind(base):
-    if base in ("bool", "int", "float", "str", "FloatRange"):
-        return base
-    if base.startswith("pathlib.") or base in ("Path", "PurePath"):
-        return "path"
-    if re.fullmatch(r"(slicer\.)?vtkMRML\w+Node", base):
-        return "node"
-    if base.startswith(("list[", "List[")):
-        return "list"
-    return base
-
-
 def test_bound_widgets_name_real_parameters_with_working_connectors():
     fields, _ = parameter_fields(module_tree())
-    widgets, _, _ = ui_widgets()
+    widgets, _, _ = ui_widgets(UI_FILE)
     problems = []
     bound = {}
     for name, (cls, _, param) in widgets.items():
@@ -386,7 +262,7 @@ def test_bound_widgets_name_real_parameters_with_working_connectors():
 def test_every_parameter_reaches_the_gui_and_names_are_allowed():
     tree = module_tree()
     fields, _ = parameter_fields(tree)
-    widgets, _, _ = ui_widgets()
+    widgets, _, _ = ui_widgets(UI_FILE)
     bound = {param for _, _, param in widgets.values() if param}
     widget_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MultiPlaneFusionWidget")
     used_by_widget = {n.attr for n in ast.walk(widget_cls) if isinstance(n, ast.Attribute)}
@@ -416,73 +292,11 @@ def test_parameter_choices_come_from_the_library():
         assert m and m.group(1) in imported, f"the choices of '{name}' ({arg}) are not a list from the library"
 
 
-
 # ------------------------------------------------------------------------------------------ CMake
-def cmake_variables(cmds, extra=None):
-    """Variables set() in a CMake file (lists), with ${VAR} references expanded."""
-    vars_ = dict(extra or {})
-
-    def expand(token):
-        return re.sub(r"\$\{(\w+)\}", lambda m: " ".join(vars_.get(m.group(1), [m.group(0)])), token)
-
-    globs = []
-    for cmd, args in cmds:
-        if cmd == "set" and args:
-            vars_[args[0]] = [v for a in args[1:] for v in expand(a).split()]
-        elif cmd == "file" and args and args[0] in ("GLOB", "GLOB_RECURSE"):
-            patterns = [expand(a) for a in args[2:] if "*" in a]
-            globs.append((args[1], args[0] == "GLOB_RECURSE", patterns))
-            vars_[args[1]] = ["<glob:" + args[1] + ">"]
-    return vars_, globs, expand
-
-
-def glob_matches(pattern, recurse, base):
-    """Files (relative to ``base``) a CMake file(GLOB[_RECURSE]) pattern selects."""
-    pattern = pattern.replace("${CMAKE_CURRENT_SOURCE_DIR}/", "")
-    folder, mask = os.path.split(pattern)
-    hits = []
-    for dirpath, dirnames, filenames in os.walk(os.path.join(base, folder)):
-        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-        for f in filenames:
-            if fnmatch.fnmatch(f, mask):
-                hits.append(os.path.relpath(os.path.join(dirpath, f), base))
-        if not recurse:
-            break
-    return sorted(hits)
-
-
-def module_cmake_files():
-    """(files the module CMakeLists.txt lists explicitly, files its globs select, parsed commands)."""
-    cmds = cmake_commands(os.path.join(MODULE_DIR, "CMakeLists.txt"))
-    vars_, globs, expand = cmake_variables(cmds)
-    build = [args for cmd, args in cmds if cmd == "slicermacrobuildscriptedmodule"]
-    assert len(build) == 1, "slicerMacroBuildScriptedModule must be called once"
-    args = build[0]
-    listed, globbed, section = [], [], None
-    for a in args:
-        if a in ("NAME", "SCRIPTS", "RESOURCES"):
-            section = a
-            continue
-        if a in ("WITH_GENERIC_TESTS", "WITH_SUBDIR", "VERBOSE"):
-            section = None
-            continue
-        if section in ("SCRIPTS", "RESOURCES"):
-            for v in expand(a).split():
-                if v.startswith("<glob:"):
-                    name = v[6:-1]
-                    for gname, recurse, patterns in globs:
-                        if gname == name:
-                            for p in patterns:
-                                hits = glob_matches(p, recurse, MODULE_DIR)
-                                assert hits, f"CMake glob '{p}' matches no file"
-                                globbed += hits
-                else:
-                    listed.append(v)
-    return listed, globbed, cmds, args
 
 
 def test_cmake_lists_exist_and_cover_every_library_file():
-    listed, globbed, cmds, build_args = module_cmake_files()
+    listed, globbed, cmds, build_args = module_cmake_files(MODULE_DIR)
     def exists(f):  # CMake accepts a script named without its .py
         return os.path.exists(os.path.join(MODULE_DIR, f)) or os.path.exists(os.path.join(MODULE_DIR, f + ".py"))
 
@@ -507,14 +321,8 @@ def test_cmake_lists_exist_and_cover_every_library_file():
                for a in tests), "the self-test is not registered with slicer_add_python_unittest"
 
 
-def top_cmake():
-    cmds = cmake_commands(os.path.join(ROOT, "CMakeLists.txt"))
-    vars_, _, _ = cmake_variables(cmds)
-    return cmds, {k: " ".join(v) for k, v in vars_.items()}
-
-
 def test_top_level_cmake_follows_the_extension_template():
-    cmds, vars_ = top_cmake()
+    cmds, vars_ = top_cmake(ROOT)
     names = [c for c, _ in cmds]
     assert names[0] == "cmake_minimum_required"
     project = [a for c, a in cmds if c == "project"]
@@ -539,41 +347,13 @@ def test_top_level_cmake_follows_the_extension_template():
 
 
 # ---------------------------------------------------------------------------------- catalog entry
-# The extension index schema v1.0.1 (Slicer/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json):
-# required keys, allowed keys with their JSON types, and the constraints it sets.
-SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#"
-SCHEMA_REQUIRED = ("$schema", "category", "scm_url")
-SCHEMA_TYPES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-                "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
-
-
-def validate_catalog_entry(entry):
-    """Problems of a catalog entry against schema v1.0.1 (empty list when valid)."""
-    if not isinstance(entry, dict):
-        return ["the entry must be a JSON object"]
-    problems = [f"missing required key '{k}'" for k in SCHEMA_REQUIRED if k not in entry]
-    for key, value in entry.items():
-        if key not in SCHEMA_TYPES:
-            problems.append(f"key '{key}' is not allowed (additionalProperties is false)")
-        elif not isinstance(value, SCHEMA_TYPES[key]) or (SCHEMA_TYPES[key] is int and isinstance(value, bool)):
-            problems.append(f"'{key}' must be a {SCHEMA_TYPES[key].__name__}")
-    if "scm_type" in entry and entry["scm_type"] not in ("git", "local"):
-        problems.append("scm_type must be 'git' or 'local'")
-    if isinstance(entry.get("tier"), int) and not 1 <= entry["tier"] <= 5:
-        problems.append("tier must be 1..5")
-    if isinstance(entry.get("build_dependencies"), list) and not all(
-            isinstance(d, str) for d in entry["build_dependencies"]):
-        problems.append("build_dependencies must be strings")
-    return problems
-
-
 def test_catalog_entry_validates_and_agrees_with_cmake():
     with open(CATALOG, encoding="utf-8") as f:
         entry = json.load(f)
     assert validate_catalog_entry(entry) == []
     assert entry["$schema"] == SCHEMA_URL
     assert entry["category"] in ACCEPTED_CATEGORIES
-    cmds, vars_ = top_cmake()
+    cmds, vars_ = top_cmake(ROOT)
     # The ExtensionsIndex checks: file name == project name; repository name starts with "Slicer".
     project = [a for c, a in cmds if c == "project"][0][0]
     assert os.path.splitext(os.path.basename(CATALOG))[0] == project
@@ -605,28 +385,6 @@ def test_license_is_bsd3():
 
 
 # ------------------------------------------------------------------------------------------- icons
-def png_size(path):
-    """(width, height) of a valid PNG: signature, chunk CRCs, IHDR first, IEND last, decodable IDAT."""
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    pos, chunks, idat = 8, [], b""
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc, f"{path}: bad CRC in {kind!r}"
-        chunks.append(kind)
-        if kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND", f"{path}: malformed chunk order"
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
-    raw = zlib.decompress(idat)
-    assert len(raw) == height * (1 + width * channels * depth // 8), f"{path}: pixel data has the wrong size"
-    return width, height
 
 
 @pytest.mark.parametrize("path", [
@@ -739,6 +497,26 @@ def phantom_series():
 
     stacks = simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=1.5, scale=0.4, noise_hu=10.0, seed=0)
     return {s.orientation: sb.volume_from_stack(s) for s in stacks}
+
+
+def test_parameter_defaults_are_the_librarys(stubbed_module):
+    """The parameter node starts from the library's defaults (its option classes and its CT preset)."""
+    from MultiPlaneFusionLib.model import ModelOptions
+    from MultiPlaneFusionLib.model.thresholds import PRESETS, resolve_threshold
+    from MultiPlaneFusionLib.pipeline import FuseOptions
+    from MultiPlaneFusionLib.reconstruction.options import SrrOptions
+
+    p = stubbed_module.MultiPlaneFusionParameterNode
+    fusion, srr, model = FuseOptions(), SrrOptions(), ModelOptions()
+    assert (p.method, p.extent, p.register) == (fusion.method, fusion.extent, fusion.register)
+    assert p.regularizer == srr.regularizer
+    assert (p.islands, p.minIslandMm3, p.fillCavities, p.removeThinMm, p.surfaceMethod, p.smoothing) == (
+        model.islands, model.min_island_mm3, model.fill_cavities, model.remove_thin_mm, model.surface_method,
+        model.smoothing)
+    # The preset shown is the one the library applies to CT when none is named, with its range.
+    lo, hi, label = resolve_threshold(None, preset=model.preset, auto=model.auto_threshold, modality="CT")
+    assert label == f"preset {p.thresholdPreset}" and PRESETS[p.thresholdPreset] == (lo, hi)
+    assert (p.thresholdRange.minimum, p.thresholdRange.maximum) == (lo, hi)
 
 
 def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, phantom_series):

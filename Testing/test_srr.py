@@ -195,6 +195,17 @@ def test_command_line_options_round_trip():
         srr_options_from_args(parser.parse_args(["--threads", "0"]))
 
 
+@pytest.mark.parametrize("bad, name", [
+    ({"disagreement_threshold": 1.5}, "disagreement_threshold"),
+    ({"disagreement_threshold": float("nan")}, "disagreement_threshold"),
+    ({"background_value": float("nan")}, "background_value"),
+])
+def test_options_refuse_a_bad_disagreement_threshold_or_background(bad, name):
+    with pytest.raises(InputError, match=name):
+        SrrOptions(**bad)
+    assert SrrOptions(disagreement_threshold=-1.0, background_value=0.0).disagreement_threshold == -1.0
+
+
 def test_invalid_inputs(case):
     stacks, grid, _ = case
     with pytest.raises(InputError):

@@ -27,15 +27,15 @@ def run_demo(outdir, *, thickness_mm=4.0, pixel_spacing_mm=0.8, scale=1.0, seed=
     """
     created = make_folder(outdir)
     try:
-        return _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu,
-                         Monitor.wrap(progress, cancel))
+        return _run_demo(outdir, thickness_mm=thickness_mm, pixel_spacing_mm=pixel_spacing_mm, scale=scale,
+                         seed=seed, method=method, noise_hu=noise_hu, monitor=Monitor.wrap(progress, cancel))
     except BaseException:
         if created:  # a failed or cancelled demo leaves nothing behind
             shutil.rmtree(outdir, ignore_errors=True)
         raise
 
 
-def _run_demo(outdir, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu, monitor):
+def _run_demo(outdir, *, thickness_mm, pixel_spacing_mm, scale, seed, method, noise_hu, monitor):
     t = time.perf_counter()
     monitor.report("simulate", 0.0)
     stacks = simulate_orthogonal_stacks(thickness_mm=thickness_mm, pixel_spacing_mm=pixel_spacing_mm, scale=scale,

@@ -20,6 +20,7 @@ from .grid import Grid, grid_for_stacks
 from .progress import Monitor
 from .reading import read_stacks
 from .reconstruction.average import default_background, fuse_average
+from .reconstruction.budget import Budget
 from .writing import check_volume_path, make_folder, write_image
 
 log = logging.getLogger("MultiPlaneFusionLib")
@@ -74,6 +75,10 @@ class FuseOptions:
             raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not '{self.interpolation}'")
         if self.spacing_mm is not None and not float(self.spacing_mm) > 0:
             raise InputError(f"spacing_mm must be positive (or None for the finest input pixel), got {self.spacing_mm}")
+        if int(self.reference) < 0:
+            raise InputError(f"reference must be a stack index, 0 or more, got {self.reference}")
+        if self.background is not None and not np.isfinite(self.background):
+            raise InputError(f"background must be a number (or None), got {self.background}")
         if self.memory_limit_gb is not None and not float(self.memory_limit_gb) > 0:
             raise InputError(f"memory_limit_gb must be positive (or None for the available memory), got "
                              f"{self.memory_limit_gb}")
@@ -105,7 +110,7 @@ def plan_grid(stacks, options):
     """The reconstruction grid for ``stacks`` under ``options`` (no allocation)."""
     if options.grid is not None:
         return options.grid
-    return grid_for_stacks(stacks, options.reference, options.spacing_mm, options.extent)
+    return grid_for_stacks(stacks, reference=options.reference, spacing_mm=options.spacing_mm, extent=options.extent)
 
 
 def fuse_stacks(stacks, options=None, progress=None, cancel=None):
@@ -137,8 +142,8 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # The reference goes first: grid axes and registration target are stack 0 downstream.
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
     grid = plan_grid(stacks, FuseOptions(**{**options.__dict__, "reference": 0}))
-    budget = memory.Budget(grid, options.method, options.memory_limit_gb,
-                           f"a {options.method} reconstruction on a {grid.shape[::-1]} grid", options.register)
+    budget = Budget(grid, options.method, limit_gb=options.memory_limit_gb,
+                    what=f"a {options.method} reconstruction on a {grid.shape[::-1]} grid", register=options.register)
     need = budget.check(stacks)
     log.info("grid %s voxels at %s mm, estimated peak memory %.2f GB",
              "x".join(str(v) for v in grid.shape[::-1]), grid.spacing_mm, need / 1024**3)
@@ -156,13 +161,14 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         # SRR starts from its own PSF-weighted average (the same bone surface and PSNR as from the linear
         # average fusion in bench_srr.py) and checks the overlap itself: no average fusion first.
         volume, coverage, info, stacks, more_reports, srr_timings = _srr_with_refinement(
-            stacks, grid, options, background, monitor, budget
+            stacks, grid, options, background=background, monitor=monitor, budget=budget
         )
         registration_reports.extend(more_reports)
         timings.update(srr_timings)
     else:
         t = time.perf_counter()
-        average = fuse_average(stacks, grid, options.interpolation, background, monitor.sub("reconstruct", 0.0, 1.0))
+        average = fuse_average(stacks, grid, interpolation=options.interpolation, background_value=background,
+                               monitor=monitor.sub("reconstruct", 0.0, 1.0))
         timings["average_s"] = time.perf_counter() - t
         _check_overlap(stacks, average.covered_voxels)
         volume, coverage = average.volume, average.coverage
@@ -194,7 +200,7 @@ def _register(stacks, options, monitor):
     return register_stacks(stacks, reference=0, options=options.registration, monitor=monitor.sub("register", 0, 1))
 
 
-def _srr_with_refinement(stacks, grid, options, background, monitor, budget=None):
+def _srr_with_refinement(stacks, grid, options, *, background, monitor, budget=None):
     from .reconstruction.srr import reconstruct_srr
 
     timings = {}
@@ -319,7 +325,8 @@ def run_to_folder(inputs, outdir, *, fuse_options=None, model_options=None, mode
     created = make_folder(outdir)
     written = []
     try:
-        return _run_to_folder(inputs, paths, fuse_options, model_options, Monitor.wrap(progress, cancel), written)
+        return _run_to_folder(inputs, paths, fuse_options=fuse_options, model_options=model_options,
+                              monitor=Monitor.wrap(progress, cancel), written=written)
     except BaseException:
         for p in written:
             with contextlib.suppress(OSError):
@@ -329,7 +336,7 @@ def run_to_folder(inputs, outdir, *, fuse_options=None, model_options=None, mode
         raise
 
 
-def _run_to_folder(inputs, paths, fuse_options, model_options, monitor, written):
+def _run_to_folder(inputs, paths, *, fuse_options, model_options, monitor, written):
     from .model import ModelOptions, build_model, write_model
     from .report_picture import write_report_picture
     from .writing import check_writable

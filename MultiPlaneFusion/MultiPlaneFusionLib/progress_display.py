@@ -18,7 +18,8 @@ RUN_PLAN = {"read": 2, "register": 12, "reconstruct": 55, "refine": 8, "segment"
 DEMO_PLAN = {"simulate": 5, **RUN_PLAN}
 
 
-def _clock_text(seconds):
+def clock_text(seconds):
+    """Seconds as the progress line shows them: m:ss, or h:mm:ss from an hour."""
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -67,8 +68,8 @@ class ProgressDisplay:
         now = self.clock() if now is None else now
         elapsed = now - self.start
         f = self.overall
-        eta = _clock_text(elapsed * (1.0 - f) / f) if f >= 0.02 else "?"
-        return f"{100 * f:3.0f}%  {self.stage:<11s} elapsed {_clock_text(elapsed)}  ETA {eta}"
+        eta = clock_text(elapsed * (1.0 - f) / f) if f >= 0.02 else "?"
+        return f"{100 * f:3.0f}%  {self.stage:<11s} elapsed {clock_text(elapsed)}  ETA {eta}"
 
     def _draw(self, text):
         self._last_text = text

@@ -99,60 +99,20 @@ def run_command(args, progress, fuse_options):
     rows = {c.case: {"case": c.case, "status": "", "message": "", "patient_id": c.patient_id or None,
                      "study_uid": c.study_uid or None, "outdir": record.case_dir(outdir, c.case),
                      "stacks": c.stacks} for c in cases}
-    duplicate_of = dict(find_duplicates(cases))
-    to_run, input_fps = [], {}
-    for n, c in enumerate(cases):
-        row = rows[c.case]
-        if n in duplicate_of:
-            first = cases[duplicate_of[n]].case
-            row.update(status="duplicate", message=f"same stacks as case '{first}'; not run twice")
-            continue
-        if c.problem:
-            row.update(status="failed", message=c.problem)
-            continue
-        try:
-            input_fps[c.case] = record.input_fingerprint(c.stacks)
-        except MultiPlaneFusionError as e:
-            row.update(status="failed", message=str(e))
-            continue
-        done = record.completed_summary(outdir, c.case, input_fps[c.case], options_fp)
-        if done is not None:
-            row.update(status="skipped", message="done earlier with these inputs and options",
-                       **record.figures_from_summary(done))
-        else:
-            to_run.append(c)
-    skipped = sum(r["status"] == "skipped" for r in rows.values())
-    if skipped:
-        log.info("%d of %d cases are done already (same inputs and options): skipped", skipped, len(cases))
+    to_run, input_fps = _cases_to_run(cases, rows, outdir=outdir, options_fp=options_fp)
 
     # Memory: each case's estimate from its headers, before the cluster is sized.
     from .. import model, report_picture  # noqa: F401 - the worker's libraries, so the baseline below counts them
 
     baseline = memory.current_rss_bytes()
-    estimates = {c.case: estimate_case_bytes(c.stacks, fuse_options, c.headers, baseline) for c in to_run}
+    estimates = {c.case: estimate_case_bytes(c.stacks, fuse_options, groups=c.headers, baseline_bytes=baseline)
+                 for c in to_run}
     for c in to_run:
         rows[c.case]["estimated_memory_mb"] = record.mb(estimates[c.case])
     scheduler = args.scheduler
-    explicit_limit = args.memory_limit_gb
-    if scheduler:
-        n_workers, per_worker = None, (explicit_limit * 1024**3 if explicit_limit else None)
-        threads = None
-    else:
-        budget = (explicit_limit if explicit_limit else memory.default_limit_gb()) * 1024**3
-        fits = [e for e in estimates.values() if e and e <= budget]
-        n_workers, per_worker = plan_workers(fits, len(to_run), budget, args.workers)
-        threads = None if getattr(args, "threads", None) else max(1, available_cpus() // n_workers)
-    runnable = []
-    for c in to_run:
-        need = estimates[c.case]
-        if per_worker and need and need > per_worker:
-            where = (f"--memory-limit-gb {explicit_limit:g}" if explicit_limit else "90% of the memory available")
-            share = f" over {n_workers} workers" if n_workers and n_workers > 1 else ""
-            rows[c.case].update(status="failed", message=(
-                f"needs about {need / 1024**3:.1f} GB, above the {per_worker / 1024**3:.3g} GB of one worker ({where}"
-                f"{share}): use a coarser --spacing, fewer --workers or a higher --memory-limit-gb"))
-        else:
-            runnable.append(c)
+    n_workers, per_worker, threads = _cluster_size(args, estimates, n_cases=len(to_run))
+    runnable = _cases_within_memory(to_run, estimates, rows, per_worker=per_worker, n_workers=n_workers,
+                                    explicit_limit=args.memory_limit_gb)
 
     specs = [{
         "case": c.case, "stacks": c.stacks, "outdir": outdir,
@@ -180,23 +140,95 @@ def run_command(args, progress, fuse_options):
                              threads=threads)
         except CancelledError:
             interrupted = True
-    # A case without a row stopped when the batch did: kept if it finished writing, else its partial
-    # outputs are removed (whatever a killed worker left).
-    for c in runnable:
-        row = rows[c.case]
-        if row["status"] in ("done", "failed"):
-            continue
-        summary = record.completed_summary(outdir, c.case, input_fps[c.case], options_fp)
-        if summary is not None:
-            row.update(status="done", message="", **record.figures_from_summary(summary))
-        else:
-            record.remove_partial(outdir, c.case, fmt, transforms_name)
-            row.update(status="interrupted", message="not finished: the batch was interrupted; run it again")
+    _settle_unfinished(runnable, rows, outdir=outdir, input_fps=input_fps, options_fp=options_fp, fmt=fmt,
+                       transforms_name=transforms_name)
     counts = {s: sum(r["status"] == s for r in rows.values())
               for s in ("done", "skipped", "failed", "duplicate", "interrupted")}
     totals.update(cases=len(rows), **counts, wall_s=round(time.perf_counter() - t0, 3))
     state.finish()
     record.write_tables(outdir, list(rows.values()), totals)
+    _report_outcome(args, rows, counts, outdir=outdir, interrupted=interrupted)
+    return totals
+
+
+def _cases_to_run(cases, rows, *, outdir, options_fp):
+    """The cases to run, and the input fingerprints of those readable; the others' rows say why not
+    (duplicate, failed, or skipped: done earlier with these inputs and options)."""
+    duplicate_of = dict(find_duplicates(cases))
+    to_run, input_fps = [], {}
+    for n, c in enumerate(cases):
+        row = rows[c.case]
+        if n in duplicate_of:
+            first = cases[duplicate_of[n]].case
+            row.update(status="duplicate", message=f"same stacks as case '{first}'; not run twice")
+            continue
+        if c.problem:
+            row.update(status="failed", message=c.problem)
+            continue
+        try:
+            input_fps[c.case] = record.input_fingerprint(c.stacks)
+        except MultiPlaneFusionError as e:
+            row.update(status="failed", message=str(e))
+            continue
+        done = record.completed_summary(outdir, c.case, input_fp=input_fps[c.case], options_fp=options_fp)
+        if done is not None:
+            row.update(status="skipped", message="done earlier with these inputs and options",
+                       **record.figures_from_summary(done))
+        else:
+            to_run.append(c)
+    skipped = sum(r["status"] == "skipped" for r in rows.values())
+    if skipped:
+        log.info("%d of %d cases are done already (same inputs and options): skipped", skipped, len(cases))
+    return to_run, input_fps
+
+
+def _cluster_size(args, estimates, *, n_cases):
+    """``(workers, bytes per worker, threads per case)``: for an existing cluster (``--scheduler``) the
+    workers are its own and the limit per worker is ``--memory-limit-gb`` (None without it)."""
+    explicit_limit = args.memory_limit_gb
+    if args.scheduler:
+        return None, (explicit_limit * 1024**3 if explicit_limit else None), None
+    budget = (explicit_limit if explicit_limit else memory.default_limit_gb()) * 1024**3
+    fits = [e for e in estimates.values() if e and e <= budget]
+    n_workers, per_worker = plan_workers(fits, n_cases, budget, workers=args.workers)
+    threads = None if getattr(args, "threads", None) else max(1, available_cpus() // n_workers)
+    return n_workers, per_worker, threads
+
+
+def _cases_within_memory(to_run, estimates, rows, *, per_worker, n_workers, explicit_limit):
+    """The cases whose estimate fits in one worker; the rows of the others say they failed, and why."""
+    runnable = []
+    for c in to_run:
+        need = estimates[c.case]
+        if per_worker and need and need > per_worker:
+            where = (f"--memory-limit-gb {explicit_limit:g}" if explicit_limit else "90% of the memory available")
+            share = f" over {n_workers} workers" if n_workers and n_workers > 1 else ""
+            rows[c.case].update(status="failed", message=(
+                f"needs about {need / 1024**3:.1f} GB, above the {per_worker / 1024**3:.3g} GB of one worker ({where}"
+                f"{share}): use a coarser --spacing, fewer --workers or a higher --memory-limit-gb"))
+        else:
+            runnable.append(c)
+    return runnable
+
+
+def _settle_unfinished(runnable, rows, *, outdir, input_fps, options_fp, fmt, transforms_name):
+    """A case without a row stopped when the batch did: kept if it finished writing, else its partial
+    outputs are removed (whatever a killed worker left)."""
+    for c in runnable:
+        row = rows[c.case]
+        if row["status"] in ("done", "failed"):
+            continue
+        summary = record.completed_summary(outdir, c.case, input_fp=input_fps[c.case], options_fp=options_fp)
+        if summary is not None:
+            row.update(status="done", message="", **record.figures_from_summary(summary))
+        else:
+            record.remove_partial(outdir, c.case, model_format=fmt, transforms_name=transforms_name)
+            row.update(status="interrupted", message="not finished: the batch was interrupted; run it again")
+
+
+def _report_outcome(args, rows, counts, *, outdir, interrupted):
+    """The one-line outcome (printed unless --quiet, always on failure or interruption), and the error
+    the command exits with when the batch was interrupted or a case failed."""
     line = (f"batch: {len(rows)} cases: {counts['done']} done, {counts['skipped']} done earlier, "
             f"{counts['failed']} failed, {counts['duplicate']} duplicate"
             + (f", {counts['interrupted']} not finished" if counts["interrupted"] else "")
@@ -210,7 +242,6 @@ def run_command(args, progress, fuse_options):
     if counts["failed"]:
         raise BatchFailedError(f"{counts['failed']} of {len(rows)} cases failed (their errors are in "
                                f"{os.path.join(outdir, 'batch.csv')})")
-    return totals
 
 
 class _State:

@@ -1,6 +1,6 @@
 """The batch's one progress line: cases finished of those to run, done / failed / running, elapsed, ETA."""
 
-from ..progress_display import ProgressDisplay, _clock_text
+from ..progress_display import ProgressDisplay, clock_text
 
 
 class CohortDisplay(ProgressDisplay):
@@ -21,6 +21,6 @@ class CohortDisplay(ProgressDisplay):
         elapsed = now - self.start
         done, failed, running = self.counts
         finished = done + failed
-        eta = _clock_text(elapsed * (self.total - finished) / finished) if finished else "?"
+        eta = clock_text(elapsed * (self.total - finished) / finished) if finished else "?"
         return (f"cases {finished}/{self.total}: {done} done, {failed} failed, {running} running  "
-                f"elapsed {_clock_text(elapsed)}  ETA {eta}")
+                f"elapsed {clock_text(elapsed)}  ETA {eta}")

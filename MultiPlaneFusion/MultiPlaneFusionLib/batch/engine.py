@@ -199,7 +199,8 @@ def run_case(spec):
         return {**row, "status": "done", "message": "", "warnings": case_log.messages,
                 **record.figures_from_summary(summary)}
     except CancelledError:
-        record.remove_partial(outdir, case, spec["model_format"], spec.get("transforms_name"))
+        record.remove_partial(outdir, case, model_format=spec["model_format"],
+                              transforms_name=spec.get("transforms_name"))
         return {**row, "status": "interrupted", "message": "interrupted; its partial outputs were removed"}
     except MultiPlaneFusionError as e:
         message = str(e)
@@ -210,7 +211,7 @@ def run_case(spec):
         message = f"unexpected {type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
     finally:
         _give_back_memory()
-    record.remove_partial(outdir, case, spec["model_format"], spec.get("transforms_name"))
+    record.remove_partial(outdir, case, model_format=spec["model_format"], transforms_name=spec.get("transforms_name"))
     return {**row, "status": "failed", "message": message, "finished_utc": _utc_now(),
             "wall_s": round(time.perf_counter() - t, 3), "peak_memory_mb": memory.peak_rss_mb(),
             "warnings": case_log.messages}
@@ -356,12 +357,14 @@ class Runner:
                 self.queue.appendleft((case, attempt + 1))
                 return
             limit = spec.get("memory_limit_bytes")
-            record.remove_partial(spec["outdir"], case, spec["model_format"], spec.get("transforms_name"))
+            record.remove_partial(spec["outdir"], case, model_format=spec["model_format"],
+                                  transforms_name=spec.get("transforms_name"))
             row = {"case": case, "status": "failed", "attempts": attempt,
                    "message": f"its worker died on all {attempt} attempts (killed, or above its memory limit"
                               + (f" of {limit / 1024**3:.3g} GB" if limit else "") + "); partial outputs removed"}
         except Exception as e:  # noqa: BLE001 - Dask could not run the task at all: this case fails
-            record.remove_partial(spec["outdir"], case, spec["model_format"], spec.get("transforms_name"))
+            record.remove_partial(spec["outdir"], case, model_format=spec["model_format"],
+                                  transforms_name=spec.get("transforms_name"))
             text = str(e).strip().splitlines()
             row = {"case": case, "status": "failed", "attempts": attempt,
                    "message": f"Dask could not run it: {type(e).__name__}: {text[0] if text else ''}"}
@@ -416,7 +419,8 @@ def run_specs(specs, on_row, on_tick=None, *, scheduler=None, n_workers=1, memor
                          scheduler, MEMORY_RESOURCE, MEMORY_RESOURCE)
         else:
             with _sigint_ignored():
-                cluster, client = start_local_cluster(n_workers, memory_per_worker_bytes, quiet_logs, threads)
+                cluster, client = start_local_cluster(n_workers, memory_per_worker_bytes=memory_per_worker_bytes,
+                                                      quiet_logs=quiet_logs, threads=threads)
             # Our workers are alike and each can hold the largest case: one case per worker is the limit.
             use_resources = False
 

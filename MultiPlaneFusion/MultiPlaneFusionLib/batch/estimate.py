@@ -15,6 +15,7 @@ import numpy as np
 from .. import memory
 from ..errors import MultiPlaneFusionError
 from ..pipeline import plan_grid
+from ..reconstruction.budget import estimate_fusion_bytes
 from ..stack import Stack
 
 
@@ -88,7 +89,7 @@ def case_peak_bytes(stacks, grid, n_input, fuse_options, baseline_bytes):
     """The larger of the fusion's estimate (srr operator path per stack, as ``run`` checks it) and the
     model + report picture's, which ``run`` estimates on top of the process holding the inputs and the
     fused volume (on small cases the report's offscreen rendering is the peak)."""
-    fusion = memory.estimate_fusion_bytes(stacks, grid, fuse_options.method, baseline_bytes,
-                                          register=fuse_options.register)
+    fusion = estimate_fusion_bytes(stacks, grid, fuse_options.method, baseline_bytes=baseline_bytes,
+                                   register=fuse_options.register)
     held = float(baseline_bytes) + 4.0 * (int(grid.n_voxels) + int(n_input))
     return max(fusion, memory.estimate_model_bytes(grid.n_voxels, held, report=True))

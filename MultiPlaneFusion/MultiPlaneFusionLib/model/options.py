@@ -19,8 +19,8 @@ class ModelOptions:
     ----------
     preset : str or None
         Threshold preset in HU (see ``PRESETS``); used when ``threshold`` is None and
-        ``auto_threshold`` is off. None means 'bone' (226..3071 HU) for CT and is an error for other
-        modalities; a preset named explicitly is honoured for any modality but MR (a volume file of
+        ``auto_threshold`` is off. None means ``DEFAULT_CT_PRESET`` ('bone') for CT and is an error
+        for other modalities; a preset named explicitly is honoured for any modality but MR (a volume file of
         unknown modality may well be CT).
     threshold : (lo, hi) or None
         Custom inclusive intensity range; overrides the preset.

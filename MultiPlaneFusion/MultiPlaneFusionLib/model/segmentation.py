@@ -182,7 +182,7 @@ def segment(image, lo, hi, islands="region", min_island_mm3=0.0, fill_cavities=F
     stats = {"threshold_voxels": int(np.count_nonzero(raw))}
     del raw
     if remove_thin_mm > 0:
-        mask_img, thin = remove_thin(mask_img, remove_thin_mm, islands, min_voxels, **region)
+        mask_img, thin = remove_thin(mask_img, remove_thin_mm, islands=islands, min_voxels=min_voxels, **region)
         stats.update(thin)
     monitor.report("segment", 0.5)
     mask_img, pieces = select_islands(mask_img, islands, min_voxels, **region)

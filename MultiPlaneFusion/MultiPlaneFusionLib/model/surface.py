@@ -55,7 +55,7 @@ def iso_smoothing_parameters(smoothing):
     return 10.0 ** (-ISO_PASS_BAND_DECADES * s), int(20 + 40 * s)
 
 
-def _observe(algorithm, monitor, stage, start, stop):
+def _observe(algorithm, monitor, *, stage, start, stop):
     """Forward a VTK filter's progress to ``monitor``; abort the filter when the user cancels."""
     # Ctrl-C or a cancel inside the observer aborts the filter and is raised again after Update.
     guard = CallbackGuard(lambda: algorithm.SetAbortExecute(1))
@@ -67,8 +67,8 @@ def _observe(algorithm, monitor, stage, start, stop):
     return guard
 
 
-def _run(algorithm, monitor, stage, start, stop):
-    guard = _observe(algorithm, monitor, stage, start, stop)
+def _run(algorithm, monitor, *, stage, start, stop):
+    guard = _observe(algorithm, monitor, stage=stage, start=start, stop=stop)
     algorithm.Update()
     guard.reraise()
     monitor.report(stage, stop)
@@ -155,7 +155,7 @@ def contour_iso(values, mask, box, spacing, *, lo, hi, vmin, monitor=None, keep_
     fe.ComputeGradientsOff()
     fe.ComputeScalarsOff()
     fe.InterpolateAttributesOff()
-    out = _run(fe, monitor, "surface", 0.0, 0.3)
+    out = _run(fe, monitor, stage="surface", start=0.0, stop=0.3)
     del fe, img  # the image shares the field's memory
     if keep_field:
         return out, SampledField(field, np.asarray(_scaled_origin(box, spacing)), np.asarray(spacing, float))
@@ -174,7 +174,7 @@ def contour_labelmap(mask, box, spacing, monitor=None):
     fe.ComputeNormalsOff()
     fe.ComputeGradientsOff()
     fe.ComputeScalarsOff()
-    out = _run(fe, monitor, "surface", 0.0, 0.3)
+    out = _run(fe, monitor, stage="surface", start=0.0, stop=0.3)
     del fe, img, lab
     return out
 
@@ -200,7 +200,7 @@ def smooth(poly, smoothing, monitor=None, start=0.3, stop=0.85, pass_band=None, 
     ws.FeatureEdgeSmoothingOff()
     ws.NonManifoldSmoothingOn()
     ws.NormalizeCoordinatesOn()
-    return _run(ws, monitor, "surface", start, stop)
+    return _run(ws, monitor, stage="surface", start=start, stop=stop)
 
 
 class SampledField:
@@ -301,7 +301,7 @@ def smooth_iso(poly, field, *, smoothing, spacing, monitor=None, start=0.3, stop
     if smoothing <= 0 or poly.GetNumberOfCells() == 0:
         return poly
     pb, it = iso_smoothing_parameters(smoothing)
-    out = smooth(poly, smoothing, monitor, start, start + 0.8 * (stop - start),
+    out = smooth(poly, smoothing, monitor=monitor, start=start, stop=start + 0.8 * (stop - start),
                  pass_band=pb if pass_band is None else pass_band, iterations=it if iterations is None else iterations)
     pts = points(out).astype(float, copy=True)
     # Tangential drift is limited too: at a rim (the edge of a hole, of a thin wall cut by the
@@ -382,7 +382,7 @@ def _chunks(pts, tris, n_chunks, phase=0.0):
     return np.searchsorted(np.quantile(c[:, axis], q), c[:, axis]).astype(np.int64)
 
 
-def _decimate_pass(poly, reduction, n_chunks, phase, max_rounds, report):
+def _decimate_pass(poly, reduction, *, n_chunks, phase, max_rounds, report):
     """One pass by chunks with repair rounds: (triangles as ids of ``poly``, rounds, frozen) or None."""
     pts, tris = points(poly), triangles(poly)
     chunk = _chunks(pts, tris, n_chunks, phase)
@@ -489,7 +489,8 @@ def decimate(poly, spec, monitor=None, start=0.85, stop=0.95, max_rounds=5, chun
             monitor.report("surface", base + span * min(1.0, f))
 
         n_chunks = max(1, int(round(m / chunk_triangles)))
-        done = _decimate_pass(current, 1.0 - target / m, n_chunks, 0.5 * (p % 2), max_rounds, report)
+        done = _decimate_pass(current, 1.0 - target / m, n_chunks=n_chunks, phase=0.5 * (p % 2),
+                              max_rounds=max_rounds, report=report)
         if done is None:
             if p == 0:
                 info["note"] = "decimation could not keep the mesh closed; kept every triangle"

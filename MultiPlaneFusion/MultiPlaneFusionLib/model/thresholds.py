@@ -18,6 +18,9 @@ PRESETS = {
     "skin": (-718.0, -177.0),
 }
 
+# The preset used for CT when none is named (ModelOptions.preset None).
+DEFAULT_CT_PRESET = "bone"
+
 # Spellings accepted on the command line ("compact-bone", "enamel", ...).
 _ALIASES = {
     "compact": "compact bone",
@@ -111,9 +114,9 @@ def automatic_threshold(array, sample=2_000_000, seed=0):
 def resolve_threshold(array, *, preset=None, threshold=None, auto=False, modality="CT"):
     """The (lo, hi) range to use and a label saying where it came from.
 
-    Priority: an explicit ``threshold``; then ``auto``; then the preset. ``preset=None`` means 'bone'
-    for CT and is refused for any other modality; a named preset is refused only for MR, where HU
-    ranges mean nothing (a volume file of unknown modality may well hold HU).
+    Priority: an explicit ``threshold``; then ``auto``; then the preset. ``preset=None`` means
+    ``DEFAULT_CT_PRESET`` ('bone') for CT and is refused for any other modality; a named preset is
+    refused only for MR, where HU ranges mean nothing (a volume file of unknown modality may well hold HU).
 
     Returns
     -------
@@ -134,6 +137,6 @@ def resolve_threshold(array, *, preset=None, threshold=None, auto=False, modalit
         raise InputError(
             f"HU presets do not apply to this {modality} volume: give --threshold LO HI or use --auto-threshold"
         )
-    name = canonical_preset(preset or "bone")
+    name = canonical_preset(preset or DEFAULT_CT_PRESET)
     lo, hi = PRESETS[name]
     return lo, hi, f"preset {name}"

@@ -6,7 +6,8 @@ stack/grid geometry), the three paths ``separable_operator``, ``general_operator
 and ``operators.make_operator`` (the choice between them); ``smoothing``, ``penalty`` and ``workspace``
 (Gaussian filter, first-order penalty and Huber weights, work memory) under ``solvers``; ``intensity`` and
 ``autotune`` (agreement, settings from the data); ``options`` (SrrOptions and its flags) and ``srr`` (the
-reconstruction). ``parallel`` (threads) serves them all.
+reconstruction); ``budget`` (the memory check by the path each stack takes). ``parallel`` (threads) serves
+them all.
 """
 
 from .average import AverageResult, default_background, fuse_average

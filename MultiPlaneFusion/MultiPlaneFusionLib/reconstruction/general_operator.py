@@ -135,8 +135,8 @@ class GeneralOperator(StackOperator):
         sp = self.lattice.steps
         self.m_w = Banded.from_psf((w_k - st[2]) / sp[2], sz[2], psf, sig_n / abs(sp[2]))
         # In-plane: one matrix per slice when slices drift (shear), else one for all.
-        self.m_v = self._inplane(dv, np.arange(nj) * dj, st[1], sp[1], sz[1], sig_j)
-        self.m_u = self._inplane(du, np.arange(ni) * di, st[0], sp[0], sz[0], sig_i)
+        self.m_v = self._inplane(dv, np.arange(nj) * dj, start=st[1], step=sp[1], n=sz[1], sigma=sig_j)
+        self.m_u = self._inplane(du, np.arange(ni) * di, start=st[0], step=sp[0], n=sz[0], sigma=sig_i)
         self._interp = self._make_interp()
         # Normalisation: each valid sample's weights over the valid lattice nodes sum to 1.
         self._w_cache = {}
@@ -178,7 +178,7 @@ class GeneralOperator(StackOperator):
             out[k] = inside
         return out
 
-    def _inplane(self, drift, pix, start, step, n, sigma):
+    def _inplane(self, drift, pix, *, start, step, n, sigma):
         if np.ptp(drift) <= 1e-6 * abs(step):
             return Banded.from_psf((drift[0] + pix - start) / step, n, "gaussian", sigma / abs(step))
         return [Banded.from_psf((d + pix - start) / step, n, "gaussian", sigma / abs(step)) for d in drift]

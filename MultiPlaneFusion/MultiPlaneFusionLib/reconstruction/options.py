@@ -159,6 +159,11 @@ class SrrOptions:
             raise InputError(f"threads must be >= 1, got {self.threads}")
         if not (self.edge_scale_mm >= 0 and np.isfinite(self.edge_scale_mm)):
             raise InputError(f"edge scale must be a non-negative length in mm, got {self.edge_scale_mm}")
+        if not -1.0 <= self.disagreement_threshold <= 1.0:
+            raise InputError(f"disagreement_threshold is a correlation, between -1 and 1, got "
+                             f"{self.disagreement_threshold}")
+        if self.background_value is not None and not np.isfinite(self.background_value):
+            raise InputError(f"background_value must be a number (or None), got {self.background_value}")
         return self
 
 

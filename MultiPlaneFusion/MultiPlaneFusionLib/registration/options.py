@@ -4,6 +4,7 @@ The CLI owns ``--no-register`` and ``--reference``; everything else about regist
 flags and the dataclass stay in one place.
 """
 
+import math
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
@@ -119,6 +120,10 @@ class RegistrationOptions:
     transforms_out: Optional[str] = None
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise InputError (one line, naming the setting) for a setting out of range; returns self."""
         if self.metric not in METRICS:
             raise InputError(f"unknown registration metric '{self.metric}' (use {' or '.join(METRICS)})")
         if not self.max_translation_mm > 0 or not self.max_rotation_deg > 0:
@@ -159,6 +164,15 @@ class RegistrationOptions:
             raise InputError("registration needs at least one iteration per level")
         if self.spacing_mm is not None and not self.spacing_mm > 0:
             raise InputError(f"registration spacing must be positive, got {self.spacing_mm}")
+        if int(self.max_voxels) < 1:
+            raise InputError(f"registration max_voxels must be 1 or more, got {self.max_voxels}")
+        if int(self.histogram_bins) < 2:
+            raise InputError(f"registration histogram_bins must be 2 or more, got {self.histogram_bins}")
+        if self.foreground_hu is not None and not math.isfinite(self.foreground_hu):
+            raise InputError(f"registration foreground_hu must be a number (or None), got {self.foreground_hu}")
+        if int(self.seed) < 0:
+            raise InputError(f"registration seed must be 0 or more, got {self.seed}")
+        return self
 
     def summary(self):
         """The settings as a JSON-ready dict."""

@@ -125,4 +125,5 @@ def refine_registration(stacks, reconstruction_volume, grid, *, options=None, mo
                               f"(<= {options.unmoved_tolerance_mm:g} mm): unmoved")
         return result, report
 
-    return register_each(stacks, reference, monitor, register_one, "the reconstruction")
+    return register_each(stacks, reference, monitor=monitor, register_one=register_one,
+                         target_name="the reconstruction")

@@ -74,8 +74,8 @@ def _signed_tilt_deg(stack):
     return tilt
 
 
-def _base_dataset(sop_class, study_uid, series_uid, frame_uid, patient_name, modality, description, series_number,
-                  patient_id="PHANTOM0001"):
+def _base_dataset(sop_class, *, study_uid, series_uid, frame_uid, patient_name, modality, description,
+                  series_number, patient_id="PHANTOM0001"):
     now = datetime.datetime.now()
     ds = Dataset()
     ds.SOPClassUID = sop_class
@@ -207,14 +207,14 @@ def write_dicom_series(
     for k in range(stack.shape[0]):
         ds = _base_dataset(
             sop_class,
-            study_uid,
-            series_uid,
-            frame_uid,
-            patient_name,
-            modality,
-            stack.description,
-            series_number,
-            patient_id,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            frame_uid=frame_uid,
+            patient_name=patient_name,
+            modality=modality,
+            description=stack.description,
+            series_number=series_number,
+            patient_id=patient_id,
         )
         ds.SOPInstanceUID = generate_uid()
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -258,13 +258,13 @@ def write_secondary_capture(folder, study_uid=None, filename="SC00001.dcm"):
     folder = _prepare_folder(folder)
     ds = _base_dataset(
         SecondaryCaptureImageStorage,
-        study_uid or generate_uid(),
-        generate_uid(),
-        None,
-        "PHANTOM^HEAD",
-        "OT",
-        "SCREEN CAPTURE",
-        99,
+        study_uid=study_uid or generate_uid(),
+        series_uid=generate_uid(),
+        frame_uid=None,
+        patient_name="PHANTOM^HEAD",
+        modality="OT",
+        description="SCREEN CAPTURE",
+        series_number=99,
     )
     ds.SOPInstanceUID = generate_uid()
     ds.ConversionType = "WSD"
@@ -303,13 +303,13 @@ def write_localizer(folder, stack=None, scale=1.0, filename="LOC00001.dcm", pixe
         study, series, frame = generate_uid(), generate_uid(), generate_uid()
     ds = _base_dataset(
         CTImageStorage,
-        study or generate_uid(),
-        series or generate_uid(),
-        frame or generate_uid(),
-        "PHANTOM^HEAD",
-        "CT",
-        "SCOUT",
-        1,
+        study_uid=study or generate_uid(),
+        series_uid=series or generate_uid(),
+        frame_uid=frame or generate_uid(),
+        patient_name="PHANTOM^HEAD",
+        modality="CT",
+        description="SCOUT",
+        series_number=1,
     )
     ds.SOPInstanceUID = generate_uid()
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]

@@ -179,7 +179,7 @@ def _vault_hole(direction, radius_mm, tilt_deg):
     return p, axis, radius_mm, 20.0
 
 
-def _base_hole(x, y, radius_mm, tilt_deg):
+def _base_hole(x, y, *, radius_mm, tilt_deg):
     """A hole through the skull base around (x, y), axis tilted from vertical about the x axis."""
     axis = _unit(_rotate(np.array([0.0, 0.0, 1.0]), [1.0, 0.0, 0.0], tilt_deg))
     p = np.array([x, y, _FLOOR_Z_POST - 0.5 * _FLOOR_MM if y > 0 else _FLOOR_Z_MID - 0.5 * _FLOOR_MM])
@@ -193,10 +193,10 @@ _HOLES = [
     _vault_hole([-0.35, -0.92, 0.05], 1.25, 30.0),  # supraorbital foramen
     _vault_hole([0.97, -0.15, 0.15], 2.5, 45.0),  # 5 mm oblique hole through the thin temporal wall
     _vault_hole([-0.6, 0.2, 0.77], 2.0, 0.0),  # 4 mm hole straight through the right parietal
-    _base_hole(24.0, 14.0, 3.5, 15.0),  # jugular foramina
-    _base_hole(-24.0, 14.0, 3.5, -10.0),
-    _base_hole(22.0, -14.0, 2.5, 20.0),  # foramina ovalia
-    _base_hole(-22.0, -14.0, 2.5, 20.0),
+    _base_hole(24.0, 14.0, radius_mm=3.5, tilt_deg=15.0),  # jugular foramina
+    _base_hole(-24.0, 14.0, radius_mm=3.5, tilt_deg=-10.0),
+    _base_hole(22.0, -14.0, radius_mm=2.5, tilt_deg=20.0),  # foramina ovalia
+    _base_hole(-22.0, -14.0, radius_mm=2.5, tilt_deg=20.0),
 ]
 _FORAMEN_MAGNUM = ((0.0, 28.0), (15.0, 17.0))  # centre (x, y), semi-axes (x, y)
 
