@@ -161,7 +161,7 @@ def test_every_ui_widget_used_by_the_module_exists_with_a_suitable_class():
     assert not problems, "\n".join(problems)
 
 
-# Widgets the issue asks for: name -> (class, bound parameter or None).
+# Widgets the module panel must have: name -> (class, bound parameter or None).
 REQUIRED_WIDGETS = {
     "axialVolumeSelector": ("qMRMLNodeComboBox", "axialVolume"),
     "coronalVolumeSelector": ("qMRMLNodeComboBox", "coronalVolume"),
@@ -177,7 +177,7 @@ REQUIRED_WIDGETS = {
 }
 
 
-def test_ui_has_the_widgets_the_issue_asks_for():
+def test_ui_has_the_widgets_of_the_module_panel():
     widgets, top, connections = ui_widgets(UI_FILE)
     assert widgets[top][0] == "qMRMLWidget"
     for name, (cls, param) in REQUIRED_WIDGETS.items():
@@ -269,7 +269,7 @@ def test_every_parameter_reaches_the_gui_and_names_are_allowed():
     assert not set(fields) & RESERVED, f"reserved parameter names: {set(fields) & RESERVED}"
     orphans = [p for p in fields if p not in bound and p not in used_by_widget]
     assert not orphans, f"parameters neither bound in the .ui nor handled by the widget: {orphans}"
-    # The issue's parameters are all there.
+    # Every setting of the module is a parameter of the node.
     for needed in ("axialVolume", "coronalVolume", "sagittalVolume", "spacingMm", "method", "register",
                    "regularization", "thresholdPreset", "thresholdRange", "smoothing", "decimation",
                    "surfaceMethod", "exportFormat", "exportPath", "exportCoordinates", "outputVolume",

@@ -3,7 +3,7 @@
 Every case runs ``multiplanefusion`` in a fresh process with ``--json`` and compares the summary's
 ``estimated_peak_memory_mb`` (printed before the reconstruction, or before the model for ``model``) with its
 ``peak_memory_mb`` (the process's VmHWM) and, where GNU time is installed, ``/usr/bin/time -v``'s maximum
-resident set size. The goal (issue 14): estimate / peak between 1.00 and 1.10.
+resident set size. The goal: estimate / peak between 1.00 and 1.10.
 
 Cases
 -----
