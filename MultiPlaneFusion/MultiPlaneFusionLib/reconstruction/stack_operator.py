@@ -31,7 +31,7 @@ Three paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:
   It is applied by blocked matrix products (BLAS) along each axis, reducing the most-downsampled axis
   first. No 3-D interpolation. :mod:`.separable_operator`.
 - **shear** (a stack within a few degrees of the grid axes): the general path's lattice and matrices, with the
-  grid carried onto the lattice by three Keys-cubic shears instead of trilinear interpolation.
+  grid carried onto the lattice by Lanczos-3 shears instead of trilinear interpolation.
   :mod:`.shear_operator`.
 - **general** (oblique, gantry-tilted/sheared, rotated by registration): the grid is interpolated
   trilinearly at the nodes of a lattice aligned with the stack frame (row, column, normal); then the
