@@ -44,13 +44,15 @@ def main(argv=None):
     p.add_argument("--axis", default="1,0.6,0.3")
     p.add_argument("--orientation", default="coronal")
     p.add_argument("--tilt", type=float, default=0.0, help="gantry tilt (degrees) of the simulated series")
+    p.add_argument("--supersample", type=int, default=2,
+                   help="sub-points per voxel and axis of the truth image x_true (2: the panel's)")
     p.add_argument("--fuse", action="store_true",
                    help="also fused PSNR against the angle: axial (reference) + coronal + sagittal 4 mm series with "
                         "15 HU noise, the coronal and sagittal acquired from the head rotated by the angle (about the "
                         "axis and about its mirror), registered exactly; default srr with --psf gaussian")
     args = p.parse_args(argv)
     grid = phantom_grid(args.spacing, args.scale)
-    x = phantom_truth(grid, args.scale).astype(np.float32)
+    x = phantom_truth(grid, args.scale, supersample=args.supersample).astype(np.float32)
     lo, hi = phantom_bounds_mm(args.scale)
     centre = (np.asarray(lo) + np.asarray(hi)) / 2.0
     axis = np.asarray([float(v) for v in args.axis.split(",")])
