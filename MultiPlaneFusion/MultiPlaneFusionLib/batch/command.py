@@ -236,9 +236,9 @@ def _report_outcome(args, rows, counts, *, outdir, interrupted):
     if not getattr(args, "quiet", False) or counts["failed"] or interrupted:
         print(line)
     if interrupted:
-        raise CancelledError(f"interrupted: the {counts['done'] + counts['skipped']} cases done are kept, "
-                             f"{counts['interrupted']} are not finished (no partial outputs left); the same "
-                             "command again does the rest")
+        kept, left = counts["done"] + counts["skipped"], counts["interrupted"]
+        raise CancelledError(f"interrupted: {_cases(kept)} done kept, {_cases(left)} not finished (no partial "
+                             "outputs left); the same command again does the rest")
     if counts["failed"]:
         raise BatchFailedError(f"{counts['failed']} of {len(rows)} cases failed (their errors are in "
                                f"{os.path.join(outdir, 'batch.csv')})")
@@ -283,3 +283,7 @@ class _State:
     def finish(self):
         if self.display is not None:
             self.display.finish()
+
+
+def _cases(n):
+    return f"{n} case" if n == 1 else f"{n} cases"
