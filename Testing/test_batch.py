@@ -143,11 +143,14 @@ def test_dicom_tree_interrupted_with_ctrl_c_then_resumed(tmp_path):
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=90)
     assert p.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("multiplanefusion: error: interrupted: the ")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("multiplanefusion: error: interrupted: "), last
     rows = read_rows(outdir)
     assert len(rows) == 3 and {r["patient_id"] for r in rows.values()} == {f"P{n:03d}" for n in range(3)}
     done = [c for c, r in rows.items() if r["status"] == "done"]
     assert 1 <= len(done) < 3 and all(r["status"] == "interrupted" for c, r in rows.items() if c not in done)
+    left = 3 - len(done)
+    assert f"{len(done)} case{'s' if len(done) > 1 else ''} done kept, {left} case{'s' if left > 1 else ''} not" in last
     for case in rows:
         (assert_done if case in done else assert_nothing_left)(outdir, case)
     assert not glob.glob(os.path.join(outdir, "*", ".*partial*"))
