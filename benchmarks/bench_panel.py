@@ -250,11 +250,21 @@ def main(argv=None):
     p.add_argument("--model-grid", choices=("1mm", "panel"), default="1mm",
                    help="--model: fuse on the 1 mm series' full grid (default) or the panel's cropped grid")
     p.add_argument("--skip-panel", action="store_true", help="only --sweep / --model")
+    p.add_argument("--in-plane-factor", type=float, default=None,
+                   help="experiment: the model's in-plane PSF FWHM / pixel spacing (default: the library's "
+                        "sampling.psf.IN_PLANE_FWHM_FACTOR); the simulated series have no in-plane blur")
     p.add_argument("--json", default=str(RESULTS / "bench_panel.json"))
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     option_sets = json.loads(args.options) if args.options else dict(DEFAULT_OPTION_SETS)
+    if args.in_plane_factor is not None:
+        from MultiPlaneFusionLib.reconstruction import autotune
+        from MultiPlaneFusionLib.sampling import psf
+
+        psf.IN_PLANE_FWHM_FACTOR = autotune.IN_PLANE_FWHM_FACTOR = float(args.in_plane_factor)
+        print(f"experiment: in-plane PSF FWHM factor {args.in_plane_factor:g} (library default "
+              f"{1.2:g})")
     out = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)}
     t0 = time.perf_counter()
     if not args.skip_panel:

@@ -253,7 +253,8 @@ def _keep_choices(srr_options, result):
     from .reconstruction.options import SrrOptions
 
     opts = srr_options or SrrOptions()
-    return replace(opts, alpha=float(result.info["alpha"]), stack_profiles=tuple(result.profiles))
+    return replace(opts, alpha=float(result.info["alpha"]), regularizer=result.info["regularizer"],
+                   stack_profiles=tuple(result.profiles))
 
 
 def fuse_paths(paths, options=None, progress=None, cancel=None):

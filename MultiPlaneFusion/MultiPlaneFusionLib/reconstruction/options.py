@@ -16,6 +16,9 @@ from ..sampling.psf import SliceProfile, validate_psf
 
 # The choices of SrrOptions.regularizer (the default first), for front ends that list them.
 REGULARIZERS = ("tikhonov", "huber")
+# SrrOptions.regularizer may also be "auto": regularizer and weight chosen together from the data
+# (autotune.choose_prior); the solvers only ever see one of REGULARIZERS.
+REGULARIZER_CHOICES = REGULARIZERS + ("auto",)
 # Fixed weights (mm^2), not "auto": on the realistic panel the cross-validated weight under-regularised
 # overlapping slices. Huber's penalty is weaker at edges, so it takes a larger one.
 DEFAULT_ALPHA = {"tikhonov": 0.1, "huber": 0.5}
@@ -36,10 +39,13 @@ class SrrOptions:
         regularizer (``DEFAULT_ALPHA``: 0.1 for tikhonov, 0.5 for huber, whose penalty is weaker at
         edges). "auto": chosen by cross-validation over held-out slices on a probe block
         (``autotune.choose_alpha``; opt-in, see the README for where it under-regularises).
-    regularizer : {"tikhonov", "huber"}
+    regularizer : {"tikhonov", "huber", "auto"}
         First-order Tikhonov (smooth gradient; the default: it beat Huber on the real-anatomy cases of
         the realistic panel and is more forgiving when the stacks are not quite aligned) or Huber on the
-        gradient magnitude (edge-preserving: better on piecewise-constant, hard-edged objects).
+        gradient magnitude (edge-preserving: better on piecewise-constant, hard-edged objects). "auto":
+        regularizer and weight chosen together by held-out-slice cross-validation on the probe block
+        (``autotune.choose_prior``; ``alpha`` is then ignored; opt-in: on the panel's real-anatomy cases
+        the score prefers under-regularised settings, see the README).
     psf : {"auto", "gaussian", "box"}
         Through-plane slice profile. "auto" (default): per stack, box or Gaussian and a width factor
         around the nominal thickness, whichever predicts that stack best from a reconstruction of the
@@ -122,21 +128,21 @@ class SrrOptions:
     def effective_alpha(self):
         """``alpha``, or the regularizer's fixed default when it is None or "auto" (the value the
         automatic choice starts from and falls back to)."""
-        if self.alpha is None or isinstance(self.alpha, str):
-            return DEFAULT_ALPHA[self.regularizer]
+        if self.alpha is None or isinstance(self.alpha, str) or self.regularizer == "auto":
+            return DEFAULT_ALPHA.get(self.regularizer, DEFAULT_ALPHA["tikhonov"])
         return float(self.alpha)
 
     @property
     def effective_iterations(self):
         """``max_iterations``, or the regularizer's default when it is None."""
         if self.max_iterations is None:
-            return DEFAULT_ITERATIONS[self.regularizer]
+            return DEFAULT_ITERATIONS.get(self.regularizer, DEFAULT_ITERATIONS["tikhonov"])
         return int(self.max_iterations)
 
     def validate(self):
         """Raise InputError (one line, naming the setting) for a setting out of range; returns self."""
-        if self.regularizer not in REGULARIZERS:
-            raise InputError(f"unknown regularizer '{self.regularizer}' (use {' or '.join(REGULARIZERS)})")
+        if self.regularizer not in REGULARIZER_CHOICES:
+            raise InputError(f"unknown regularizer '{self.regularizer}' (use {', '.join(REGULARIZER_CHOICES)})")
         if isinstance(self.alpha, str):
             if self.alpha != "auto":
                 raise InputError(f"alpha must be 'auto' or a non-negative number, got '{self.alpha}'")
@@ -176,8 +182,9 @@ def add_srr_arguments(parser):
                         f"{DEFAULT_ALPHA['tikhonov']:g} for tikhonov, {DEFAULT_ALPHA['huber']:g} for huber); auto: "
                         "chosen by cross-validation over held-out slices on a probe block (experimental: it can "
                         "under-regularise overlapping slices)")
-    g.add_argument("--regularizer", choices=REGULARIZERS, default=d.regularizer,
-                   help=f"tikhonov (smooth gradient) or huber (edge-preserving); default {d.regularizer}")
+    g.add_argument("--regularizer", choices=REGULARIZER_CHOICES, default=d.regularizer,
+                   help=f"tikhonov (smooth gradient), huber (edge-preserving) or auto (prior and weight together by "
+                        f"cross-validation over held-out slices on a probe block; experimental); default {d.regularizer}")
     g.add_argument("--psf", default=d.psf,
                    help="through-plane slice profile: auto (default: box or gaussian and its width per stack, from the "
                         "consistency between the stacks), gaussian (FWHM = thickness) or box (slab MPR)")
@@ -237,5 +244,5 @@ def parse_alpha(value):
         raise InputError(f"--alpha must be 'auto' or a non-negative number, got '{value}'") from None
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "SrrOptions", "add_srr_arguments", "parse_alpha",
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES", "SrrOptions", "add_srr_arguments", "parse_alpha",
            "srr_options_from_args"]

@@ -135,7 +135,8 @@ class _Run:
         self.offset, self.scale = 0.0, 1.0  # normalisation: (value - offset) / scale
         self.profiles, self.alpha, self.probe = [], None, None
         self.profiles_from_data = False
-        self.auto = {"profile_choice": None, "alpha_choice": None}
+        self.auto = {"profile_choice": None, "alpha_choice": None, "prior_choice": None}
+        self.regularizer_setting = options.regularizer  # "auto" until the prior is chosen
         self.ops, self.weights = [], []
         self.coverage = None
         self.scratch = Scratch()  # reusable work memory for the operators and the solver
@@ -188,7 +189,8 @@ def _settings_from_data(run):
     else:
         run.profiles = [SliceProfile(options.psf)] * len(work)
     run.profiles_from_data = options.psf == "auto" and options.stack_profiles is None and len(work) > 1
-    if run.profiles_from_data or options.alpha_is_auto or (options.self_check and len(work) > 1):
+    prior_auto = options.regularizer == "auto"
+    if run.profiles_from_data or options.alpha_is_auto or prior_auto or (options.self_check and len(work) > 1):
         t0 = time.perf_counter()
         run.probe = _probe(work, run.grid, offset=run.offset, scale=run.scale, options=options, workers=run.workers,
                            check=run.monitor.check)
@@ -198,8 +200,37 @@ def _settings_from_data(run):
     for s, p in zip(work, run.profiles):
         LOGGER.info("SRR slice profile of '%s': %s, width %.2f mm (nominal thickness %.2f mm)%s", s.description,
                     p.kind, p.width_mm(s), s.thickness_mm, " (chosen from the data)" if run.profiles_from_data else "")
-    if run.probe is not None and options.alpha_is_auto:
+    if prior_auto:
+        _choose_prior(run)
+    elif run.probe is not None and options.alpha_is_auto:
         _choose_alpha(run)
+
+
+def _choose_prior(run):
+    """``regularizer="auto"``: regularizer and weight by held-out-slice CV on the probe block; ``run.options``
+    then carries the chosen pair (what the solver, the self-check and the summary read). Tikhonov at its
+    default weight when there is no probe block."""
+    probe, options = run.probe, run.options
+    if probe is None:
+        run.options = replace(options, regularizer="tikhonov", alpha=None)
+        run.alpha = run.options.effective_alpha
+        return
+    t0 = time.perf_counter()
+    reg, alpha, rows = autotune.choose_prior(probe.problem, [run.profiles[k] for k in probe.index],
+                                             huber=_huber_args(options))
+    dt = time.perf_counter() - t0
+    run.timings["prior_choice_s"] = dt
+    run.options = replace(options, regularizer=reg, alpha=float(alpha))
+    run.alpha = float(alpha)
+    run.auto["prior_choice"] = {
+        "method": f"{autotune.CV_FOLDS}-fold cross-validation over held-out slices on the probe block over "
+                  "(regularizer, alpha) pairs; lowest held-out error, then the one-standard-error rule along "
+                  "its regularizer's weights",
+        "regularizer": reg, "alpha": float(alpha), "cv_by_candidate": rows, "seconds": round(dt, 3)}
+    LOGGER.info("SRR prior %s, alpha %.4g chosen by cross-validation over held-out slices (%.1f s; CV error by "
+                "candidate: %s)", reg, alpha, dt,
+                ", ".join(f"{r['regularizer']} {r['alpha']:g}: {r['cv_rms']:.2f}" for r in rows))
+    run.monitor.check()
 
 
 def _choose_profiles(run):
@@ -381,7 +412,8 @@ def _summary(run):
         "initial_relative_residual": float(solve_info["initial_relative_residual"]),
         "residual_history": [float(v) for v in solve_info["history"]],
         "alpha": float(run.alpha),
-        "alpha_setting": options.alpha if options.alpha_is_auto else "fixed",
+        "alpha_setting": options.alpha if options.alpha_is_auto else (
+            "auto" if run.regularizer_setting == "auto" else "fixed"),
         "regularizer": options.regularizer,
         "psf": options.psf,
         "slice_profiles": [None] * n,
@@ -390,6 +422,8 @@ def _summary(run):
         "solution_tolerance": float(options.solution_tolerance),
         "profile_choice": run.auto["profile_choice"],
         "alpha_choice": run.auto["alpha_choice"],
+        "regularizer_setting": "auto" if run.regularizer_setting == "auto" else "fixed",
+        "prior_choice": run.auto["prior_choice"],
         "probe_block": None if run.probe is None else run.probe.summary(),
         "self_check": check,
         "fusion_beats_single_series": None if check is None else check["fusion_beats_single_series"],
