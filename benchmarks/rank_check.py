@@ -17,7 +17,6 @@ Usage::
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -146,7 +145,8 @@ def check_case(case, log=print):
                    "n2n": n2n * 1e4, "n2n_a1": n2n1 * 1e4, "n2n_s": t_n2n,
                    "slices_s": t_sl, "loso_s": t_lo}
             rows.append(row)
-            log(f"  {row['setting']:<14} truth {row['psnr_db']:6.2f} dB {row['surface_mm']:.3f} mm blk {block_rmse:5.1f} HU "
+            log(f"  {row['setting']:<14} truth {row['psnr_db']:6.2f} dB {row['surface_mm']:.3f} mm "
+                f"blk {block_rmse:5.1f} HU "
                 f"slices {row['slices']:8.3f}  loso {row['loso']:8.3f}  loso_n {row['loso_n']:8.3f}  "
                 f"n2n {row['n2n']:8.3f}  n2n_a1 {row['n2n_a1']:8.3f}  "
                 f"(full {full_s:.1f} s, slices {t_sl:.1f} s, loso {t_lo:.1f} s, n2n {t_n2n:.1f} s)")
@@ -178,7 +178,8 @@ def main(argv=None):
     for case in panel.get_cases(args.cases):
         print(f"== {case.name}", flush=True)
         out.extend(check_case(case))
-    write_json(RESULTS / f"rank_check{'' if args.in_plane_factor is None else '_inplane' + str(args.in_plane_factor)}.json", {"rows": out})
+    suffix = "" if args.in_plane_factor is None else "_inplane" + str(args.in_plane_factor)
+    write_json(RESULTS / f"rank_check{suffix}.json", {"rows": out})
 
 
 if __name__ == "__main__":

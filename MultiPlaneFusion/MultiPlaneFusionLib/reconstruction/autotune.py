@@ -454,5 +454,6 @@ def self_check(problem, profiles, alpha, *, regularizer="tikhonov", huber=None):
     return per
 
 
-__all__ = ["BlockProblem", "Normalisation", "PRIOR_LADDER", "choose_alpha", "choose_block", "choose_prior", "choose_profile", "crop_stack",
-           "estimate_profiles", "in_plane_smoother", "select_slices", "self_check", "smoothed_in_plane"]
+__all__ = ["BlockProblem", "Normalisation", "PRIOR_LADDER", "choose_alpha", "choose_block", "choose_prior",
+           "choose_profile", "crop_stack", "estimate_profiles", "in_plane_smoother", "select_slices", "self_check",
+           "smoothed_in_plane"]

@@ -183,8 +183,9 @@ def add_srr_arguments(parser):
                         "chosen by cross-validation over held-out slices on a probe block (experimental: it can "
                         "under-regularise overlapping slices)")
     g.add_argument("--regularizer", choices=REGULARIZER_CHOICES, default=d.regularizer,
-                   help=f"tikhonov (smooth gradient), huber (edge-preserving) or auto (prior and weight together by "
-                        f"cross-validation over held-out slices on a probe block; experimental); default {d.regularizer}")
+                   help=f"tikhonov (smooth gradient), huber (edge-preserving) or auto (prior and weight together "
+                        f"by cross-validation over held-out slices on a probe block; experimental); "
+                        f"default {d.regularizer}")
     g.add_argument("--psf", default=d.psf,
                    help="through-plane slice profile: auto (default: box or gaussian and its width per stack, from the "
                         "consistency between the stacks), gaussian (FWHM = thickness) or box (slab MPR)")
@@ -244,5 +245,5 @@ def parse_alpha(value):
         raise InputError(f"--alpha must be 'auto' or a non-negative number, got '{value}'") from None
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES", "SrrOptions", "add_srr_arguments", "parse_alpha",
-           "srr_options_from_args"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES", "SrrOptions",
+           "add_srr_arguments", "parse_alpha", "srr_options_from_args"]
