@@ -134,7 +134,9 @@ def test_dicom_tree_interrupted_with_ctrl_c_then_resumed(tmp_path):
     for n in range(3):  # three patients, one study each
         write_case(str(tree / f"patient{n}" / "study"), 20 + n, patient_id=f"P{n:03d}")
     outdir = str(tmp_path / "out")
-    args = [sys.executable, "-m", "MultiPlaneFusionLib.cli", "batch", str(tree), "-o", outdir, *FAST]
+    # One worker: the cases run one after the other, so when the first is done at least one is still to come
+    # (with two workers the other two could both finish before the signal arrives on an idle machine).
+    args = [sys.executable, "-m", "MultiPlaneFusionLib.cli", "batch", str(tree), "-o", outdir, *FAST, "--workers", "1"]
     # A terminal's Ctrl-C goes to the whole process group: the batch's workers get it too.
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..grid import Grid
-from ..sampling.psf import psf_sigma_mm
+from ..sampling.psf import REGISTRATION_IN_PLANE_FWHM_FACTOR, psf_sigma_mm
 from ..sampling.resample import resample_stack
 from ..transforms import stack_frame
 
@@ -186,7 +186,8 @@ def prepare_pair(target, target_sigmas_mm, moving, *, r_init, options):
     h = _choose_spacing(options, target, moving, hi_f - lo_f, hi_m - lo_m)
     grid_f = box_grid(frame_f, lo_f, hi_f, h)
     grid_m = box_grid(frame_m, lo_m, hi_m, h)
-    fixed, fixed_cov = sampled(low_passed(target, h), grid_f, psf_sigma_mm(moving))
+    fixed, fixed_cov = sampled(low_passed(target, h), grid_f,
+                                psf_sigma_mm(moving, in_plane_factor=REGISTRATION_IN_PLANE_FWHM_FACTOR))
     moving_img, moving_cov = sampled(low_passed(scanner, h), grid_m, target_sigmas_mm)
     fixed_mask = foreground_mask(fixed, fixed_cov, modality=target.modality, threshold=options.foreground_hu,
                                   spacing_mm=h)

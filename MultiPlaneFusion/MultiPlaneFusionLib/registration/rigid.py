@@ -50,7 +50,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError
 from ..progress import CallbackGuard, Monitor
-from ..sampling.psf import psf_sigma_mm
+from ..sampling.psf import REGISTRATION_IN_PLANE_FWHM_FACTOR, psf_sigma_mm
 from ..stack import check_reference, scanner_centre_mm
 from ..transforms import apply, describe_motion, rigid_matrix
 from ..writing import atomic_path, make_folder
@@ -503,7 +503,7 @@ def register_stacks(stacks, *, reference=0, options=None, monitor=None):
     if not options.enabled or len(stacks) < 2:
         return stacks, []
     target = stacks[reference]
-    target_sigmas = psf_sigma_mm(target)
+    target_sigmas = psf_sigma_mm(target, in_plane_factor=REGISTRATION_IN_PLANE_FWHM_FACTOR)
 
     def register_one(n, span):
         s = stacks[n]
