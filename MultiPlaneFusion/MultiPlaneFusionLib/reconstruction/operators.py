@@ -24,7 +24,7 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
         With its registration ``transform`` (scanner -> patient) applied.
     grid : Grid
     psf : {"gaussian", "box"}
-        Through-plane slice profile (in-plane is always Gaussian, FWHM 0.6 x pixel spacing).
+        Through-plane slice profile (in-plane is always Gaussian, FWHM 1.2 x pixel spacing).
     path : {"auto", "separable", "shear", "general"}
         ``auto`` takes the separable path when :func:`.stack_operator.separable_axes` allows it, else the shear
         path for a stack within ``SHEAR_MAX_DEG`` of the grid axes, else the general one.

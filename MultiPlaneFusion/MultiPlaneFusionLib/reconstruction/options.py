@@ -50,7 +50,7 @@ class SrrOptions:
         Through-plane slice profile. "auto" (default): per stack, box or Gaussian and a width factor
         around the nominal thickness, whichever predicts that stack best from a reconstruction of the
         others on a probe block (``autotune.estimate_profiles``). "gaussian": FWHM = slice thickness;
-        "box": the slice thickness (slab-averaged MPR reformats). In-plane: Gaussian, FWHM 0.6 x pixel spacing.
+        "box": the slice thickness (slab-averaged MPR reformats). In-plane: Gaussian, FWHM 1.2 x pixel spacing.
     max_iterations : int or None
         Cap on conjugate-gradient iterations (Huber: in total over the outer iterations). None: the
         regularizer's default (``DEFAULT_ITERATIONS``: 100, a cap; the solvers stop on ``tolerance`` and

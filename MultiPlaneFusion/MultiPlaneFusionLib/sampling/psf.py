@@ -1,11 +1,11 @@
 """The point-spread function (PSF) of a thick-slice stack: its sizes, its 1-D weights, and the slice profiles.
 
 **The PSF.** A sample of a stack is the integral of the image against the PSF centred on the pixel centre,
-oriented with the slice: Gaussian in-plane, FWHM = ``IN_PLANE_FWHM_FACTOR`` (0.6) x pixel spacing, and
-through-plane either Gaussian of FWHM = slice thickness or a box (a slab of the slice
-thickness: slab-averaged MPR reformats). :func:`psf_sigma_mm` gives the sizes, :func:`psf_rows` the weights
-of samples against the linear-interpolation basis of a 1-D lattice, which every operator builds its banded
-matrices from (:mod:`MultiPlaneFusionLib.reconstruction.banded`).
+oriented with the slice: Gaussian in-plane, FWHM = ``IN_PLANE_FWHM_FACTOR`` (1.2) x pixel spacing (the
+NiftyMIC/SVRTK/MIALSRTK convention), and through-plane either Gaussian of FWHM = slice thickness or a box (a
+slab of the slice thickness: slab-averaged MPR reformats). :func:`psf_sigma_mm` gives the sizes,
+:func:`psf_rows` the weights of samples against the linear-interpolation basis of a 1-D lattice, which every
+operator builds its banded matrices from (:mod:`MultiPlaneFusionLib.reconstruction.banded`).
 
 **Slice profiles.** A slice profile is a kind ("box": a slab, as slab-averaged MPR reformats and many CT
 recons have; "gaussian": the conventional approximation of a scanner's slice sensitivity) and an effective
@@ -32,13 +32,12 @@ from ..errors import InputError
 PSF_KINDS = ("box", "gaussian")
 PSF_CHOICES = ("auto",) + PSF_KINDS
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
-# In-plane FWHM of the reconstruction's model, in pixel spacings. The model describes a thick series relative
-# to the thin-slice scan the fusion stands for, which carries the same scanner's in-plane blur: NiftyMIC's and
-# SVRTK's 1.2 (the blur relative to the object) made the solver deconvolve that blur. Chosen on the realistic
-# panel (bench_panel.py --in-plane-factor, figures in the README).
-IN_PLANE_FWHM_FACTOR = 0.6
-# Registration compares low-passed images through both stacks' PSFs; it keeps the wider blur it was
-# measured with (1.2, the NiftyMIC/SVRTK convention).
+# In-plane FWHM of the reconstruction's model, in pixel spacings (NiftyMIC/SVRTK). A narrower model (0.6) won on
+# the realistic panel's simulated cases, whose series carry no in-plane blur, and lost on the real series on
+# the 1 mm grid (README): it stays 1.2 until the width is estimated from the data.
+IN_PLANE_FWHM_FACTOR = 1.2
+# Registration compares low-passed images through both stacks' PSFs with this width (kept apart from the
+# model's so that either can change without the other).
 REGISTRATION_IN_PLANE_FWHM_FACTOR = 1.2
 # Gaussian PSFs are truncated at this many standard deviations (0.27 % of the mass), as NiftyMIC does.
 GAUSSIAN_CUTOFF_SIGMAS = 3.0
