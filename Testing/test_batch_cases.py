@@ -226,7 +226,7 @@ BLOCK_DASK = textwrap.dedent("""
 """)
 
 IMPORT_ALL = BLOCK_DASK + textwrap.dedent("""
-    import importlib, pkgutil, types
+    import importlib, pkgutil
     import MultiPlaneFusionLib
 
     skipped = {"MultiPlaneFusionLib.batch.engine"}  # the one module that imports Dask
@@ -236,30 +236,10 @@ IMPORT_ALL = BLOCK_DASK + textwrap.dedent("""
             importlib.import_module(name)
 
     # The Slicer module, with stand-ins for Slicer and Qt (it imports nothing else but the library).
-    class Anything:
-        def __init__(self, *args, **kwargs):
-            self.args = args
-    slicer = types.ModuleType("slicer")
-    for name in ("vtkMRMLModelNode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"):
-        setattr(slicer, name, type(name, (), {}))
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-    pnw.parameterNodeWrapper = lambda cls: cls
-    pnw.Choice = pnw.RangeBounds = pnw.WithinRange = pnw.FloatRange = Anything
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(slm, name, type(name, (), {}))
-    util = types.ModuleType("slicer.util")
-    util.VTKObservationMixin = type("VTKObservationMixin", (), {})
-    slicer.util = util
-    sys.modules.update({"slicer": slicer, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
-                        "slicer.ScriptedLoadableModule": slm, "slicer.util": util, "qt": types.ModuleType("qt")})
-    spec = importlib.util.spec_from_file_location("MultiPlaneFusion", sys.argv[1])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, sys.argv[2])
+    from support.slicer_stand_ins import load_module_file, slicer_stand_in_modules
+    sys.modules.update(slicer_stand_in_modules())
+    module = load_module_file(sys.argv[1], "MultiPlaneFusion")
     assert hasattr(module, "MultiPlaneFusionLogic")
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("dask", "distributed"))
     assert not loaded, loaded
@@ -269,7 +249,9 @@ IMPORT_ALL = BLOCK_DASK + textwrap.dedent("""
 
 def test_the_library_and_the_slicer_module_import_without_dask():
     module_py = os.path.join(ROOT, "MultiPlaneFusion", "MultiPlaneFusion.py")
-    r = subprocess.run([sys.executable, "-c", IMPORT_ALL, module_py], capture_output=True, text=True, timeout=120)
+    testing = os.path.join(ROOT, "Testing")
+    r = subprocess.run([sys.executable, "-c", IMPORT_ALL, module_py, testing], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[0]) > 30
 

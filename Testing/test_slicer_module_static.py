@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+from support.slicer_stand_ins import load_module_file, slicer_stand_in_modules
 from support.static_files import (
     SCHEMA_URL,
     base_kind,
@@ -400,16 +401,6 @@ def test_icons_are_128_png(path):
 # for Slicer's Python modules they run here against the real library: a renamed library option or a
 # broken conversion fails in the main environment too. (Publish, export and the self-test run on Slicer's
 # real MRML libraries in Testing/slicer_core, in their own environment: bash .ci/slicer-core.)
-class _Annotation:
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-
-class _FloatRange:
-    def __init__(self, minimum=0.0, maximum=0.0):
-        self.minimum, self.maximum = minimum, maximum
-
-
 class _FakeVolumeNode:
     """The part of vtkMRMLScalarVolumeNode the Logic reads when converting an input."""
 
@@ -456,38 +447,9 @@ class _FakeLinearTransformNode:
 @pytest.fixture
 def stubbed_module(monkeypatch):
     """MultiPlaneFusion.py imported with stand-ins for slicer and qt (sys.modules restored afterwards)."""
-    import importlib.util
-    import types
-
-    import numpy as np
-
-    slicer = types.ModuleType("slicer")
-    for name in ("vtkMRMLModelNode", "vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"):
-        setattr(slicer, name, type(name, (), {}))
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    pnw = types.ModuleType("slicer.parameterNodeWrapper")
-    pnw.parameterNodeWrapper = lambda cls: cls
-    pnw.Choice = pnw.RangeBounds = pnw.WithinRange = _Annotation
-    pnw.FloatRange = _FloatRange
-    slm = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-                 "ScriptedLoadableModuleWidget"):
-        setattr(slm, name, type(name, (), {"__init__": lambda self, *args: None}))
-    util = types.ModuleType("slicer.util")
-    util.VTKObservationMixin = type("VTKObservationMixin", (), {})
-    util.arrayFromVolume = lambda node: node.array
-    util.arrayFromVTKMatrix = lambda m: np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-    slicer.util = util
-    for name, module in {"slicer": slicer, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
-                         "slicer.ScriptedLoadableModule": slm, "slicer.util": util,
-                         "qt": types.ModuleType("qt")}.items():
+    for name, module in slicer_stand_in_modules().items():
         monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.util.spec_from_file_location("MultiPlaneFusion_stubbed", MODULE_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_file(MODULE_PY, "MultiPlaneFusion_stubbed")
 
 
 @pytest.fixture(scope="module")
