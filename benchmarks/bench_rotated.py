@@ -109,8 +109,7 @@ def fuse_table(args, grid, x, centre, axis):
         q = psnr(res.volume, x, head)
         if base is None:
             base = q
-        paths = [make_operator(s, grid).path for s in stacks]
-        print(f"{deg:5.1f} {q:8.2f} {q - base:+9.2f} {seconds:7.1f}  {', '.join(paths)}")
+        print(f"{deg:5.1f} {q:8.2f} {q - base:+9.2f} {seconds:7.1f}  {', '.join(res.info['operator_paths'])}")
 
 
 if __name__ == "__main__":
