@@ -14,6 +14,7 @@ from MultiPlaneFusionLib.reconstruction.general_operator import GeneralOperator
 from MultiPlaneFusionLib.reconstruction.operators import make_operator
 from MultiPlaneFusionLib.reconstruction.separable_operator import SeparableOperator
 from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator, shear_path_applies
+from MultiPlaneFusionLib.reconstruction.skew_operator import SkewOperator
 from MultiPlaneFusionLib.reconstruction.stack_operator import StackOperator, separable_axes
 from MultiPlaneFusionLib.sampling.psf import FWHM_PER_SIGMA, psf_rows
 from MultiPlaneFusionLib.stack import Stack, stack_from_affine
@@ -72,18 +73,20 @@ EXPECTED_PATH = {
     "irregular_gaps": "separable",
     "oblique": "general",
     "tilted_sheared": "general",
-    "registration_rotation": "shear",
-    "inplane_rotated": "general",
+    "registration_rotation": "skew",
+    "inplane_rotated": "skew",
 }
 
 
 def _operators(stack, psf):
-    """Every path the stack can take: auto, general (shared-axis where possible), general trilinear and shear."""
+    """Every path the stack can take: auto, general (shared-axis where possible), general trilinear, shear and
+    skew (built for every stack here, also beyond the drift make_operator accepts: its adjoint is exact anyway)."""
     ops = {"auto": make_operator(stack, GRID, psf)}
     ops["general"] = GeneralOperator(stack, GRID, psf)
     ops["trilinear"] = GeneralOperator(stack, GRID, psf, shared_axis=None)
     if shear_path_applies(stack, GRID):
         ops["shear"] = ShearOperator(stack, GRID, psf)
+    ops["skew"] = SkewOperator(stack, GRID, psf)
     return ops
 
 
@@ -148,7 +151,7 @@ def test_separable_and_general_agree(name):
     assert isinstance(sep, SeparableOperator)
     ref = sep.forward(x)
     for op in (GeneralOperator(stack, GRID), GeneralOperator(stack, GRID, shared_axis=None),
-               ShearOperator(stack, GRID)):
+               ShearOperator(stack, GRID), SkewOperator(stack, GRID)):
         y = op.forward(x)
         v = sep.valid & op.valid
         assert v.sum() > 0.8 * sep.valid.sum()

@@ -33,6 +33,12 @@ REGISTRATION_BYTES = 32 * _MIB
 SHEAR_GRID_COPIES = 4.4
 SHEAR_BYTES_PER_SAMPLE = 17.0
 SHEAR_FIXED_BYTES = 24 * _MIB
+# Skew path (stacks tilted very slightly, e.g. after registration): each operator keeps its line-group
+# matrices (at most skew_operator's cache bound) and per sample its normalisation and mask; applying the
+# largest one needs its in-plane intermediates.
+SKEW_FIXED_BYTES_PER_STACK = 16 * _MIB
+SKEW_KEPT_BYTES_PER_SAMPLE = 5.0
+SKEW_WORK_BYTES_PER_SAMPLE = 12.0
 # General path (gantry tilts, oblique planes): each operator keeps per-slice in-plane matrices and
 # normalisation arrays (bytes per sample of its stack), and applying the largest one needs its lattice.
 GENERAL_KEPT_BYTES_PER_SAMPLE = 13.2
@@ -51,7 +57,7 @@ MODEL_KEPT_GRID_COPIES = 1.7
 REPORT_FIXED_BYTES = 176 * _MIB
 REPORT_GRID_COPIES = 1.1
 
-PATHS = ("separable", "shear", "general", "trilinear")  # trilinear: the general path without a shared axis
+PATHS = ("separable", "skew", "shear", "general", "trilinear")  # trilinear: the general path without a shared axis
 
 
 def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_bytes=0, *, stack_paths=(),
@@ -73,6 +79,10 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_b
     if register:
         n += REGISTRATION_BYTES
     if method == "srr":
+        skew = [int(k) for p, k in stack_paths if p == "skew"]
+        if skew:
+            n += (SKEW_FIXED_BYTES_PER_STACK * len(skew) + SKEW_KEPT_BYTES_PER_SAMPLE * sum(skew)
+                  + SKEW_WORK_BYTES_PER_SAMPLE * max(skew))
         shear = [int(k) for p, k in stack_paths if p == "shear"]
         general = [int(k) for p, k in stack_paths if p in ("general", "trilinear")]
         if shear:

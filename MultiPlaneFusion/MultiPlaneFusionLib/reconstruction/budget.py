@@ -12,19 +12,26 @@ import math
 import numpy as np
 
 from .. import memory
+from ..sampling.psf import WIDTH_FACTORS, SliceProfile
 from .operators import separable_axes
 from .shear_operator import shear_path_applies
+from .skew_operator import skew_path_applies
 from .stack_operator import PARALLEL_TOLERANCE_VOXELS
 
 
 def srr_paths(stacks, grid):
     """``(path, n_samples)`` of each stack as srr's operators would take it now (geometry only, no
-    allocation): separable when aligned with the grid axes, shear when slightly rotated, else general
-    ("trilinear" when none of its axes runs along a grid axis)."""
+    allocation): separable when aligned with the grid axes, skew when tilted very slightly, shear when
+    slightly rotated, else general ("trilinear" when none of its axes runs along a grid axis). The skew test
+    takes the widest profile srr may choose (a Gaussian of the largest width factor): the estimate never
+    counts a stack as skew that srr sends down the shear path."""
+    widest = SliceProfile("gaussian", max(WIDTH_FACTORS))
     out = []
     for s in stacks:
         if separable_axes(s, grid) is not None:
             path = "separable"
+        elif skew_path_applies(widest.apply(s), grid, "gaussian"):
+            path = "skew"
         elif shear_path_applies(s, grid):
             path = "shear"
         else:

@@ -20,6 +20,7 @@ from .parallel import split, workers_or_serial
 from .stack_operator import (
     CHUNK_NODES,
     StackOperator,
+    affine_coverage,
     field_of_view_mm,
     grid_spacing_kji,
     parallel_axis,
@@ -161,22 +162,8 @@ class GeneralOperator(StackOperator):
         return _TrilinearInterp(self.lattice, self.grid)
 
     def coverage(self):
-        if not self.stack.is_regular or self.shape[0] < 2:
-            return super().coverage()
-        # Regular (possibly sheared) stack: one affine maps grid indices to stack indices.
-        to_stack = np.linalg.inv(self.stack.ijk_to_lps_affine()) @ self.grid.index_to_lps_affine
-        out = np.zeros(self.grid_shape, dtype=bool)
-        nk, nj, ni = self.grid_shape
-        jj, ii = np.meshgrid(np.arange(nj, dtype=np.float32), np.arange(ni, dtype=np.float32), indexing="ij")
-        n_stack = (self.shape[2], self.shape[1], self.shape[0])  # along stack i, j, k
-        for k in range(nk):
-            inside = np.ones((nj, ni), dtype=bool)
-            for row in range(3):
-                m = to_stack[row].astype(np.float32)
-                c = m[0] * ii + m[1] * jj + (m[2] * k + m[3])
-                inside &= (c >= -0.5) & (c < n_stack[row] - 0.5)
-            out[k] = inside
-        return out
+        fast = affine_coverage(self.stack, self.grid)
+        return super().coverage() if fast is None else fast
 
     def _inplane(self, drift, pix, *, start, step, n, sigma):
         if np.ptp(drift) <= 1e-6 * abs(step):

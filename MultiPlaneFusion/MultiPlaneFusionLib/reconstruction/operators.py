@@ -2,6 +2,7 @@
 
 The operators' contract (``forward``, ``adjoint``, ``normal``, ...) and the model they share are described in
 :mod:`.stack_operator`; the paths are :mod:`.separable_operator` (axes parallel to the grid axes),
+:mod:`.skew_operator` (slices tilted so little that the profile can be integrated along the nearest grid axis),
 :mod:`.shear_operator` (within ``SHEAR_MAX_DEG`` of them) and :mod:`.general_operator` (any orientation).
 """
 
@@ -10,9 +11,10 @@ from ..sampling.psf import check_kind
 from .general_operator import GeneralOperator
 from .separable_operator import SeparableOperator
 from .shear_operator import ShearOperator, shear_path_applies
+from .skew_operator import SKEW_MAX_DRIFT_VOXELS, SkewOperator, skew_drift_voxels
 from .stack_operator import separable_axes
 
-PATHS = ("auto", "separable", "shear", "general")
+PATHS = ("auto", "separable", "skew", "shear", "general")
 
 
 def make_operator(stack, grid, psf="gaussian", path="auto"):
@@ -25,9 +27,11 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
     grid : Grid
     psf : {"gaussian", "box"}
         Through-plane slice profile (in-plane is always Gaussian, FWHM 1.2 x pixel spacing).
-    path : {"auto", "separable", "shear", "general"}
-        ``auto`` takes the separable path when :func:`.stack_operator.separable_axes` allows it, else the shear
-        path for a stack within ``SHEAR_MAX_DEG`` of the grid axes, else the general one.
+    path : {"auto", "separable", "skew", "shear", "general"}
+        ``auto`` takes the separable path when :func:`.stack_operator.separable_axes` allows it, else the skew
+        path while its profile drift (:func:`.skew_operator.skew_drift_voxels`) is at most
+        ``SKEW_MAX_DRIFT_VOXELS``, else the shear path for a stack within ``SHEAR_MAX_DEG`` of the grid axes,
+        else the general one.
 
     Returns
     -------
@@ -35,12 +39,17 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
     """
     check_kind(psf)
     if path not in PATHS:
-        raise InputError(f"unknown operator path '{path}' (use auto, separable, shear or general)")
+        raise InputError(f"unknown operator path '{path}' (use auto, separable, skew, shear or general)")
     axes = separable_axes(stack, grid) if path in ("auto", "separable") else None
     if path == "separable" and axes is None:
         raise InputError(f"'{stack.description}' is not aligned with the grid axes; use the general path")
     if axes is not None:
         return SeparableOperator(stack, grid, psf, axes)
+    if path in ("auto", "skew"):
+        if skew_drift_voxels(stack, grid, psf) <= SKEW_MAX_DRIFT_VOXELS:
+            return SkewOperator(stack, grid, psf)
+        if path == "skew":
+            raise InputError(f"'{stack.description}' is tilted too far from the grid axes for the skew path")
     if path in ("auto", "shear"):
         if shear_path_applies(stack, grid):
             return ShearOperator(stack, grid, psf)

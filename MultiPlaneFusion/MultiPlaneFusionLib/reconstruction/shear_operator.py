@@ -128,7 +128,7 @@ def shear_factors(lin):
     return perm, best[0], best[1]
 
 
-class _Stage:
+class ShearStage:
     """One shear pass: ``out(p) = in(p + e_a (c . p + tau))`` on integer boxes, Lanczos-3 along axis a.
 
     ``lo_in``/``shape_in`` and ``lo_out``/``shape_out`` are the boxes (absolute integer coordinates) of the
@@ -283,7 +283,7 @@ class _ShearInterp(LatticeInterpolation):
         for s in range(ns):
             lo_in, hi_in = boxes[s]
             lo_out, hi_out = boxes[s + 1]
-            self.stages.append(_Stage(order[s], coef[s], taus[s], lo_in, hi_in - lo_in + 1,
+            self.stages.append(ShearStage(order[s], coef[s], taus[s], lo_in, hi_in - lo_in + 1,
                                       lo_out, hi_out - lo_out + 1))
         self.chunk_axis = 2  # u
         self.ranges = [(0, lat_shape[2])]

@@ -138,6 +138,26 @@ def index_box_mask(k, j, i, shape):
     return (k >= -0.5) & (k < nk - 0.5) & (j >= -0.5) & (j < nj - 0.5) & (i >= -0.5) & (i < ni - 0.5)
 
 
+def affine_coverage(stack, grid):
+    """:meth:`StackOperator.coverage` plane by plane for a regular (possibly sheared) stack, where one affine
+    maps grid indices to stack indices; None for other stacks."""
+    if not stack.is_regular or stack.shape[0] < 2:
+        return None
+    to_stack = np.linalg.inv(stack.ijk_to_lps_affine()) @ grid.index_to_lps_affine
+    nk, nj, ni = grid.shape
+    out = np.zeros((nk, nj, ni), dtype=bool)
+    jj, ii = np.meshgrid(np.arange(nj, dtype=np.float32), np.arange(ni, dtype=np.float32), indexing="ij")
+    n_stack = (stack.shape[2], stack.shape[1], stack.shape[0])  # along stack i, j, k
+    for k in range(nk):
+        inside = np.ones((nj, ni), dtype=bool)
+        for row in range(3):
+            m = to_stack[row].astype(np.float32)
+            c = m[0] * ii + m[1] * jj + (m[2] * k + m[3])
+            inside &= (c >= -0.5) & (c < n_stack[row] - 0.5)
+        out[k] = inside
+    return out
+
+
 class StackOperator:
     """Linear model of one stack on one grid. See the module docstring for the API contract."""
 
@@ -214,5 +234,5 @@ class StackOperator:
         return {"path": self.path, "psf": self.psf, "valid_samples": int(np.count_nonzero(self.valid))}
 
 
-__all__ = ["PARALLEL_TOLERANCE_VOXELS", "StackOperator", "field_of_view_mm", "grid_axes", "grid_spacing_kji",
-           "index_box_mask", "parallel_axis", "separable_axes", "spacing_along", "stack_placement"]
+__all__ = ["PARALLEL_TOLERANCE_VOXELS", "StackOperator", "affine_coverage", "field_of_view_mm", "grid_axes",
+           "grid_spacing_kji", "index_box_mask", "parallel_axis", "separable_axes", "spacing_along", "stack_placement"]

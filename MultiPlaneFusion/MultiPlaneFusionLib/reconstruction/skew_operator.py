@@ -1,0 +1,347 @@
+"""The skew path: a stack whose slices are tilted slightly against the grid, reduced through-plane FIRST.
+
+The separable path is fast because it integrates the slice profile along the grid axis nearest the slice
+normal first, which shrinks the array 3-5x before anything else runs. This path keeps that order for a stack
+that is rotated (registration leaves 0.02-3 degrees; oblique MR planes):
+
+1. **Through-plane, along the grid axis t nearest the normal.** Each slice is a plane ``g_t = c_s + s . (g_a,
+   g_b)`` in grid index coordinates (the same slopes for every slice). Along each grid line (fixed ``g_a,
+   g_b``) the slice profile is integrated against the grid's linear-interpolation basis at the exact plane
+   position, with the profile's width measured along that axis (the thickness / cos(tilt)). Lines are grouped
+   by their shift ``s . (g_a, g_b)`` rounded to 1/``SHIFT_STEPS`` of a node (at most 1/64 node off); each group
+   is one matrix product. No interpolation happens through-plane, and the result holds one value per slice
+   and grid line: a (slices, n_a, n_b) array, as small as the separable path's.
+2. **In-plane, on that small array.** A pixel ``(i, j)`` of slice s sits at ``(g_a, g_b) = o_s + L (i, j)``.
+   ``L`` factors into two shears and a scale (``L = S_b S_a diag(p, q)``); the two shears are 1-D Lanczos-3
+   resamplings (:mod:`.shear_operator`'s stages, exact transposes), the scale and the per-slice offsets go into
+   the in-plane PSF matrices (:mod:`.banded`), one per slice when the slices drift in-plane.
+
+The one approximation is step 1's direction: the profile is integrated along grid axis t instead of along
+the normal, so the PSF is sheared instead of rotated; its in-plane drift is (profile's standard deviation) x
+tan(tilt), the same along every line. :func:`skew_drift_voxels` measures it; :mod:`.operators` takes this path
+only while it stays below ``SKEW_MAX_DRIFT_VOXELS`` of a grid voxel (chosen with ``benchmarks/bench_rotated.py``,
+figures in the README). A rotation about the slice normal alone (any angle up to 45 degrees) has no drift.
+Samples are normalised over the model's mass (``A 1 = 1``), as on the general path. Contract:
+:mod:`.stack_operator`.
+"""
+
+import math
+
+import numpy as np
+
+from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS, psf_rows, psf_sigma_mm
+from .banded import Banded
+from .parallel import workers_or_serial
+from .shear_operator import ShearStage
+from .stack_operator import StackOperator, affine_coverage, grid_axes, grid_spacing_kji, stack_placement
+
+# Through-plane shifts of the grid lines are rounded to this fraction of a node (position error <= 1/64 node).
+SHIFT_STEPS = 32
+# Largest in-plane drift of the sheared profile (its standard deviation x tan(tilt), in grid voxels) the
+# operators accept on this path; bench_rotated.py measures the model residual against it (README).
+SKEW_MAX_DRIFT_VOXELS = 0.1
+# Dense per-group through-plane matrices are kept while they take less than this; beyond, built per use.
+_CACHE_BYTES = 24 << 20
+
+
+def _grid_index_map(grid):
+    """(A, b): continuous grid indices (k, j, i) of an LPS point p are ``A @ p + b``."""
+    inv = np.linalg.inv(grid.index_to_lps_affine)
+    return inv[:3, :3][::-1].copy(), inv[:3, 3][::-1].copy()
+
+
+def _through_axis(normal, grid):
+    """(grid array axis nearest the normal, |cos| of the angle between them)."""
+    cos = np.abs(grid_axes(grid).T @ normal)
+    t = int(np.argmax(cos))
+    return t, float(cos[t])
+
+
+def _profile_sd_mm(stack, psf):
+    """Standard deviation of the through-plane profile, mm (Gaussian sigma, or box width / sqrt(12))."""
+    w = psf_sigma_mm(stack, psf)[2]
+    return w if psf == "gaussian" else w / math.sqrt(12.0)
+
+
+def skew_drift_voxels(stack, grid, psf="gaussian"):
+    """In-plane drift (grid voxels) of the skew path's sheared profile: its standard deviation x tan(tilt of
+    the normal from the nearest grid axis), over the smallest grid spacing."""
+    frame = stack_placement(stack)[0]
+    _, cos = _through_axis(frame[:, 2], grid)
+    tan = math.sqrt(max(0.0, 1.0 - cos * cos)) / max(cos, 1e-12)
+    return _profile_sd_mm(stack, psf) * tan / float(np.min(grid.spacing_mm))
+
+
+def skew_path_applies(stack, grid, psf="gaussian"):
+    """True when :class:`SkewOperator` models ``stack`` within ``SKEW_MAX_DRIFT_VOXELS`` (module docstring)."""
+    return skew_drift_voxels(stack, grid, psf) <= SKEW_MAX_DRIFT_VOXELS
+
+
+def _factor_inplane(lmat):
+    """``(swap, p, q, s1, tau)`` with ``L' = [[1, 0], [s1, 1]] @ [[1, tau], [0, 1]] @ diag(p, q)``, where ``L'`` is
+    ``lmat`` (columns: pixel i, pixel j) or, when ``swap``, ``lmat`` with its columns exchanged (j, i)."""
+    swap = abs(lmat[0, 0] * lmat[1, 1]) < abs(lmat[0, 1] * lmat[1, 0])
+    m = lmat[:, ::-1] if swap else lmat
+    p = float(m[0, 0])
+    s1 = float(m[1, 0]) / p
+    q = float(m[1, 1] - s1 * m[0, 1])
+    tau = float(m[0, 1]) / q
+    return swap, p, q, s1, tau
+
+
+class SkewOperator(StackOperator):
+    """Through-plane along the grid axis nearest the normal at the slices' exact positions, then two in-plane
+    Lanczos shears and the in-plane PSF on the reduced array (module docstring)."""
+
+    path = "skew"
+
+    def __init__(self, stack, grid, psf="gaussian"):
+        super().__init__(stack, grid, psf)
+        frame, p0, slice_uvw = stack_placement(stack)
+        amat, bvec = _grid_index_map(grid)
+        sig_i, sig_j, sig_n = psf_sigma_mm(stack, psf)
+        di, dj = stack.pixel_spacing_mm
+        nk, nj, ni = self.shape
+        t, cos = _through_axis(frame[:, 2], grid)
+        a_ax, b_ax = [g for g in range(3) if g != t]
+        self.t, self.a_ax, self.b_ax = t, a_ax, b_ax
+        gshape = self.grid_shape
+        n_t, n_a, n_b = gshape[t], gshape[a_ax], gshape[b_ax]
+        h = grid_spacing_kji(grid)
+        # Pixel (i, j) of slice s in grid indices: g0[s] + i U + j V.
+        g0 = (p0 + slice_uvw @ frame.T) @ amat.T + bvec  # (nk, 3)
+        u_vec = amat @ frame[:, 0] * di
+        v_vec = amat @ frame[:, 1] * dj
+        ab = [a_ax, b_ax]
+        lmat = np.array([[u_vec[a_ax], v_vec[a_ax]], [u_vec[b_ax], v_vec[b_ax]]])
+        slope = np.array([u_vec[t], v_vec[t]]) @ np.linalg.inv(lmat)  # d g_t / d (g_a, g_b) on a slice plane
+        centre_t = g0[:, t] - g0[:, ab] @ slope  # plane of slice s: g_t = centre_t[s] + slope . (g_a, g_b)
+        # --- through-plane: lines grouped by their rounded shift
+        width_t = sig_n / (h[t] * cos)
+        kind = psf
+        ga, gb = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
+        shift = slope[0] * ga + slope[1] * gb
+        iq = np.round(shift * SHIFT_STEPS).astype(np.int64).ravel()
+        order = np.argsort(iq, kind="stable")
+        keys = iq[order]
+        cut = np.nonzero(np.diff(keys))[0] + 1
+        self._groups = []
+        for part in np.split(order, cut):
+            lines = part  # flat indices into (n_a, n_b), ascending within the group
+            key = int(iq[lines[0]])
+            self._groups.append((key, lines, lines // n_b, lines % n_b))
+        self._t_args = (centre_t, n_t, kind, width_t)
+        self._cache_ok = len(self._groups) * nk * n_t * 4 <= _CACHE_BYTES
+        self._mats = {}
+        self.shift_range_nodes = float(np.ptp(shift)) if shift.size else 0.0
+        # --- in-plane: (g_a, g_b) = off0[s] + L (i, j) = S_b S_a (diag(p, q) (pi1, pi2) + off[s])
+        swap, p, q, s1, tau = _factor_inplane(lmat)
+        self.swap = swap
+        shears = np.array([[1.0, 0.0], [s1, 1.0]]) @ np.array([[1.0, tau], [0.0, 1.0]])
+        off = g0[:, ab] @ np.linalg.inv(shears).T  # (nk, 2) in (rho1, rho2)
+        n1, n2 = (nj, ni) if swap else (ni, nj)
+        sig1, sig2 = (sig_j / dj, sig_i / di) if swap else (sig_i / di, sig_j / dj)
+        w1, w2 = sig1 * abs(p), sig2 * abs(q)  # PSF sigma in rho node units
+        reach1, reach2 = GAUSSIAN_CUTOFF_SIGMAS * w1 + 2.0, GAUSSIAN_CUTOFF_SIGMAS * w2 + 2.0
+        pix1 = np.arange(n1) * p
+        pix2 = np.arange(n2) * q
+        lo1 = math.floor(off[:, 0].min() + min(pix1.min(), 0.0) - reach1)
+        hi1 = math.ceil(off[:, 0].max() + max(pix1.max(), 0.0) + reach1)
+        lo2 = math.floor(off[:, 1].min() + min(pix2.min(), 0.0) - reach2)
+        hi2 = math.ceil(off[:, 1].max() + max(pix2.max(), 0.0) + reach2)
+        # Clip to the part of rho space that the grid's (a, b) box can reach (plus the shear taps).
+        inv = np.linalg.inv(shears)
+        corners = np.array([[x, y] for x in (-1.0, n_a) for y in (-1.0, n_b)]) @ inv.T
+        lo1, hi1 = max(lo1, math.floor(corners[:, 0].min()) - 4), min(hi1, math.ceil(corners[:, 0].max()) + 4)
+        lo2, hi2 = max(lo2, math.floor(corners[:, 1].min()) - 4), min(hi2, math.ceil(corners[:, 1].max()) + 4)
+        hi1, hi2 = max(hi1, lo1), max(hi2, lo2)
+        # Stage 1: F1(a, beta) = Y(a, beta + s1 a), along array axis 2 (b); stage 2: G(rho1, rho2) =
+        # F1(rho1 + tau rho2, rho2), along array axis 1 (a). Arrays are (slice, a-like, b-like).
+        z = np.zeros(3, dtype=np.int64)
+        box_y = (z.copy(), np.array([nk, n_a, n_b]))
+        lo_f1 = np.array([0, 0, lo2])
+        shape_f1 = np.array([nk, n_a, hi2 - lo2 + 1])
+        lo_g = np.array([0, lo1, lo2])
+        shape_g = np.array([nk, hi1 - lo1 + 1, hi2 - lo2 + 1])
+        self._stages = [
+            ShearStage(2, np.array([0.0, s1, 0.0]), 0.0, box_y[0], box_y[1], lo_f1, shape_f1),
+            ShearStage(1, np.array([0.0, 0.0, tau]), 0.0, lo_f1, shape_f1, lo_g, shape_g),
+        ]
+        self._g_shape = tuple(int(v) for v in shape_g)
+        self.m_1 = _per_slice((off[:, 0] - lo1)[:, None] + pix1[None, :], int(shape_g[1]), w1)
+        self.m_2 = _per_slice((off[:, 1] - lo2)[:, None] + pix2[None, :], int(shape_g[2]), w2)
+        # --- valid samples (pixel centre inside the grid box) and the normalisation
+        valid = np.zeros(self.shape, dtype=bool)
+        jj, ii = np.meshgrid(np.arange(nj, dtype=float), np.arange(ni, dtype=float), indexing="ij")
+        lim = np.asarray(gshape, float)[:, None, None] - 0.5
+        for k in range(nk):
+            g = g0[k][:, None, None] + u_vec[:, None, None] * ii + v_vec[:, None, None] * jj
+            valid[k] = np.all((g >= -0.5) & (g <= lim), axis=0)
+        mass = self._raw_forward(np.ones(gshape, dtype=np.float32))
+        ok = valid & (mass > 1e-6)
+        self._valid = ok
+        self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
+        self._scale64 = None
+
+    # ------------------------------------------------------------------ through-plane
+    def _matrix(self, key, dt):
+        ck = (key, np.dtype(dt))
+        mat = self._mats.get(ck)
+        if mat is None:
+            centre, n_t, kind, width = self._t_args
+            start, w = psf_rows(centre + key / SHIFT_STEPS, n_t, kind, width)
+            mat = Banded.from_rows(start, w, n_t).dense().astype(dt)
+            if self._cache_ok:
+                self._mats[ck] = mat
+        return mat
+
+    def _lines_view(self, x):
+        """``x`` as (n_t, n_a, n_b) (a view)."""
+        return np.transpose(x, (self.t, self.a_ax, self.b_ax))
+
+    def _reduce(self, x, workers=None):
+        """(slices, n_a, n_b): each grid line integrated through each slice's profile."""
+        dt = x.dtype
+        xv = self._lines_view(x)
+        n_a, n_b = xv.shape[1:]
+        out = np.empty((self.shape[0], n_a * n_b), dtype=dt)
+
+        def run(groups):
+            for key, lines, ia, ib in groups:
+                out[:, lines] = self._matrix(key, dt) @ xv[:, ia, ib]
+
+        _run(self._groups, run, workers)
+        return out.reshape(self.shape[0], n_a, n_b)
+
+    def _expand(self, r, out, workers=None):
+        """Transpose of :meth:`_reduce`: ``out`` (grid-shaped) += lines from ``r`` (slices, n_a, n_b)."""
+        ov = self._lines_view(out)
+        r2 = r.reshape(r.shape[0], -1)
+        dt = out.dtype
+
+        def run(groups):
+            for key, lines, ia, ib in groups:
+                ov[:, ia, ib] += self._matrix(key, dt).T @ r2[:, lines]
+
+        _run(self._groups, run, workers)
+        return out
+
+    # ------------------------------------------------------------------ in-plane
+    def _inplane(self, r, workers=None):
+        g = r
+        for st in self._stages:
+            g = st.forward(np.ascontiguousarray(g), workers)
+        y = _apply_per_slice(self.m_1, self.m_2, np.ascontiguousarray(g), workers)
+        return y if self.swap else np.ascontiguousarray(np.transpose(y, (0, 2, 1)))
+
+    def _inplane_t(self, y, workers=None):
+        y = y if self.swap else np.transpose(y, (0, 2, 1))
+        g = _apply_per_slice_t(self.m_1, self.m_2, np.ascontiguousarray(y), workers)
+        for st in reversed(self._stages):
+            g = st.adjoint(np.ascontiguousarray(g), workers)
+        return g
+
+    # ------------------------------------------------------------------ contract
+    def _raw_forward(self, x, workers=None):
+        return self._inplane(self._reduce(x, workers), workers)
+
+    def _raw_adjoint(self, y, workers=None, out=None):
+        r = np.ascontiguousarray(self._inplane_t(y, workers))
+        if out is None:
+            out = np.zeros(self.grid_shape, dtype=y.dtype)
+        return self._expand(r, out, workers)
+
+    @property
+    def valid(self):
+        return self._valid
+
+    def coverage(self):
+        fast = affine_coverage(self.stack, self.grid)
+        return super().coverage() if fast is None else fast
+
+    def _scale_for(self, dt):
+        if dt == np.float64:
+            if self._scale64 is None:
+                self._scale64 = self._scale.astype(np.float64)
+            return self._scale64
+        return self._scale
+
+    def forward(self, x, workers=None):
+        x = np.asarray(x, dtype=self._dtype(x))
+        y = self._raw_forward(x, workers)
+        y *= self._scale_for(x.dtype)
+        return y
+
+    def adjoint(self, y, workers=None):
+        dt = self._dtype(y)
+        return self._raw_adjoint(np.asarray(y, dtype=dt) * self._scale_for(dt), workers)
+
+    def adjoint_add(self, y, out, workers=None, scratch=None):
+        dt = out.dtype.type
+        y = np.asarray(y, dtype=dt) * self._scale_for(np.dtype(dt))
+        return self._raw_adjoint(y, workers, out)
+
+    def describe(self):
+        d = super().describe()
+        d["through_axis"] = "kji"[self.t]
+        d["line_groups"] = len(self._groups)
+        d["shift_range_nodes"] = round(self.shift_range_nodes, 3)
+        d["inplane_shape"] = list(self._g_shape)
+        d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf), 4)
+        return d
+
+
+def _per_slice(positions, n, sigma):
+    """One in-plane PSF matrix (n_samples x n) per slice, or a single one when every slice's rows agree."""
+    if np.ptp(positions[:, 0]) <= 1e-9:
+        return Banded.from_psf(positions[0], n, "gaussian", sigma)
+    return [Banded.from_psf(row, n, "gaussian", sigma) for row in positions]
+
+
+def _apply_per_slice(m1, m2, g, workers):
+    """(slices, n1', n2') -> (slices, n1, n2): m1 along axis 1, m2 along axis 2, per slice when lists."""
+    if not isinstance(m1, list) and not isinstance(m2, list):
+        return m2.apply(m1.apply(g, 1, workers=workers), 2, workers=workers)
+    n1 = (m1[0] if isinstance(m1, list) else m1).shape[0]
+    n2 = (m2[0] if isinstance(m2, list) else m2).shape[0]
+    out = np.empty((g.shape[0], n1, n2), dtype=g.dtype)
+
+    def slices(k0, k1):
+        for k in range(k0, k1):
+            a = m1[k] if isinstance(m1, list) else m1
+            b = m2[k] if isinstance(m2, list) else m2
+            out[k : k + 1] = b.apply(a.apply(g[k : k + 1], 1), 2)
+
+    workers_or_serial(workers).ranges(slices, g.shape[0])
+    return out
+
+
+def _apply_per_slice_t(m1, m2, y, workers):
+    """Transpose of :func:`_apply_per_slice`."""
+    if not isinstance(m1, list) and not isinstance(m2, list):
+        return m1.apply(m2.apply(y, 2, transpose=True, workers=workers), 1, transpose=True, workers=workers)
+    n1 = (m1[0] if isinstance(m1, list) else m1).shape[1]
+    n2 = (m2[0] if isinstance(m2, list) else m2).shape[1]
+    out = np.empty((y.shape[0], n1, n2), dtype=y.dtype)
+
+    def slices(k0, k1):
+        for k in range(k0, k1):
+            a = m1[k] if isinstance(m1, list) else m1
+            b = m2[k] if isinstance(m2, list) else m2
+            out[k : k + 1] = a.apply(b.apply(y[k : k + 1], 2, transpose=True), 1, transpose=True)
+
+    workers_or_serial(workers).ranges(slices, y.shape[0])
+    return out
+
+
+def _run(groups, fn, workers):
+    """``fn`` over the line groups, split between the workers (the groups' lines are disjoint)."""
+    workers = workers_or_serial(workers)
+    n = workers.n_threads
+    if n <= 1 or len(groups) < 2:
+        fn(groups)
+        return
+    workers.map(fn, [groups[i::n] for i in range(n)])
+
+
+__all__ = ["SHIFT_STEPS", "SKEW_MAX_DRIFT_VOXELS", "SkewOperator", "skew_drift_voxels", "skew_path_applies"]
