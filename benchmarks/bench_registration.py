@@ -306,8 +306,9 @@ def bench_cycles(args):
     truth = inside = None
     print(f"\n== srr with refinement cycles (synthetic seed 0, scale {args.scale}, slices {args.thickness} mm)")
     print(f"{'case':28} {'PSNR dB':>8} {'corr':>7} {'TRE cor':>8} {'TRE sag':>8} {'register s':>10} "
-          f"{'refine s':>9} {'srr s':>7} {'reg/srr':>8}")
-    cases = [("motion-free, not registered", still, 0, False), ("moved, not registered", stacks, 0, False)]
+          f"{'refine s':>9} {'srr s':>7} {'reg/srr':>8} {'fuse s':>7} {'paths'}")
+    cases = [("motion-free, not registered", still, 0, False), ("motion-free, registered", still, 0, True),
+             ("moved, not registered", stacks, 0, False)]
     cases += [(f"moved, registered, {c} cycles", stacks, c, True) for c in args.cycles]
     grid = None
     for name, inputs, cycles, register in cases:
@@ -326,7 +327,8 @@ def bench_cycles(args):
                "ratio_register_to_srr": (t["register_s"] + t["refine_s"]) / t["srr_s"]}
         rows.append(row)
         print(f"{name:28} {row['psnr_db']:8.2f} {row['correlation']:7.4f} {tre[0]:8.3f} {tre[1]:8.3f} "
-              f"{t['register_s']:10.1f} {t['refine_s']:9.1f} {t['srr_s']:7.1f} {row['ratio_register_to_srr']:8.3f}")
+              f"{t['register_s']:10.1f} {t['refine_s']:9.1f} {t['srr_s']:7.1f} {row['ratio_register_to_srr']:8.3f} "
+              f"{t['total_s']:7.1f} {','.join(result.summary['reconstruction'].get('operator_paths', []))}")
     return rows
 
 

@@ -39,7 +39,7 @@ from .stack_operator import StackOperator, affine_coverage, grid_axes, grid_spac
 SHIFT_STEPS = 32
 # Largest in-plane drift of the sheared profile (its standard deviation x tan(tilt), in grid voxels) the
 # operators accept on this path; bench_rotated.py measures the model residual against it (README).
-SKEW_MAX_DRIFT_VOXELS = 0.1
+SKEW_MAX_DRIFT_VOXELS = 0.15
 # Dense per-group through-plane matrices are kept while they take less than this; beyond, built per use.
 _CACHE_BYTES = 24 << 20
 
@@ -118,7 +118,6 @@ class SkewOperator(StackOperator):
         centre_t = g0[:, t] - g0[:, ab] @ slope  # plane of slice s: g_t = centre_t[s] + slope . (g_a, g_b)
         # --- through-plane: lines grouped by their rounded shift
         width_t = sig_n / (h[t] * cos)
-        kind = psf
         ga, gb = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
         shift = slope[0] * ga + slope[1] * gb
         iq = np.round(shift * SHIFT_STEPS).astype(np.int64).ravel()
@@ -126,11 +125,14 @@ class SkewOperator(StackOperator):
         keys = iq[order]
         cut = np.nonzero(np.diff(keys))[0] + 1
         self._groups = []
-        for part in np.split(order, cut):
-            lines = part  # flat indices into (n_a, n_b), ascending within the group
-            key = int(iq[lines[0]])
-            self._groups.append((key, lines, lines // n_b, lines % n_b))
-        self._t_args = (centre_t, n_t, kind, width_t)
+        for g, part in enumerate(np.split(order, cut)):
+            # part: flat indices into (n_a, n_b) of the lines of this shift, ascending
+            self._groups.append((g, part, part // n_b, part % n_b))
+        # Every group's rows in one call: slice s of group g sits at centre_t[s] + key_g / SHIFT_STEPS.
+        group_keys = keys[np.concatenate([[0], cut])] if keys.size else np.zeros(0, dtype=np.int64)
+        pos = centre_t[None, :] + group_keys[:, None] / SHIFT_STEPS
+        start, w = psf_rows(pos.ravel(), n_t, psf, width_t)
+        self._rows = (start.reshape(len(group_keys), nk), w.reshape(len(group_keys), nk, -1), n_t)
         self._cache_ok = len(self._groups) * nk * n_t * 4 <= _CACHE_BYTES
         self._mats = {}
         self.shift_range_nodes = float(np.ptp(shift)) if shift.size else 0.0
@@ -139,6 +141,15 @@ class SkewOperator(StackOperator):
         self.swap = swap
         shears = np.array([[1.0, 0.0], [s1, 1.0]]) @ np.array([[1.0, tau], [0.0, 1.0]])
         off = g0[:, ab] @ np.linalg.inv(shears).T  # (nk, 2) in (rho1, rho2)
+        # Slice origins stepping regularly move the in-plane offset linearly with the slice: that drift goes
+        # into the shears (rho = rho' + drift * s), so one in-plane matrix per axis serves every slice.
+        drift = np.zeros(2)
+        sidx = np.arange(nk, dtype=float)
+        if nk >= 2:
+            drift = np.polyfit(sidx, off, 1)[0]
+            if np.abs(off - off[0] - sidx[:, None] * drift[None, :]).max() > 1e-6:
+                drift = np.zeros(2)  # irregular steps: per-slice matrices instead
+        off = off - sidx[:, None] * drift[None, :]
         n1, n2 = (nj, ni) if swap else (ni, nj)
         sig1, sig2 = (sig_j / dj, sig_i / di) if swap else (sig_i / di, sig_j / dj)
         w1, w2 = sig1 * abs(p), sig2 * abs(q)  # PSF sigma in rho node units
@@ -149,23 +160,25 @@ class SkewOperator(StackOperator):
         hi1 = math.ceil(off[:, 0].max() + max(pix1.max(), 0.0) + reach1)
         lo2 = math.floor(off[:, 1].min() + min(pix2.min(), 0.0) - reach2)
         hi2 = math.ceil(off[:, 1].max() + max(pix2.max(), 0.0) + reach2)
-        # Clip to the part of rho space that the grid's (a, b) box can reach (plus the shear taps).
-        inv = np.linalg.inv(shears)
-        corners = np.array([[x, y] for x in (-1.0, n_a) for y in (-1.0, n_b)]) @ inv.T
-        lo1, hi1 = max(lo1, math.floor(corners[:, 0].min()) - 4), min(hi1, math.ceil(corners[:, 0].max()) + 4)
-        lo2, hi2 = max(lo2, math.floor(corners[:, 1].min()) - 4), min(hi2, math.ceil(corners[:, 1].max()) + 4)
+        # Clip to the part of rho' space that the grid's (a, b) box can reach (plus the shear taps).
+        corners = np.array([[x, y] for x in (-1.0, n_a) for y in (-1.0, n_b)]) @ np.linalg.inv(shears).T
+        ends = np.array([np.zeros(2), drift * (nk - 1)])
+        lo1 = max(lo1, math.floor(corners[:, 0].min() - ends[:, 0].max()) - 4)
+        hi1 = min(hi1, math.ceil(corners[:, 0].max() - ends[:, 0].min()) + 4)
+        lo2 = max(lo2, math.floor(corners[:, 1].min() - ends[:, 1].max()) - 4)
+        hi2 = min(hi2, math.ceil(corners[:, 1].max() - ends[:, 1].min()) + 4)
         hi1, hi2 = max(hi1, lo1), max(hi2, lo2)
-        # Stage 1: F1(a, beta) = Y(a, beta + s1 a), along array axis 2 (b); stage 2: G(rho1, rho2) =
-        # F1(rho1 + tau rho2, rho2), along array axis 1 (a). Arrays are (slice, a-like, b-like).
-        z = np.zeros(3, dtype=np.int64)
-        box_y = (z.copy(), np.array([nk, n_a, n_b]))
+        # Stage 1: F1(s, a, beta) = Y(s, a, beta + s1 a + drift2 s), along array axis 2 (b); stage 2:
+        # G(s, rho1, rho2) = F1(s, rho1 + tau rho2 + (drift1 + tau drift2) s, rho2), along array axis 1 (a).
+        # Arrays are (slice, a-like, b-like).
         lo_f1 = np.array([0, 0, lo2])
         shape_f1 = np.array([nk, n_a, hi2 - lo2 + 1])
         lo_g = np.array([0, lo1, lo2])
         shape_g = np.array([nk, hi1 - lo1 + 1, hi2 - lo2 + 1])
         self._stages = [
-            ShearStage(2, np.array([0.0, s1, 0.0]), 0.0, box_y[0], box_y[1], lo_f1, shape_f1),
-            ShearStage(1, np.array([0.0, 0.0, tau]), 0.0, lo_f1, shape_f1, lo_g, shape_g),
+            ShearStage(2, np.array([drift[1], s1, 0.0]), 0.0, np.zeros(3, dtype=np.int64), np.array([nk, n_a, n_b]),
+                       lo_f1, shape_f1),
+            ShearStage(1, np.array([drift[0] + tau * drift[1], 0.0, tau]), 0.0, lo_f1, shape_f1, lo_g, shape_g),
         ]
         self._g_shape = tuple(int(v) for v in shape_g)
         self.m_1 = _per_slice((off[:, 0] - lo1)[:, None] + pix1[None, :], int(shape_g[1]), w1)
@@ -184,13 +197,17 @@ class SkewOperator(StackOperator):
         self._scale64 = None
 
     # ------------------------------------------------------------------ through-plane
-    def _matrix(self, key, dt):
-        ck = (key, np.dtype(dt))
+    def _matrix(self, g, dt):
+        """Dense through-plane matrix (slices x n_t) of line group ``g``, in dtype ``dt``."""
+        ck = (g, np.dtype(dt))
         mat = self._mats.get(ck)
         if mat is None:
-            centre, n_t, kind, width = self._t_args
-            start, w = psf_rows(centre + key / SHIFT_STEPS, n_t, kind, width)
-            mat = Banded.from_rows(start, w, n_t).dense().astype(dt)
+            start, w, n_t = self._rows
+            nk, taps = w.shape[1:]
+            mat = np.zeros((nk, n_t), dtype=dt)
+            if taps:
+                cols = start[g][:, None] + np.arange(taps)[None, :]
+                np.add.at(mat, (np.repeat(np.arange(nk), taps), cols.ravel()), w[g].ravel().astype(dt))
             if self._cache_ok:
                 self._mats[ck] = mat
         return mat
@@ -287,6 +304,7 @@ class SkewOperator(StackOperator):
         d["line_groups"] = len(self._groups)
         d["shift_range_nodes"] = round(self.shift_range_nodes, 3)
         d["inplane_shape"] = list(self._g_shape)
+        d["per_slice_inplane"] = isinstance(self.m_1, list)
         d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf), 4)
         return d
 
