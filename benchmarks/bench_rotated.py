@@ -17,7 +17,7 @@ import numpy as np
 
 from MultiPlaneFusionLib.reconstruction.general_operator import GeneralOperator
 from MultiPlaneFusionLib.reconstruction.operators import make_operator
-from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator
+from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator, shear_path_applies
 from MultiPlaneFusionLib.reconstruction.skew_operator import SkewOperator, skew_drift_voxels
 from MultiPlaneFusionLib.registration import rigid_matrix
 from MultiPlaneFusionLib.simulation import phantom_bounds_mm, phantom_grid, phantom_truth, simulate_stack
@@ -72,7 +72,8 @@ def main(argv=None):
         stack = stack.with_transform(np.linalg.inv(motion))
         ops = {"auto": make_operator(stack, grid)}
         if deg > 0 or args.tilt:
-            ops["shear"] = ShearOperator(stack, grid)
+            if shear_path_applies(stack, grid):
+                ops["shear"] = ShearOperator(stack, grid)
             ops["skew"] = SkewOperator(stack, grid)
             ops["trilinear"] = GeneralOperator(stack, grid, shared_axis=None)
         if args.tilt:
