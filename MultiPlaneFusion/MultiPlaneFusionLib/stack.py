@@ -19,7 +19,7 @@ registration changes it.
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -64,6 +64,10 @@ class Stack:
         Spacing along ``i`` and along ``j`` (note: DICOM PixelSpacing lists ``j`` first).
     thickness_mm : float
         Slice thickness (DICOM SliceThickness, else the median slice step).
+    in_plane_fwhm_factor : float or None
+        In-plane PSF of the reconstruction's model for this stack: Gaussian FWHM / pixel spacing. None (as
+        read): ``sampling.psf.IN_PLANE_FWHM_FACTOR``; set on the copies the operators get when the width is
+        estimated from the data (``SliceProfile.apply``).
     """
 
     pixels: np.ndarray
@@ -79,6 +83,7 @@ class Stack:
     frame_of_reference_uid: str = ""
     source: str = ""
     transform: np.ndarray = field(default_factory=lambda: np.eye(4))
+    in_plane_fwhm_factor: Optional[float] = None
 
     def __post_init__(self):
         self.pixels = np.asarray(self.pixels, dtype=np.float32)
@@ -101,6 +106,11 @@ class Stack:
         if not self.thickness_mm > 0:
             raise InputError(f"slice thickness must be positive, got {self.thickness_mm}")
         self.transform = np.asarray(self.transform, dtype=float).reshape(4, 4)
+        if self.in_plane_fwhm_factor is not None:
+            f = float(self.in_plane_fwhm_factor)
+            if not (f > 0 and np.isfinite(f)):
+                raise InputError(f"in-plane PSF width factor must be positive, got {self.in_plane_fwhm_factor}")
+            self.in_plane_fwhm_factor = f
         offsets = self.slice_offsets_mm
         if len(offsets) > 1 and np.any(np.diff(offsets) <= 0):
             raise InputError(

@@ -49,7 +49,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..grid import Grid
-from ..sampling.psf import FWHM_PER_SIGMA, IN_PLANE_FWHM_FACTOR, candidates
+from ..sampling.psf import FWHM_PER_SIGMA, IN_PLANE_FACTORS, IN_PLANE_OWN_FACTORS, candidates
 from ..sampling.resample import resample_stack
 from .operators import make_operator
 from .smoothing import GaussianBlur
@@ -63,6 +63,10 @@ LOGGER = logging.getLogger("MultiPlaneFusionLib")
 PROFILE_ALPHA = 0.1
 # Sigma (mm) of the in-plane smoothing of the prediction residuals the profiles are judged on.
 PROFILE_SMOOTH_MM = 4.0
+# How the in-plane width candidates are scored (estimate_in_plane): "full" or "smoothed".
+IN_PLANE_SCORE = "full"
+# Weight of the leave-one-out fusions that judge the in-plane widths (mm^2).
+IN_PLANE_ALPHA = PROFILE_ALPHA
 # Candidate weights (mm^2), a factor ~3 apart, per regularizer (Huber's penalty is weaker at edges).
 ALPHA_LADDER = {"tikhonov": (0.003, 0.01, 0.03, 0.1), "huber": (0.03, 0.1, 0.3, 1.0)}
 CV_FOLDS = 2
@@ -310,10 +314,11 @@ def estimate_profiles(problem, initial, kinds, *, alpha=PROFILE_ALPHA, smooth_mm
             continue
         x = problem.solve([stacks[i] for i in others], [initial[i] for i in others], alpha)
         # the others' in-plane PSF, applied again (module docstring: the two sides of the comparison)
-        sigma = IN_PLANE_FWHM_FACTOR * max(max(stacks[i].pixel_spacing_mm) for i in others) / FWHM_PER_SIGMA
+        sigma = max(initial[i].effective_in_plane_factor * max(stacks[i].pixel_spacing_mm)
+                    for i in others) / FWHM_PER_SIGMA
         x = GaussianBlur(x.shape, spacing_kji, sigma)(x, problem.workers)
         mats = in_plane_smoother(s, smooth_mm)
-        cands = candidates(kinds)
+        cands = candidates(kinds, in_plane_factor=initial[k].in_plane_factor)
         preds, meas, ok = [], None, None
         for cand in cands:
             p, m, mask = problem.predict(s, cand, x)
@@ -327,6 +332,74 @@ def estimate_profiles(problem, initial, kinds, *, alpha=PROFILE_ALPHA, smooth_mm
         best, rms = choose_profile(preds, meas, ok)
         out.append(cands[best])
         report.append({c.label(): round(r * problem.norm.scale, 3) for c, r in zip(cands, rms)})
+    return out, report
+
+
+def estimate_in_plane(problem, profiles, *, factors=IN_PLANE_FACTORS, own_factors=IN_PLANE_OWN_FACTORS, alpha=None,
+                      score="full"):
+    """Per stack the in-plane PSF width (FWHM / pixel spacing) that predicts it best (module docstring).
+
+    Two levels from one set of solves. For every candidate width f, every stack is left out in turn and
+    predicted from the fusion of the others, all of them modelled with in-plane width f (their
+    through-plane ``profiles`` kept), through every candidate width of its own. The *common* width is the f
+    under which the stacks predict each other best (mean over stacks of the mean squared error with the left-
+    out stack at f as well); the left-out stack's through-plane axis lies in the others' planes, which
+    anchors the level (a model too narrow for the others' data leaves their blur in the fusion, which
+    then predicts the thick axis too smooth, and the reverse). Then, per stack, the width of its own
+    that predicts it best from the others at the common width (the difference between stacks).
+
+    ``score``: "full" scores the residual at full resolution; "smoothed" smooths it in-plane first
+    (``PROFILE_SMOOTH_MM``, as :func:`estimate_profiles`), which keeps the through-plane axis only.
+
+    Returns (profiles with ``in_plane_factor`` set, report): report holds the common width, its score per
+    candidate and per stack the RMS (input units) of every own candidate at the common width."""
+    stacks = problem.stacks
+    n = len(stacks)
+    alpha = IN_PLANE_ALPHA if alpha is None else float(alpha)
+    factors = tuple(float(f) for f in factors)
+    own_factors = tuple(sorted(set(float(f) for f in own_factors) | set(factors)))
+    if n < 2 or not factors:
+        return list(profiles), None
+    mse = {}  # (common, stack) -> list over own candidates, normalised units
+    starts = {}
+    for fc in factors:
+        at = [p.with_in_plane(fc) for p in profiles]
+        for k, s in enumerate(stacks):
+            others = [i for i in range(n) if i != k]
+            x = problem.solve([stacks[i] for i in others], [at[i] for i in others], alpha, x0=starts.get(k))
+            starts[k] = x
+            row = []
+            mats = in_plane_smoother(s, PROFILE_SMOOTH_MM) if score == "smoothed" else None
+            for fo in own_factors:
+                pred, meas, mask = problem.predict(s, profiles[k].with_in_plane(fo), x)
+                if mats is not None:
+                    ms, ok = smoothed_in_plane(meas, mask, mats)
+                    ps = smoothed_in_plane(pred, mask, mats)[0]
+                    d = (ps - ms)[ok]
+                else:
+                    d = (pred - meas)[mask].astype(np.float64)
+                row.append(float(d @ d) / d.size if d.size else float("nan"))
+            mse[(fc, k)] = row
+    judged = [k for k in range(n) if all(np.isfinite(mse[(fc, k)]).all() for fc in factors)]
+    if not judged:
+        return list(profiles), None
+    own = {fc: own_factors.index(fc) for fc in factors}
+    common_score = {fc: float(np.mean([mse[(fc, k)][own[fc]] for k in judged])) for fc in factors}
+    common = min(common_score, key=common_score.get)
+    out, per = [], []
+    for k, p in enumerate(profiles):
+        if k in judged:
+            best = own_factors[int(np.argmin(mse[(common, k)]))]
+            out.append(p.with_in_plane(best))
+            per.append({f"{fo:g}": round(math.sqrt(v) * problem.norm.scale, 3)
+                        for fo, v in zip(own_factors, mse[(common, k)])})
+        else:
+            out.append(p.with_in_plane(common))
+            per.append(None)
+    report = {"common_factor": common,
+              "common_rms_by_factor": {f"{fc:g}": round(math.sqrt(v) * problem.norm.scale, 3)
+                                       for fc, v in common_score.items()},
+              "rms_by_own_factor": per}
     return out, report
 
 
@@ -455,5 +528,5 @@ def self_check(problem, profiles, alpha, *, regularizer="tikhonov", huber=None):
 
 
 __all__ = ["BlockProblem", "Normalisation", "PRIOR_LADDER", "choose_alpha", "choose_block", "choose_prior",
-           "choose_profile", "crop_stack", "estimate_profiles", "in_plane_smoother", "select_slices", "self_check",
-           "smoothed_in_plane"]
+           "choose_profile", "crop_stack", "estimate_in_plane", "estimate_profiles", "in_plane_smoother",
+           "select_slices", "self_check", "smoothed_in_plane"]

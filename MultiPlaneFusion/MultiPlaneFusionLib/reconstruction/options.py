@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from ..errors import InputError
-from ..sampling.psf import SliceProfile, validate_psf
+from ..sampling.psf import IN_PLANE_FWHM_FACTOR, SliceProfile, check_in_plane_factor, validate_psf
 
 # The choices of SrrOptions.regularizer (the default first), for front ends that list them.
 REGULARIZERS = ("tikhonov", "huber")
@@ -50,7 +50,12 @@ class SrrOptions:
         Through-plane slice profile. "auto" (default): per stack, box or Gaussian and a width factor
         around the nominal thickness, whichever predicts that stack best from a reconstruction of the
         others on a probe block (``autotune.estimate_profiles``). "gaussian": FWHM = slice thickness;
-        "box": the slice thickness (slab-averaged MPR reformats). In-plane: Gaussian, FWHM 1.2 x pixel spacing.
+        "box": the slice thickness (slab-averaged MPR reformats). In-plane: see ``in_plane_psf``.
+    in_plane_psf : float, "auto" or None
+        In-plane PSF of the model: Gaussian of FWHM = this factor x pixel spacing for every stack. None
+        (default): ``sampling.psf.IN_PLANE_FWHM_FACTOR`` (1.2). "auto": per stack, from the data on the
+        probe block (``autotune.estimate_in_plane``: the width under which the stacks predict each other
+        best, candidates ``sampling.psf.IN_PLANE_FACTORS``).
     max_iterations : int or None
         Cap on conjugate-gradient iterations (Huber: in total over the outer iterations). None: the
         regularizer's default (``DEFAULT_ITERATIONS``: 100, a cap; the solvers stop on ``tolerance`` and
@@ -97,6 +102,7 @@ class SrrOptions:
     alpha: Union[float, str, None] = None
     regularizer: str = "tikhonov"
     psf: str = "auto"
+    in_plane_psf: Union[float, str, None] = None
     max_iterations: Optional[int] = None
     tolerance: float = 3e-4
     # Converged: an iteration changes the (normalised) volume by less than this fraction of its norm.
@@ -119,6 +125,10 @@ class SrrOptions:
 
     def __post_init__(self):
         self.validate()
+
+    @property
+    def in_plane_is_auto(self):
+        return isinstance(self.in_plane_psf, str)
 
     @property
     def alpha_is_auto(self):
@@ -149,6 +159,12 @@ class SrrOptions:
         elif self.alpha is not None and not (self.alpha >= 0 and np.isfinite(self.alpha)):
             raise InputError(f"alpha must be 'auto' or a non-negative number, got {self.alpha}")
         validate_psf(self.psf)
+        if isinstance(self.in_plane_psf, str):
+            if self.in_plane_psf != "auto":
+                raise InputError(f"in-plane PSF must be 'auto' or a positive FWHM / pixel spacing, got "
+                                 f"'{self.in_plane_psf}'")
+        else:
+            check_in_plane_factor(self.in_plane_psf)
         if not (self.solution_tolerance >= 0 and np.isfinite(self.solution_tolerance)):
             raise InputError(f"solution tolerance must be a non-negative number, got {self.solution_tolerance}")
         if int(self.probe_block_voxels) < 16:
@@ -189,6 +205,10 @@ def add_srr_arguments(parser):
     g.add_argument("--psf", default=d.psf,
                    help="through-plane slice profile: auto (default: box or gaussian and its width per stack, from the "
                         "consistency between the stacks), gaussian (FWHM = thickness) or box (slab MPR)")
+    g.add_argument("--in-plane-psf", default=d.in_plane_psf, metavar="FACTOR|auto",
+                   help=f"in-plane PSF of the model: Gaussian FWHM as a multiple of the pixel spacing (default "
+                        f"{IN_PLANE_FWHM_FACTOR:g}) or auto (per stack, from the consistency between the stacks on a "
+                        "probe block)")
     g.add_argument("--iterations", type=int, default=d.max_iterations,
                    help=f"cap on conjugate-gradient iterations in total (default {DEFAULT_ITERATIONS['tikhonov']}; the "
                         "solver stops earlier when converged, see --solution-tolerance)")
@@ -220,6 +240,7 @@ def srr_options_from_args(args):
         alpha=parse_alpha(getattr(args, "alpha", d.alpha)),
         regularizer=getattr(args, "regularizer", d.regularizer),
         psf=getattr(args, "psf", d.psf),
+        in_plane_psf=parse_in_plane(getattr(args, "in_plane_psf", d.in_plane_psf)),
         max_iterations=getattr(args, "iterations", d.max_iterations),
         tolerance=getattr(args, "tolerance", d.tolerance),
         intensity_matching=_MATCHING_FLAGS[getattr(args, "intensity_matching", "auto") or "auto"],
@@ -245,5 +266,18 @@ def parse_alpha(value):
         raise InputError(f"--alpha must be 'auto' or a non-negative number, got '{value}'") from None
 
 
+def parse_in_plane(value):
+    """``--in-plane-psf``: "auto", a positive number, or None; an InputError naming the setting otherwise."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"--in-plane-psf must be 'auto' or a positive number, got '{value}'") from None
+
+
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES", "SrrOptions",
-           "add_srr_arguments", "parse_alpha", "srr_options_from_args"]
+           "add_srr_arguments", "parse_alpha", "parse_in_plane", "srr_options_from_args"]

@@ -135,7 +135,7 @@ class _Run:
         self.offset, self.scale = 0.0, 1.0  # normalisation: (value - offset) / scale
         self.profiles, self.alpha, self.probe = [], None, None
         self.profiles_from_data = False
-        self.auto = {"profile_choice": None, "alpha_choice": None, "prior_choice": None}
+        self.auto = {"profile_choice": None, "in_plane_choice": None, "alpha_choice": None, "prior_choice": None}
         self.regularizer_setting = options.regularizer  # "auto" until the prior is chosen
         self.ops, self.weights = [], []
         self.coverage = None
@@ -188,18 +188,26 @@ def _settings_from_data(run):
         run.profiles = [SliceProfile("gaussian")] * len(work)
     else:
         run.profiles = [SliceProfile(options.psf)] * len(work)
+    if options.stack_profiles is None and options.in_plane_psf is not None and not options.in_plane_is_auto:
+        run.profiles = [p.with_in_plane(options.in_plane_psf) for p in run.profiles]
     run.profiles_from_data = options.psf == "auto" and options.stack_profiles is None and len(work) > 1
+    in_plane_from_data = options.in_plane_is_auto and options.stack_profiles is None and len(work) > 1
     prior_auto = options.regularizer == "auto"
-    if run.profiles_from_data or options.alpha_is_auto or prior_auto or (options.self_check and len(work) > 1):
+    if (run.profiles_from_data or in_plane_from_data or options.alpha_is_auto or prior_auto
+            or (options.self_check and len(work) > 1)):
         t0 = time.perf_counter()
         run.probe = _probe(work, run.grid, offset=run.offset, scale=run.scale, options=options, workers=run.workers,
                            check=run.monitor.check)
         run.timed("probe_setup_s", t0)
     if run.probe is not None and run.profiles_from_data:
         _choose_profiles(run)
+    if run.probe is not None and in_plane_from_data and len(run.probe.index) > 1:
+        _choose_in_plane(run)
     for s, p in zip(work, run.profiles):
-        LOGGER.info("SRR slice profile of '%s': %s, width %.2f mm (nominal thickness %.2f mm)%s", s.description,
-                    p.kind, p.width_mm(s), s.thickness_mm, " (chosen from the data)" if run.profiles_from_data else "")
+        LOGGER.info("SRR slice profile of '%s': %s, width %.2f mm (nominal thickness %.2f mm)%s; in-plane FWHM "
+                    "%.2f x pixel%s", s.description, p.kind, p.width_mm(s), s.thickness_mm,
+                    " (chosen from the data)" if run.profiles_from_data else "", p.effective_in_plane_factor,
+                    " (chosen from the data)" if run.auto["in_plane_choice"] else "")
     if prior_auto:
         _choose_prior(run)
     elif run.probe is not None and options.alpha_is_auto:
@@ -248,6 +256,40 @@ def _choose_profiles(run):
     for n, k in enumerate(probe.index):
         choice["rms_by_candidate"][run.used[k]] = report[n]
     run.auto["profile_choice"] = choice
+    run.monitor.check()
+
+
+def _choose_in_plane(run):
+    """``in_plane_psf="auto"``: every used stack's in-plane width from the data (autotune.estimate_in_plane)."""
+    probe, profiles = run.probe, run.profiles
+    t0 = time.perf_counter()
+    solves0 = probe.problem.n_solves
+    found, report = autotune.estimate_in_plane(probe.problem, [profiles[k] for k in probe.index],
+                                               score=autotune.IN_PLANE_SCORE)
+    dt = time.perf_counter() - t0
+    run.timings["in_plane_choice_s"] = dt
+    if report is None:
+        return
+    for n, k in enumerate(probe.index):
+        profiles[k] = found[n]
+    # stacks that miss the probe block take the common width
+    for k in range(len(profiles)):
+        if k not in probe.index:
+            profiles[k] = profiles[k].with_in_plane(report["common_factor"])
+    per = [None] * len(run.stacks)
+    for n, k in enumerate(probe.index):
+        per[run.used[k]] = report["rms_by_own_factor"][n]
+    run.auto["in_plane_choice"] = {
+        "method": "leave-one-stack-out prediction on the probe block: common width under which the stacks predict "
+                  "each other best, then per stack the width of its own that predicts it best from the others "
+                  f"(fusion at alpha {autotune.PROFILE_ALPHA:g}; residual scored {autotune.IN_PLANE_SCORE})",
+        "candidates": [float(f) for f in autotune.IN_PLANE_FACTORS],
+        "own_candidates": [float(f) for f in autotune.IN_PLANE_OWN_FACTORS],
+        "common_factor": report["common_factor"], "common_rms_by_factor": report["common_rms_by_factor"],
+        "rms_by_own_factor": per, "solves": probe.problem.n_solves - solves0, "seconds": round(dt, 3)}
+    LOGGER.info("SRR in-plane PSF from the data (%.1f s, %d block solves): common FWHM %.2f x pixel (RMS by "
+                "candidate: %s)", dt, probe.problem.n_solves - solves0, report["common_factor"],
+                ", ".join(f"{f}: {v:.2f}" for f, v in report["common_rms_by_factor"].items()))
     run.monitor.check()
 
 
@@ -416,11 +458,13 @@ def _summary(run):
             "auto" if run.regularizer_setting == "auto" else "fixed"),
         "regularizer": options.regularizer,
         "psf": options.psf,
+        "in_plane_psf": options.in_plane_psf,
         "slice_profiles": [None] * n,
         "stopped_by": solve_info.get("stopped"),
         "relative_change": solve_info.get("relative_change"),
         "solution_tolerance": float(options.solution_tolerance),
         "profile_choice": run.auto["profile_choice"],
+        "in_plane_choice": run.auto["in_plane_choice"],
         "alpha_choice": run.auto["alpha_choice"],
         "regularizer_setting": "auto" if run.regularizer_setting == "auto" else "fixed",
         "prior_choice": run.auto["prior_choice"],

@@ -12,10 +12,14 @@ recons have; "gaussian": the conventional approximation of a scanner's slice sen
 width relative to the nominal slice thickness t: box of full width ``factor * t``, or Gaussian of
 FWHM ``factor * t``.
 
-The operators take the kind as ``psf`` and the width from ``stack.thickness_mm``, so a profile is
-applied by handing the operator a copy of the stack whose thickness is the effective width
-(:meth:`SliceProfile.apply`); nothing else of the stack changes (its slice positions, steps, data
-weight and coverage are geometric, not profile properties).
+A profile may also carry the stack's **in-plane** width (``in_plane_factor``: Gaussian FWHM / pixel spacing;
+None keeps ``IN_PLANE_FWHM_FACTOR``), estimated from the data by ``--in-plane-psf auto``.
+
+The operators take the kind as ``psf`` and the widths from the stack (``stack.thickness_mm`` through-plane,
+``stack.in_plane_fwhm_factor`` in-plane, read by :func:`psf_sigma_mm`), so a profile is applied by handing
+the operator a copy of the stack that carries the effective widths (:meth:`SliceProfile.apply`); nothing
+else of the stack changes (its slice positions, steps, data weight and coverage are geometric, not profile
+properties). Registration passes its own in-plane width (``REGISTRATION_IN_PLANE_FWHM_FACTOR``) explicitly.
 
 The reconstruction's :mod:`~MultiPlaneFusionLib.reconstruction.autotune` chooses among
 :func:`candidates` from the data.
@@ -23,6 +27,7 @@ The reconstruction's :mod:`~MultiPlaneFusionLib.reconstruction.autotune` chooses
 
 import math
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -32,10 +37,15 @@ from ..errors import InputError
 PSF_KINDS = ("box", "gaussian")
 PSF_CHOICES = ("auto",) + PSF_KINDS
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
-# In-plane FWHM of the reconstruction's model, in pixel spacings (NiftyMIC/SVRTK). A narrower model (0.6) won on
-# the realistic panel's simulated cases, whose series carry no in-plane blur, and lost on the real series on
-# the 1 mm grid (README): it stays 1.2 until the width is estimated from the data.
+# In-plane FWHM of the reconstruction's model, in pixel spacings (NiftyMIC/SVRTK), for stacks that carry no
+# width of their own (``Stack.in_plane_fwhm_factor`` None). A narrower model (0.6) won on the realistic panel's
+# simulated cases, whose series carry no in-plane blur, and lost on the real series on the 1 mm grid (README).
 IN_PLANE_FWHM_FACTOR = 1.2
+# Candidate in-plane widths (FWHM / pixel spacing) of ``--in-plane-psf auto`` (autotune.estimate_in_plane): the
+# common width of all stacks, and each stack's own width given the others at the common one (a stack blurrier
+# than the others may need more than the common candidates reach; own candidates cost no extra solve).
+IN_PLANE_FACTORS = (0.3, 0.6, 0.9, 1.2)
+IN_PLANE_OWN_FACTORS = (0.3, 0.6, 0.9, 1.2, 1.6, 2.0)
 # Registration compares low-passed images through both stacks' PSFs with this width (kept apart from the
 # model's so that either can change without the other).
 REGISTRATION_IN_PLANE_FWHM_FACTOR = 1.2
@@ -53,10 +63,13 @@ def check_kind(psf):
 def psf_sigma_mm(stack, psf="gaussian", *, in_plane_factor=None):
     """PSF sizes in mm as (along i (row), along j (column), through-plane).
 
-    In-plane: Gaussian sigma = ``in_plane_factor`` (default ``IN_PLANE_FWHM_FACTOR``) x pixel spacing /
-    2.3548. Through-plane: Gaussian sigma = thickness / 2.3548, or for ``psf="box"`` the full slab width
-    (= thickness).
+    In-plane: Gaussian sigma = f x pixel spacing / 2.3548 with f = ``in_plane_factor`` when given (what
+    registration does), else the stack's own ``in_plane_fwhm_factor`` (set by :meth:`SliceProfile.apply`),
+    else ``IN_PLANE_FWHM_FACTOR``. Through-plane: Gaussian sigma = thickness / 2.3548, or for ``psf="box"``
+    the full slab width (= thickness).
     """
+    if in_plane_factor is None:
+        in_plane_factor = getattr(stack, "in_plane_fwhm_factor", None)
     f = IN_PLANE_FWHM_FACTOR if in_plane_factor is None else float(in_plane_factor)
     di, dj = stack.pixel_spacing_mm
     s_i = f * di / FWHM_PER_SIGMA
@@ -146,41 +159,73 @@ WIDTH_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.25)
 
 @dataclass(frozen=True)
 class SliceProfile:
-    """``kind`` ("box" or "gaussian") and ``width_factor``: effective width / nominal thickness."""
+    """``kind`` ("box" or "gaussian") and ``width_factor``: effective width / nominal thickness;
+    ``in_plane_factor``: in-plane Gaussian FWHM / pixel spacing (None: ``IN_PLANE_FWHM_FACTOR``)."""
 
     kind: str = "gaussian"
     width_factor: float = 1.0
+    in_plane_factor: Optional[float] = None
 
     def __post_init__(self):
         if self.kind not in PSF_KINDS:
             raise InputError(f"unknown PSF '{self.kind}' (--psf: use auto, box or gaussian)")
         if not (self.width_factor > 0 and np.isfinite(self.width_factor)):
             raise InputError(f"PSF width factor must be positive, got {self.width_factor}")
+        check_in_plane_factor(self.in_plane_factor)
 
     def width_mm(self, stack):
         """Box width or Gaussian FWHM of this profile for ``stack``, mm."""
         return float(stack.thickness_mm) * float(self.width_factor)
 
+    @property
+    def effective_in_plane_factor(self):
+        """In-plane FWHM / pixel spacing of this profile (``IN_PLANE_FWHM_FACTOR`` when it carries none)."""
+        return IN_PLANE_FWHM_FACTOR if self.in_plane_factor is None else float(self.in_plane_factor)
+
     def apply(self, stack):
-        """A copy of ``stack`` whose thickness is the effective width (what the operators read)."""
-        if self.width_factor == 1.0:
-            return stack
-        return replace(stack, thickness_mm=self.width_mm(stack))
+        """A copy of ``stack`` whose thickness is the effective width and, when this profile carries one, whose
+        ``in_plane_fwhm_factor`` is its in-plane width (what the operators read)."""
+        changes = {}
+        if self.width_factor != 1.0:
+            changes["thickness_mm"] = self.width_mm(stack)
+        if self.in_plane_factor is not None and getattr(stack, "in_plane_fwhm_factor", None) != self.in_plane_factor:
+            changes["in_plane_fwhm_factor"] = float(self.in_plane_factor)
+        return replace(stack, **changes) if changes else stack
+
+    def with_in_plane(self, factor):
+        """This profile with the in-plane width ``factor`` (FWHM / pixel spacing; None: the default)."""
+        return replace(self, in_plane_factor=None if factor is None else float(factor))
 
     def label(self):
-        return f"{self.kind} x{self.width_factor:.2f}"
+        text = f"{self.kind} x{self.width_factor:.2f}"
+        return text if self.in_plane_factor is None else f"{text}, in-plane {self.in_plane_factor:g}"
 
     def as_dict(self, stack=None):
-        d = {"kind": self.kind, "width_factor": round(float(self.width_factor), 4)}
+        d = {"kind": self.kind, "width_factor": round(float(self.width_factor), 4),
+             "in_plane_fwhm_factor": round(self.effective_in_plane_factor, 4)}
         if stack is not None:
             d["width_mm"] = round(self.width_mm(stack), 3)
             d["nominal_thickness_mm"] = round(float(stack.thickness_mm), 3)
+            d["in_plane_fwhm_mm"] = [round(self.effective_in_plane_factor * float(h), 3)
+                                     for h in stack.pixel_spacing_mm]
         return d
 
 
-def candidates(kinds=PSF_KINDS, factors=WIDTH_FACTORS):
-    """Every profile of the search: ``kinds`` x ``factors``."""
-    return [SliceProfile(k, f) for k in kinds for f in factors]
+def check_in_plane_factor(value):
+    """An InputError naming the setting unless ``value`` is None or a positive finite in-plane FWHM factor."""
+    if value is None:
+        return
+    try:
+        ok = float(value) > 0 and np.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"in-plane PSF width (FWHM / pixel spacing) must be a positive number, got {value!r}")
+
+
+def candidates(kinds=PSF_KINDS, factors=WIDTH_FACTORS, *, in_plane_factor=None):
+    """Every profile of the search: ``kinds`` x ``factors`` (each with the in-plane width ``in_plane_factor``)."""
+    return [SliceProfile(k, f, in_plane_factor) for k in kinds for f in factors]
 
 
 def validate_psf(value):
@@ -190,6 +235,7 @@ def validate_psf(value):
     return value
 
 
-__all__ = ["FWHM_PER_SIGMA", "GAUSSIAN_CUTOFF_SIGMAS", "IN_PLANE_FWHM_FACTOR", "PSF_CHOICES", "PSF_KINDS",
-           "REGISTRATION_IN_PLANE_FWHM_FACTOR", "SliceProfile", "WIDTH_FACTORS", "candidates", "check_kind",
-           "psf_rows", "psf_sigma_mm", "validate_psf"]
+__all__ = ["FWHM_PER_SIGMA", "GAUSSIAN_CUTOFF_SIGMAS", "IN_PLANE_FACTORS", "IN_PLANE_FWHM_FACTOR",
+           "IN_PLANE_OWN_FACTORS", "PSF_CHOICES",
+           "PSF_KINDS", "REGISTRATION_IN_PLANE_FWHM_FACTOR", "SliceProfile", "WIDTH_FACTORS", "candidates",
+           "check_in_plane_factor", "check_kind", "psf_rows", "psf_sigma_mm", "validate_psf"]
