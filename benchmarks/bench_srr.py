@@ -29,6 +29,7 @@ Usage::
 """
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -284,6 +285,11 @@ class RealEvaluator:
                 "surface_p95_mm": d["p95"]}
 
 
+def _choices(info):
+    """The settings a reconstruction chose from the data: per stack its slice profile (with the in-plane width)."""
+    return {"slice_profiles": info.get("slice_profiles"), "in_plane_choice": info.get("in_plane_choice")}
+
+
 def bench_real(args):
     print("\n== real: Philips 5 mm axial + gantry tilts -18.5 / +16.5 deg, grid of the 1 mm series")
     folders = {n: extract_series(n) for n in ("philips_axial_1mm", "philips_axial_5mm", "philips_tilt_minus18",
@@ -316,14 +322,19 @@ def bench_real(args):
     row("mean of three, linear (eval grid)", fuse_average(stacks, ge).volume, ge, readme=README_BASELINES["mean3"])
     avg, t_avg, mem = measure(fuse_average, stacks, grid)
     row("mean of three, linear", avg.volume, grid, t_avg, mem)
-    res, t, mem = measure(reconstruct_srr, stacks, grid, None, avg.volume, avg.coverage)
-    row("srr, default (as acquired)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
-                                                       "paths": res.info["operator_paths"],
-                                                       "timings": res.info["timings_s"]})
-    del res
-    res, t, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(regularizer="tikhonov"), avg.volume, avg.coverage)
-    row("srr, Tikhonov (as acquired)", res.volume, grid, t, mem, {"iterations": res.info["iterations"]})
-    del res
+    # option sets besides the default (--real-options; the default is Tikhonov now, so that row is the default's)
+    extra_sets = json.loads(args.real_options) if args.real_options else {"Tikhonov": {"regularizer": "tikhonov"}}
+    if not args.skip_as_acquired:
+        res, t, mem = measure(reconstruct_srr, stacks, grid, None, avg.volume, avg.coverage)
+        row("srr, default (as acquired)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
+                                                           "paths": res.info["operator_paths"],
+                                                           "timings": res.info["timings_s"]})
+        del res
+        for name, kw in extra_sets.items():
+            res, t, mem = measure(reconstruct_srr, stacks, grid, SrrOptions(**kw), avg.volume, avg.coverage)
+            row(f"srr, {name} (as acquired)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
+                                                                  "choices": _choices(res.info)})
+            del res
     if args.register:
         from MultiPlaneFusionLib.registration import register_stacks
 
@@ -336,12 +347,15 @@ def bench_real(args):
         res, t, mem = measure(reconstruct_srr, regd, grid, None, avg.volume, avg.coverage)
         row("srr, default (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
                                                           "paths": res.info["operator_paths"],
-                                                          "timings": res.info["timings_s"]})
+                                                          "timings": res.info["timings_s"],
+                                                          "choices": _choices(res.info)})
         del res
-        res, t, mem = measure(reconstruct_srr, regd, grid, SrrOptions(regularizer="tikhonov"), avg.volume,
-                              avg.coverage)
-        row("srr, Tikhonov (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
-                                                                "timings": res.info["timings_s"]})
+        for name, kw in extra_sets.items():
+            res, t, mem = measure(reconstruct_srr, regd, grid, SrrOptions(**kw), avg.volume, avg.coverage)
+            row(f"srr, {name} (registered)", res.volume, grid, t, mem, {"iterations": res.info["iterations"],
+                                                                 "timings": res.info["timings_s"],
+                                                                 "choices": _choices(res.info)})
+            del res
     cols = [("method", "method", ""), ("correlation", "corr", ".3f"), ("surface_mean_mm", "surf mean mm", ".3f"),
             ("surface_p95_mm", "surf p95 mm", ".3f"), ("readme", "README corr / mean / p95", ""),
             ("seconds", "time s", ".1f"), ("memory_mb", "peak MB", ".0f"), ("grid_copies", "grid copies", ".1f"),
@@ -358,6 +372,10 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="alpha sweep over thicknesses and noise levels")
     p.add_argument("--cli", action="store_true", help="end-to-end wall time of `fuse`, srr against average")
     p.add_argument("--register", action="store_true", help="real: also after rigid registration")
+    p.add_argument("--real-options", help="real: JSON {name: {SrrOptions field: value}}, each run besides the default "
+                                          "(replacing the Tikhonov rows)")
+    p.add_argument("--skip-as-acquired", action="store_true",
+                   help="real: no srr in scanner geometry (with --register: registered rows only)")
     p.add_argument("--scale", type=float, default=1.0, help="phantom size factor (1 = adult head)")
     p.add_argument("--spacing", type=float, default=0.93, help="synthetic grid spacing, mm (0.93: ~11.5 M voxels)")
     p.add_argument("--sweep-spacing", type=float, default=1.0)

@@ -30,7 +30,7 @@ from common import RESULTS, write_json  # noqa: E402
 
 from MultiPlaneFusionLib.reading import read_stacks  # noqa: E402
 from MultiPlaneFusionLib.reconstruction import autotune, srr  # noqa: E402
-from MultiPlaneFusionLib.reconstruction.options import SrrOptions  # noqa: E402
+from MultiPlaneFusionLib.reconstruction.options import SrrOptions, parse_in_plane  # noqa: E402
 from MultiPlaneFusionLib.reconstruction.parallel import Workers  # noqa: E402
 
 # weight of the lightly regularised half reconstructions the n2n score compares against (mm^2)
@@ -95,12 +95,13 @@ def n2n_error(problem, halves, refs, alpha, regularizer, huber, mask, alpha_fact
     return err
 
 
-def check_case(case, log=print):
+def check_case(case, log=print, in_plane_psf=None):
     prep = panel.PreparedCase(case, check_positions=False, log=log)
     stacks = read_stacks(prep.paths)
     grid = prep.grid
     t = time.perf_counter()
-    res0 = srr.reconstruct_srr(stacks, grid, SrrOptions())
+    # the default's profiles (with --in-plane-psf, their in-plane widths too) are kept for every candidate
+    res0 = srr.reconstruct_srr(stacks, grid, SrrOptions(in_plane_psf=in_plane_psf))
     s0 = prep.scorer(res0.volume)
     log(f"  default: {s0['psnr_db']:.2f} dB {s0['surface_mean_mm']:.3f} mm ({time.perf_counter() - t:.1f} s); "
         f"profiles {[p.label() for p in res0.profiles]}")
@@ -168,7 +169,11 @@ def main(argv=None):
     p.add_argument("--cases", nargs="*", default=["P 3mm", "A 3mm", "P 5mm/4"])
     p.add_argument("--in-plane-factor", type=float, default=None,
                    help="experiment: in-plane PSF FWHM / pixel spacing of the model (default: the library's)")
+    p.add_argument("--in-plane-psf", default=None,
+                   help="the reconstruction's in-plane PSF setting (SrrOptions.in_plane_psf: a factor or auto); the "
+                        "widths the default run chose are kept for every candidate and score")
     args = p.parse_args(argv)
+    in_plane = parse_in_plane(args.in_plane_psf)
     if args.in_plane_factor is not None:
         from MultiPlaneFusionLib.sampling import psf
 
@@ -177,8 +182,9 @@ def main(argv=None):
     out = []
     for case in panel.get_cases(args.cases):
         print(f"== {case.name}", flush=True)
-        out.extend(check_case(case))
+        out.extend(check_case(case, in_plane_psf=in_plane))
     suffix = "" if args.in_plane_factor is None else "_inplane" + str(args.in_plane_factor)
+    suffix += "" if in_plane is None else f"_inplanepsf_{in_plane}"
     write_json(RESULTS / f"rank_check{suffix}.json", {"rows": out})
 
 

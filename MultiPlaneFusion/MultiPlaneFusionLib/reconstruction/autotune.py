@@ -21,6 +21,19 @@ is cropped to the block (plus the reach of its profile) and only samples well in
     are as thick as their slices along their own normals, which lie in this stack's plane: the
     in-plane detail they cannot reproduce (and this stack's noise) is the same for every candidate and
     drowned the profile's effect, which acts along the normal and survives the in-plane smoothing.
+- **In-plane width** (:func:`estimate_in_plane`, ``--in-plane-psf auto``; opt-in): leave one stack out
+  again, now over the in-plane Gaussian's FWHM (``psf.IN_PLANE_FACTORS`` x pixel spacing). For every
+  candidate f the others are fused with in-plane width f (their chosen through-plane profiles kept) and
+  each left-out stack is predicted through f: the *common* width is the f under which the stacks predict
+  each other best. Then each stack's *own* width (``psf.IN_PLANE_OWN_FACTORS``, up to 2.0) is the one
+  that predicts it best from the others at the common width: no further solve. The residual is scored
+  at full resolution (``IN_PLANE_SCORE``). Measured on the analytic phantom with known in-plane kernels
+  (Testing/test_in_plane_psf.py): the *differences* between stacks are identified (a series through a
+  2.4-pixel kernel among blur-free ones is given 2.0, the others 0.3), the *common level* is not: adding
+  one isotropic blur to the object and removing it from every model changes no prediction, so nothing in
+  the between-stack consistency fixes it, and what the score does prefer follows the fusion weight, not
+  the data (kernels of none, 1.2 and 2.4 pixels on all three series: at the weight 0.1 it is 0.3 for each;
+  at 0.01 it is 0.9, 0.9 and 0.6, at 0.003 1.2, 1.2 and 0.9: if anything reversed).
 - **Regularisation weight** (:func:`choose_alpha`): K-fold cross-validation over held-out slices. Every
   stack's slices are dealt into K folds (slice k goes to fold k mod K); for each fold the block is
   reconstructed from the remaining slices and scored on predicting the held-out ones (squared error,
