@@ -19,8 +19,13 @@ from MultiPlaneFusionLib.reconstruction.separable_operator import SeparableOpera
 from MultiPlaneFusionLib.reconstruction.shear_operator import ShearOperator
 from MultiPlaneFusionLib.reconstruction.skew_operator import SkewOperator
 from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
-from MultiPlaneFusionLib.sampling.psf import (FWHM_PER_SIGMA, IN_PLANE_FWHM_FACTOR, REGISTRATION_IN_PLANE_FWHM_FACTOR,
-                                              SliceProfile, psf_sigma_mm)
+from MultiPlaneFusionLib.sampling.psf import (
+    FWHM_PER_SIGMA,
+    IN_PLANE_FWHM_FACTOR,
+    REGISTRATION_IN_PLANE_FWHM_FACTOR,
+    SliceProfile,
+    psf_sigma_mm,
+)
 from MultiPlaneFusionLib.simulation import acquisition, phantom_grid, phantom_truth, simulate_stack
 from MultiPlaneFusionLib.stack import stack_from_affine
 
