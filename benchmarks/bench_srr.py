@@ -287,7 +287,8 @@ class RealEvaluator:
 
 def _choices(info):
     """The settings a reconstruction chose from the data: per stack its slice profile (with the in-plane width)."""
-    return {"slice_profiles": info.get("slice_profiles"), "in_plane_choice": info.get("in_plane_choice")}
+    return {"slice_profiles": info.get("slice_profiles"), "in_plane_choice": info.get("in_plane_choice"),
+            "regularizer": info.get("regularizer"), "alpha": info.get("alpha")}
 
 
 def bench_real(args):
