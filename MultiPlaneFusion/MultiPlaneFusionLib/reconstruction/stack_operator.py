@@ -12,7 +12,7 @@ refinement (simulated slices) both use this API, which stays stable:
   added into a given array);
 - ``op.adjoint_add(y, out)``: ``out += adjoint(y)``;
 - ``op.coverage()``: bool grid mask of the voxels inside the stack's sampled region;
-- ``op.path``: ``"separable"``, ``"shear"`` or ``"general"``.
+- ``op.path``: ``"separable"``, ``"skew"``, ``"shear"`` or ``"general"``.
 
 The continuous image behind ``x`` is the trilinear interpolant of the grid (constant for the half voxel
 beyond the outer voxel centres). A sample is the integral of that image against the stack's point-spread
@@ -23,7 +23,7 @@ or ``psf="box"``: a slab of the slice thickness through-plane (MPR slab reformat
 in-plane. Each sample's weights are normalised over the part of the PSF inside the grid, so a constant
 volume maps to the same constant (``A 1 = 1`` on valid samples) and intensity offsets pass through.
 
-Three paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`.psf`, the 1-D matrices
+Four paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`.psf`, the 1-D matrices
 :mod:`.banded`):
 
 - **separable** (stack axes parallel to grid axes up to permutation and flip, after the registration
@@ -31,6 +31,10 @@ Three paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:
   one per grid axis, holding the PSF integrated against the linear-interpolation basis of that axis.
   It is applied by blocked matrix products (BLAS) along each axis, reducing the most-downsampled axis
   first. No 3-D interpolation. :mod:`.separable_operator`.
+- **skew** (a stack whose slice normal is tilted so little that the profile can be integrated along the nearest
+  grid axis, its drift at most ``skew_operator.SKEW_MAX_DRIFT_VOXELS``; any turn about the normal): through-plane
+  first along that axis at the slices' exact positions, then two in-plane Lanczos-3 shears and the in-plane
+  PSF on the reduced array. :mod:`.skew_operator`.
 - **shear** (a stack within a few degrees of the grid axes): the general path's lattice and matrices, with the
   grid carried onto the lattice by Lanczos-3 shears instead of trilinear interpolation.
   :mod:`.shear_operator`.
