@@ -30,10 +30,10 @@ import math
 import numpy as np
 
 from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS, psf_rows, psf_sigma_mm
-from .banded import Banded
-from .parallel import workers_or_serial
+from .banded import Banded, apply_in_plane, apply_in_plane_t
+from .parallel import run_shared
 from .shear_operator import ShearStage
-from .stack_operator import StackOperator, affine_coverage, grid_axes, grid_spacing_kji, stack_placement
+from .stack_operator import NormalisedOperator, affine_coverage, grid_axes, grid_spacing_kji, stack_placement
 
 # Through-plane shifts of the grid lines are rounded to this fraction of a node (position error <= 1/64 node).
 SHIFT_STEPS = 32
@@ -89,7 +89,7 @@ def _factor_inplane(lmat):
     return swap, p, q, s1, tau
 
 
-class SkewOperator(StackOperator):
+class SkewOperator(NormalisedOperator):
     """Through-plane along the grid axis nearest the normal at the slices' exact positions, then two in-plane
     Lanczos shears and the in-plane PSF on the reduced array (module docstring)."""
 
@@ -190,11 +190,7 @@ class SkewOperator(StackOperator):
         for k in range(nk):
             g = g0[k][:, None, None] + u_vec[:, None, None] * ii + v_vec[:, None, None] * jj
             valid[k] = np.all((g >= -0.5) & (g <= lim), axis=0)
-        mass = self._raw_forward(np.ones(gshape, dtype=np.float32))
-        ok = valid & (mass > 1e-6)
-        self._valid = ok
-        self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
-        self._scale64 = None
+        self._normalise(valid)
 
     # ------------------------------------------------------------------ through-plane
     def _matrix(self, g, dt):
@@ -227,7 +223,7 @@ class SkewOperator(StackOperator):
             for key, lines, ia, ib in groups:
                 out[:, lines] = self._matrix(key, dt) @ xv[:, ia, ib]
 
-        _run(self._groups, run, workers)
+        run_shared(self._groups, run, workers)
         return out.reshape(self.shape[0], n_a, n_b)
 
     def _expand(self, r, out, workers=None):
@@ -240,7 +236,7 @@ class SkewOperator(StackOperator):
             for key, lines, ia, ib in groups:
                 ov[:, ia, ib] += self._matrix(key, dt).T @ r2[:, lines]
 
-        _run(self._groups, run, workers)
+        run_shared(self._groups, run, workers)
         return out
 
     # ------------------------------------------------------------------ in-plane
@@ -248,12 +244,12 @@ class SkewOperator(StackOperator):
         g = r
         for st in self._stages:
             g = st.forward(np.ascontiguousarray(g), workers)
-        y = _apply_per_slice(self.m_1, self.m_2, np.ascontiguousarray(g), workers)
+        y = apply_in_plane(self.m_1, self.m_2, np.ascontiguousarray(g), workers)
         return y if self.swap else np.ascontiguousarray(np.transpose(y, (0, 2, 1)))
 
     def _inplane_t(self, y, workers=None):
         y = y if self.swap else np.transpose(y, (0, 2, 1))
-        g = _apply_per_slice_t(self.m_1, self.m_2, np.ascontiguousarray(y), workers)
+        g = apply_in_plane_t(self.m_1, self.m_2, np.ascontiguousarray(y), workers)
         for st in reversed(self._stages):
             g = st.adjoint(np.ascontiguousarray(g), workers)
         return g
@@ -268,35 +264,9 @@ class SkewOperator(StackOperator):
             out = np.zeros(self.grid_shape, dtype=y.dtype)
         return self._expand(r, out, workers)
 
-    @property
-    def valid(self):
-        return self._valid
-
     def coverage(self):
         fast = affine_coverage(self.stack, self.grid)
         return super().coverage() if fast is None else fast
-
-    def _scale_for(self, dt):
-        if dt == np.float64:
-            if self._scale64 is None:
-                self._scale64 = self._scale.astype(np.float64)
-            return self._scale64
-        return self._scale
-
-    def forward(self, x, workers=None):
-        x = np.asarray(x, dtype=self._dtype(x))
-        y = self._raw_forward(x, workers)
-        y *= self._scale_for(x.dtype)
-        return y
-
-    def adjoint(self, y, workers=None):
-        dt = self._dtype(y)
-        return self._raw_adjoint(np.asarray(y, dtype=dt) * self._scale_for(dt), workers)
-
-    def adjoint_add(self, y, out, workers=None, scratch=None):
-        dt = out.dtype.type
-        y = np.asarray(y, dtype=dt) * self._scale_for(np.dtype(dt))
-        return self._raw_adjoint(y, workers, out)
 
     def describe(self):
         d = super().describe()
@@ -314,52 +284,6 @@ def _per_slice(positions, n, sigma):
     if np.ptp(positions[:, 0]) <= 1e-9:
         return Banded.from_psf(positions[0], n, "gaussian", sigma)
     return [Banded.from_psf(row, n, "gaussian", sigma) for row in positions]
-
-
-def _apply_per_slice(m1, m2, g, workers):
-    """(slices, n1', n2') -> (slices, n1, n2): m1 along axis 1, m2 along axis 2, per slice when lists."""
-    if not isinstance(m1, list) and not isinstance(m2, list):
-        return m2.apply(m1.apply(g, 1, workers=workers), 2, workers=workers)
-    n1 = (m1[0] if isinstance(m1, list) else m1).shape[0]
-    n2 = (m2[0] if isinstance(m2, list) else m2).shape[0]
-    out = np.empty((g.shape[0], n1, n2), dtype=g.dtype)
-
-    def slices(k0, k1):
-        for k in range(k0, k1):
-            a = m1[k] if isinstance(m1, list) else m1
-            b = m2[k] if isinstance(m2, list) else m2
-            out[k : k + 1] = b.apply(a.apply(g[k : k + 1], 1), 2)
-
-    workers_or_serial(workers).ranges(slices, g.shape[0])
-    return out
-
-
-def _apply_per_slice_t(m1, m2, y, workers):
-    """Transpose of :func:`_apply_per_slice`."""
-    if not isinstance(m1, list) and not isinstance(m2, list):
-        return m1.apply(m2.apply(y, 2, transpose=True, workers=workers), 1, transpose=True, workers=workers)
-    n1 = (m1[0] if isinstance(m1, list) else m1).shape[1]
-    n2 = (m2[0] if isinstance(m2, list) else m2).shape[1]
-    out = np.empty((y.shape[0], n1, n2), dtype=y.dtype)
-
-    def slices(k0, k1):
-        for k in range(k0, k1):
-            a = m1[k] if isinstance(m1, list) else m1
-            b = m2[k] if isinstance(m2, list) else m2
-            out[k : k + 1] = a.apply(b.apply(y[k : k + 1], 2, transpose=True), 1, transpose=True)
-
-    workers_or_serial(workers).ranges(slices, y.shape[0])
-    return out
-
-
-def _run(groups, fn, workers):
-    """``fn`` over the line groups, split between the workers (the groups' lines are disjoint)."""
-    workers = workers_or_serial(workers)
-    n = workers.n_threads
-    if n <= 1 or len(groups) < 2:
-        fn(groups)
-        return
-    workers.map(fn, [groups[i::n] for i in range(n)])
 
 
 __all__ = ["SHIFT_STEPS", "SKEW_MAX_DRIFT_VOXELS", "SkewOperator", "skew_drift_voxels", "skew_path_applies"]

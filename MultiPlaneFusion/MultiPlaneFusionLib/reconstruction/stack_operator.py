@@ -238,5 +238,49 @@ class StackOperator:
         return {"path": self.path, "psf": self.psf, "valid_samples": int(np.count_nonzero(self.valid))}
 
 
-__all__ = ["PARALLEL_TOLERANCE_VOXELS", "StackOperator", "affine_coverage", "field_of_view_mm", "grid_axes",
-           "grid_spacing_kji", "index_box_mask", "parallel_axis", "separable_axes", "spacing_along", "stack_placement"]
+class NormalisedOperator(StackOperator):
+    """A model whose samples are normalised over their own mass (``A 1 = 1`` on valid samples) after the fact:
+    subclasses provide ``_raw_forward(x, workers)`` and ``_raw_adjoint(y, workers, out=None)`` (exact
+    transposes) and call :meth:`_normalise` once their geometry is built."""
+
+    def _normalise(self, valid):
+        """Keep the ``valid`` samples that the raw model reaches and their 1 / mass scale."""
+        mass = self._raw_forward(np.ones(self.grid_shape, dtype=np.float32))
+        ok = valid & (mass > 1e-6)
+        self._valid = ok
+        self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
+        self._scale64 = None
+
+    @property
+    def valid(self):
+        return self._valid
+
+    def _scale_for(self, dt):
+        if dt == np.float64:
+            if self._scale64 is None:
+                self._scale64 = self._scale.astype(np.float64)
+            return self._scale64
+        return self._scale
+
+    def forward(self, x, workers=None):
+        x = np.asarray(x, dtype=self._dtype(x))
+        y = self._raw_forward(x, workers)
+        y *= self._scale_for(x.dtype)
+        return y
+
+    def adjoint(self, y, workers=None):
+        dt = self._dtype(y)
+        return self._raw_adjoint(np.asarray(y, dtype=dt) * self._scale_for(dt), workers)
+
+    def adjoint_add(self, y, out, workers=None, scratch=None):
+        dt = out.dtype.type
+        y = np.asarray(y, dtype=dt) * self._scale_for(np.dtype(dt))
+        if not out.flags.c_contiguous:
+            out += self._raw_adjoint(y, workers)
+            return out
+        return self._raw_adjoint(y, workers, out)
+
+
+__all__ = ["NormalisedOperator", "PARALLEL_TOLERANCE_VOXELS", "StackOperator", "affine_coverage", "field_of_view_mm",
+           "grid_axes", "grid_spacing_kji", "index_box_mask", "parallel_axis", "separable_axes", "spacing_along",
+           "stack_placement"]
