@@ -15,7 +15,7 @@ import numpy as np
 
 from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS, psf_sigma_mm
 from ..transforms import apply
-from .banded import Banded, apply_in_plane, apply_in_plane_t
+from .banded import Banded, apply_in_plane
 from .parallel import split, workers_or_serial
 from .stack_operator import (
     CHUNK_NODES,
@@ -177,7 +177,7 @@ class GeneralOperator(NormalisedOperator):
         return apply_in_plane(self.m_v, self.m_u, z1, workers)
 
     def _slices_to_lattice(self, y, workers=None):
-        return apply_in_plane_t(self.m_v, self.m_u, y, workers)
+        return apply_in_plane(self.m_v, self.m_u, y, workers, transpose=True)
 
     def _raw_forward(self, x, workers=None):
         dt = x.dtype

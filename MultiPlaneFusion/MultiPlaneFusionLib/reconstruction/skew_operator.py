@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS, psf_rows, psf_sigma_mm
-from .banded import Banded, apply_in_plane, apply_in_plane_t
+from .banded import Banded, apply_in_plane
 from .parallel import run_shared
 from .shear_operator import ShearStage
 from .stack_operator import NormalisedOperator, affine_coverage, grid_axes, grid_spacing_kji, stack_placement
@@ -249,7 +249,7 @@ class SkewOperator(NormalisedOperator):
 
     def _inplane_t(self, y, workers=None):
         y = y if self.swap else np.transpose(y, (0, 2, 1))
-        g = apply_in_plane_t(self.m_1, self.m_2, np.ascontiguousarray(y), workers)
+        g = apply_in_plane(self.m_1, self.m_2, np.ascontiguousarray(y), workers, transpose=True)
         for st in reversed(self._stages):
             g = st.adjoint(np.ascontiguousarray(g), workers)
         return g
