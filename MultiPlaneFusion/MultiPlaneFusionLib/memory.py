@@ -57,7 +57,8 @@ MODEL_KEPT_GRID_COPIES = 1.7
 REPORT_FIXED_BYTES = 176 * _MIB
 REPORT_GRID_COPIES = 1.1
 
-PATHS = ("separable", "skew", "shear", "general", "trilinear")  # trilinear: the general path without a shared axis
+# trilinear: the general path without a shared axis; skew_pre: the skew path with its pre-shear
+PATHS = ("separable", "skew", "shear", "skew_pre", "general", "trilinear")
 
 
 def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_bytes=0, *, stack_paths=(),
@@ -83,7 +84,8 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_b
         if skew:
             n += (SKEW_FIXED_BYTES_PER_STACK * len(skew) + SKEW_KEPT_BYTES_PER_SAMPLE * sum(skew)
                   + SKEW_WORK_BYTES_PER_SAMPLE * max(skew))
-        shear = [int(k) for p, k in stack_paths if p == "shear"]
+        # skew_pre (the skew path with its grid-sized pre-shear) needs at most what the shear path needs
+        shear = [int(k) for p, k in stack_paths if p in ("shear", "skew_pre")]
         general = [int(k) for p, k in stack_paths if p in ("general", "trilinear")]
         if shear:
             n += SHEAR_FIXED_BYTES + 4.0 * SHEAR_GRID_COPIES * n_grid + SHEAR_BYTES_PER_SAMPLE * sum(shear)
