@@ -37,6 +37,8 @@ SHEAR_FIXED_BYTES = 24 * _MIB
 # matrices (at most skew_operator's cache bound) and per sample its normalisation and mask; applying the
 # largest one needs its in-plane intermediates.
 SKEW_FIXED_BYTES_PER_STACK = 16 * _MIB
+# With its pre-shear (gantry tilts) one application also holds the sheared grid and its transpose's result.
+SKEW_PRE_GRID_COPIES = 2.5
 SKEW_KEPT_BYTES_PER_SAMPLE = 5.0
 SKEW_WORK_BYTES_PER_SAMPLE = 12.0
 # General path (gantry tilts, oblique planes): each operator keeps per-slice in-plane matrices and
@@ -80,12 +82,13 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_b
     if register:
         n += REGISTRATION_BYTES
     if method == "srr":
-        skew = [int(k) for p, k in stack_paths if p == "skew"]
+        skew = [int(k) for p, k in stack_paths if p in ("skew", "skew_pre")]
         if skew:
             n += (SKEW_FIXED_BYTES_PER_STACK * len(skew) + SKEW_KEPT_BYTES_PER_SAMPLE * sum(skew)
                   + SKEW_WORK_BYTES_PER_SAMPLE * max(skew))
-        # skew_pre (the skew path with its grid-sized pre-shear) needs at most what the shear path needs
-        shear = [int(k) for p, k in stack_paths if p in ("shear", "skew_pre")]
+        if any(p == "skew_pre" for p, _ in stack_paths):
+            n += 4.0 * SKEW_PRE_GRID_COPIES * n_grid
+        shear = [int(k) for p, k in stack_paths if p == "shear"]
         general = [int(k) for p, k in stack_paths if p in ("general", "trilinear")]
         if shear:
             n += SHEAR_FIXED_BYTES + 4.0 * SHEAR_GRID_COPIES * n_grid + SHEAR_BYTES_PER_SAMPLE * sum(shear)
