@@ -38,7 +38,7 @@ SHEAR_FIXED_BYTES = 24 * _MIB
 # largest one needs its in-plane intermediates.
 SKEW_FIXED_BYTES_PER_STACK = 16 * _MIB
 # With its pre-shear (gantry tilts) one application also holds the sheared grid and its transpose's result.
-SKEW_PRE_GRID_COPIES = 2.5
+SKEW_PRE_GRID_COPIES = 3.0
 SKEW_KEPT_BYTES_PER_SAMPLE = 5.0
 SKEW_WORK_BYTES_PER_SAMPLE = 12.0
 # General path (gantry tilts, oblique planes): each operator keeps per-slice in-plane matrices and
