@@ -1,4 +1,4 @@
-"""The general path: oblique, gantry-tilted (sheared) or registration-rotated stacks.
+"""The general path: stacks no faster path models (strongly oblique planes, tilts beyond the skew path's pre-shear).
 
 The grid is interpolated onto a lattice aligned with the stack frame (row, column, normal); the PSF and the
 sampling are then 1-D banded matrices along the lattice axes: through-plane along the slice normal, in-plane

@@ -38,8 +38,8 @@ Four paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`
 - **shear** (a stack within a few degrees of the grid axes): the general path's lattice and matrices, with the
   grid carried onto the lattice by Lanczos-3 shears instead of trilinear interpolation.
   :mod:`.shear_operator`.
-- **general** (oblique, gantry-tilted/sheared, rotated by registration): the grid is interpolated
-  trilinearly at the nodes of a lattice aligned with the stack frame (row, column, normal); then the
+- **general** (any other orientation: strongly oblique, tilted beyond the skew path's pre-shear): the grid
+  is interpolated trilinearly at the nodes of a lattice aligned with the stack frame (row, column, normal); then the
   PSF and the sampling are 1-D banded matrices along the lattice axes: through-plane along the slice
   NORMAL (even when a tilted series' slice origins step along the table), in-plane per slice (a sheared
   slice is shifted in-plane, so its in-plane matrices differ per slice). When one stack axis is parallel
