@@ -71,8 +71,8 @@ EXPECTED_PATH = {
     "coronal_flipped": "separable",
     "sagittal": "separable",
     "irregular_gaps": "separable",
-    "oblique": "general",
-    "tilted_sheared": "general",
+    "oblique": "skew",
+    "tilted_sheared": "skew",
     "registration_rotation": "skew",
     "inplane_rotated": "skew",
 }

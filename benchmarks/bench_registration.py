@@ -307,8 +307,9 @@ def bench_cycles(args):
     print(f"\n== srr with refinement cycles (synthetic seed 0, scale {args.scale}, slices {args.thickness} mm)")
     print(f"{'case':28} {'PSNR dB':>8} {'corr':>7} {'TRE cor':>8} {'TRE sag':>8} {'register s':>10} "
           f"{'refine s':>9} {'srr s':>7} {'reg/srr':>8} {'fuse s':>7} {'paths'}")
-    cases = [("motion-free, not registered", still, 0, False), ("motion-free, registered", still, 0, True),
-             ("moved, not registered", stacks, 0, False)]
+    cases = [("motion-free, not registered", still, 0, False)]
+    cases += [(f"motion-free, registered, {c} cycles", still, c, True) for c in args.cycles]
+    cases += [("moved, not registered", stacks, 0, False)]
     cases += [(f"moved, registered, {c} cycles", stacks, c, True) for c in args.cycles]
     grid = None
     for name, inputs, cycles, register in cases:

@@ -37,6 +37,8 @@ SHEAR_FIXED_BYTES = 24 * _MIB
 # matrices (at most skew_operator's cache bound) and per sample its normalisation and mask; applying the
 # largest one needs its in-plane intermediates.
 SKEW_FIXED_BYTES_PER_STACK = 16 * _MIB
+# With its pre-shear (gantry tilts) one application also holds the sheared grid and its transpose's result.
+SKEW_PRE_GRID_COPIES = 3.0
 SKEW_KEPT_BYTES_PER_SAMPLE = 5.0
 SKEW_WORK_BYTES_PER_SAMPLE = 12.0
 # General path (gantry tilts, oblique planes): each operator keeps per-slice in-plane matrices and
@@ -57,7 +59,8 @@ MODEL_KEPT_GRID_COPIES = 1.7
 REPORT_FIXED_BYTES = 176 * _MIB
 REPORT_GRID_COPIES = 1.1
 
-PATHS = ("separable", "skew", "shear", "general", "trilinear")  # trilinear: the general path without a shared axis
+# trilinear: the general path without a shared axis; skew_pre: the skew path with its pre-shear
+PATHS = ("separable", "skew", "shear", "skew_pre", "general", "trilinear")
 
 
 def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_bytes=0, *, stack_paths=(),
@@ -79,10 +82,12 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_b
     if register:
         n += REGISTRATION_BYTES
     if method == "srr":
-        skew = [int(k) for p, k in stack_paths if p == "skew"]
+        skew = [int(k) for p, k in stack_paths if p in ("skew", "skew_pre")]
         if skew:
             n += (SKEW_FIXED_BYTES_PER_STACK * len(skew) + SKEW_KEPT_BYTES_PER_SAMPLE * sum(skew)
                   + SKEW_WORK_BYTES_PER_SAMPLE * max(skew))
+        if any(p == "skew_pre" for p, _ in stack_paths):
+            n += 4.0 * SKEW_PRE_GRID_COPIES * n_grid
         shear = [int(k) for p, k in stack_paths if p == "shear"]
         general = [int(k) for p, k in stack_paths if p in ("general", "trilinear")]
         if shear:

@@ -102,6 +102,32 @@ class Banded:
         return out
 
 
+def apply_in_plane(m1, m2, g, workers=None, transpose=False):
+    """``(slices, n1', n2') -> (slices, n1, n2)``: ``m1`` along axis 1, then ``m2`` along axis 2 (with
+    ``transpose``: the transpose, ``m2^T`` then ``m1^T``). Either may be a list of one Banded per slice
+    (slices that drift in-plane)."""
+    if not isinstance(m1, list) and not isinstance(m2, list):
+        if transpose:
+            return m1.apply(m2.apply(g, 2, transpose=True, workers=workers), 1, transpose=True, workers=workers)
+        return m2.apply(m1.apply(g, 1, workers=workers), 2, workers=workers)
+    side = 1 if transpose else 0
+    n1 = (m1[0] if isinstance(m1, list) else m1).shape[side]
+    n2 = (m2[0] if isinstance(m2, list) else m2).shape[side]
+    out = np.empty((g.shape[0], n1, n2), dtype=g.dtype)
+
+    def slices(k0, k1):
+        for k in range(k0, k1):
+            a = m1[k] if isinstance(m1, list) else m1
+            b = m2[k] if isinstance(m2, list) else m2
+            if transpose:
+                out[k : k + 1] = a.apply(b.apply(g[k : k + 1], 2, transpose=True), 1, transpose=True)
+            else:
+                out[k : k + 1] = b.apply(a.apply(g[k : k + 1], 1), 2)
+
+    workers_or_serial(workers).ranges(slices, g.shape[0])
+    return out
+
+
 def _uncovered(blocks, m):
     """Output rows no block writes (all-zero rows of the matrix), as (start, stop) ranges."""
     gaps, r = [], 0

@@ -22,9 +22,10 @@ from .stack_operator import PARALLEL_TOLERANCE_VOXELS
 def srr_paths(stacks, grid):
     """``(path, n_samples)`` of each stack as srr's operators would take it now (geometry only, no
     allocation): separable when aligned with the grid axes, skew when tilted very slightly, shear when
-    slightly rotated, else general ("trilinear" when none of its axes runs along a grid axis). The skew test
-    takes the widest profile srr may choose (a Gaussian of the largest width factor): the estimate never
-    counts a stack as skew that srr sends down the shear path."""
+    slightly rotated, skew_pre (the skew path with its pre-shear: gantry tilts), else general ("trilinear"
+    when none of its axes runs along a grid axis). The skew tests take the widest profile srr may choose (a
+    Gaussian of the largest width factor): the estimate never counts a stack as skew that srr sends down a
+    more costly path."""
     widest = SliceProfile("gaussian", max(WIDTH_FACTORS))
     out = []
     for s in stacks:
@@ -34,6 +35,8 @@ def srr_paths(stacks, grid):
             path = "skew"
         elif shear_path_applies(s, grid):
             path = "shear"
+        elif skew_path_applies(widest.apply(s), grid, "gaussian", pre_shear=True):
+            path = "skew_pre"
         else:
             path = "general" if _shares_grid_axis(s, grid) else "trilinear"
         out.append((path, int(s.n_voxels)))
@@ -80,7 +83,7 @@ class Budget:
     """The memory check of one fusion, made again whenever the stacks' geometry may have changed.
 
     Registration can turn a stack off the grid axes, which moves it from srr's separable path to the
-    shear path (more memory), and a refinement that moves a stack makes srr solve again: each
+    skew or shear path (more memory), and a refinement that moves a stack makes srr solve again: each
     :meth:`check` estimates for the stacks as they are, refuses above the limit and keeps the highest
     estimate in ``peak_bytes`` (what the summary records). The baseline is the process's memory at the
     first check.

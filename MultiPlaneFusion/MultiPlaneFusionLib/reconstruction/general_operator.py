@@ -1,4 +1,4 @@
-"""The general path: oblique, gantry-tilted (sheared) or registration-rotated stacks.
+"""The general path: stacks no faster path models (strongly oblique planes, tilts beyond the skew path's pre-shear).
 
 The grid is interpolated onto a lattice aligned with the stack frame (row, column, normal); the PSF and the
 sampling are then 1-D banded matrices along the lattice axes: through-plane along the slice normal, in-plane
@@ -15,11 +15,11 @@ import numpy as np
 
 from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS, psf_sigma_mm
 from ..transforms import apply
-from .banded import Banded
+from .banded import Banded, apply_in_plane
 from .parallel import split, workers_or_serial
 from .stack_operator import (
     CHUNK_NODES,
-    StackOperator,
+    NormalisedOperator,
     affine_coverage,
     field_of_view_mm,
     grid_spacing_kji,
@@ -60,7 +60,7 @@ def _axis_nodes(lo, hi, step):
     return int(math.floor(lo / step)), int(math.ceil(hi / step))
 
 
-class GeneralOperator(StackOperator):
+class GeneralOperator(NormalisedOperator):
     """Interpolation onto a stack-aligned lattice, then 1-D PSF/sampling matrices (module docstring)."""
 
     path = "general"
@@ -130,7 +130,6 @@ class GeneralOperator(StackOperator):
             pts = stack.index_to_physical(float(k), jj, ii)
             g = np.stack(grid.physical_to_index(pts), axis=0)
             valid[k] = np.all((g >= -0.5) & (g <= np.asarray(self.grid_shape)[:, None, None] - 0.5), axis=0)
-        self._valid = valid
         # 1-D matrices in lattice index units. Through-plane (w): one matrix for all columns.
         st, sz = self.lattice.starts, self.lattice.sizes
         sp = self.lattice.steps
@@ -141,11 +140,7 @@ class GeneralOperator(StackOperator):
         self._interp = self._make_interp()
         # Normalisation: each valid sample's weights over the valid lattice nodes sum to 1.
         self._w_cache = {}
-        mass = self._raw_forward(np.ones(self.grid_shape, dtype=np.float32))
-        ok = valid & (mass > 1e-6)
-        self._valid = ok
-        self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
-        self._scale64 = None
+        self._normalise(valid)
 
     def _lattice_steps(self, steps, frame):
         """Lattice node spacing (mm) along the frame axes u, v, w; subclasses choose other lattices."""
@@ -170,10 +165,6 @@ class GeneralOperator(StackOperator):
             return Banded.from_psf((drift[0] + pix - start) / step, n, "gaussian", sigma / abs(step))
         return [Banded.from_psf((d + pix - start) / step, n, "gaussian", sigma / abs(step)) for d in drift]
 
-    @property
-    def valid(self):
-        return self._valid
-
     def describe(self):
         d = super().describe()
         d["lattice_shape"] = [int(v) for v in self.lattice.shape]
@@ -181,46 +172,12 @@ class GeneralOperator(StackOperator):
         d["sheared"] = isinstance(self.m_v, list) or isinstance(self.m_u, list)
         return d
 
-    def _scale_for(self, dt):
-        if dt == np.float64:
-            if self._scale64 is None:
-                self._scale64 = self._scale.astype(np.float64)
-            return self._scale64
-        return self._scale
-
-    # lattice (w, v, u) <-> stack (k, j, i)
+    # lattice (w, v, u) <-> stack (k, j, i): in-plane PSF + sampling, per slice when sheared
     def _lattice_to_slices(self, z1, workers=None):
-        """z1: (nk, nv, nu) -> (nk, nj, ni): in-plane PSF + sampling, per slice when sheared."""
-        nk = z1.shape[0]
-        if not isinstance(self.m_v, list) and not isinstance(self.m_u, list):
-            a = self.m_v.apply(z1, 1, workers=workers)
-            return self.m_u.apply(a, 2, workers=workers)
-        out = np.empty((nk,) + self.shape[1:], dtype=z1.dtype)
-
-        def slices(k0, k1):
-            for k in range(k0, k1):
-                mv = self.m_v[k] if isinstance(self.m_v, list) else self.m_v
-                mu = self.m_u[k] if isinstance(self.m_u, list) else self.m_u
-                out[k : k + 1] = mu.apply(mv.apply(z1[k : k + 1], 1), 2)
-
-        workers_or_serial(workers).ranges(slices, nk)
-        return out
+        return apply_in_plane(self.m_v, self.m_u, z1, workers)
 
     def _slices_to_lattice(self, y, workers=None):
-        nk = y.shape[0]
-        if not isinstance(self.m_v, list) and not isinstance(self.m_u, list):
-            a = self.m_u.apply(y, 2, transpose=True, workers=workers)
-            return self.m_v.apply(a, 1, transpose=True, workers=workers)
-        out = np.empty((nk, self.lattice.shape[1], self.lattice.shape[2]), dtype=y.dtype)
-
-        def slices(k0, k1):
-            for k in range(k0, k1):
-                mv = self.m_v[k] if isinstance(self.m_v, list) else self.m_v
-                mu = self.m_u[k] if isinstance(self.m_u, list) else self.m_u
-                out[k : k + 1] = mv.apply(mu.apply(y[k : k + 1], 2, transpose=True), 1, transpose=True)
-
-        workers_or_serial(workers).ranges(slices, nk)
-        return out
+        return apply_in_plane(self.m_v, self.m_u, y, workers, transpose=True)
 
     def _raw_forward(self, x, workers=None):
         dt = x.dtype
@@ -261,25 +218,6 @@ class GeneralOperator(StackOperator):
                     yield ci, self.m_w.apply(z1[interp.chunk_index(ci)], 0, transpose=True, workers=workers)
 
         return interp.adjoint_chunks(chunks(), dt, workers=workers, out=out)
-
-    def forward(self, x, workers=None):
-        x = np.asarray(x, dtype=self._dtype(x))
-        y = self._raw_forward(x, workers)
-        y *= self._scale_for(x.dtype)
-        return y
-
-    def adjoint(self, y, workers=None):
-        dt = self._dtype(y)
-        y = np.asarray(y, dtype=dt) * self._scale_for(dt)
-        return self._raw_adjoint(y, workers)
-
-    def adjoint_add(self, y, out, workers=None, scratch=None):
-        dt = out.dtype.type
-        y = np.asarray(y, dtype=dt) * self._scale_for(np.dtype(dt))
-        if not out.flags.c_contiguous:
-            out += self._raw_adjoint(y, workers)
-            return out
-        return self._raw_adjoint(y, workers, out)
 
 
 class LatticeInterpolation:

@@ -31,7 +31,8 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
         ``auto`` takes the separable path when :func:`.stack_operator.separable_axes` allows it, else the skew
         path while its profile drift (:func:`.skew_operator.skew_drift_voxels`) is at most
         ``SKEW_MAX_DRIFT_VOXELS``, else the shear path for a stack within ``SHEAR_MAX_DEG`` of the grid axes,
-        else the general one.
+        else the skew path with its pre-shear (gantry tilts: the grid sheared once along one axis so that the
+        profile runs along the normal) while the drift left is within the limit, else the general one.
 
     Returns
     -------
@@ -55,6 +56,8 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
             return ShearOperator(stack, grid, psf)
         if path == "shear":
             raise InputError(f"'{stack.description}' is rotated too far from the grid axes for the shear path")
+    if path == "auto" and skew_drift_voxels(stack, grid, psf, pre_shear=True) <= SKEW_MAX_DRIFT_VOXELS:
+        return SkewOperator(stack, grid, psf, pre_shear=True)
     return GeneralOperator(stack, grid, psf)
 
 

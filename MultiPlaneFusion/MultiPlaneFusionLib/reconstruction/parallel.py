@@ -194,6 +194,17 @@ def row_slabs(workers, shape, fn, min_rows=1):
     return [r for part in workers_or_serial(workers).ranges(share, nk, per) for r in part]
 
 
+def run_shared(items, fn, workers):
+    """``fn(part)`` over ``items`` dealt round-robin to the workers (each part a list); inline with one worker or
+    fewer than two items. The items must write disjoint outputs."""
+    workers = workers_or_serial(workers)
+    n = workers.n_threads
+    if n <= 1 or len(items) < 2:
+        fn(items)
+        return
+    workers.map(fn, [items[i::n] for i in range(n)])
+
+
 def workers_or_serial(workers):
     """``workers``, or the inline executor when None."""
     return SERIAL if workers is None else workers

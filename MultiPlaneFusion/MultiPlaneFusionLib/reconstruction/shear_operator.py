@@ -24,7 +24,7 @@ import numpy as np
 
 from ..transforms import stack_frame
 from .general_operator import GeneralOperator, LatticeInterpolation
-from .parallel import workers_or_serial
+from .parallel import run_shared
 from .stack_operator import grid_axes, grid_spacing_kji
 
 # Largest rotation (degrees, from the nearest signed axis permutation) that make_operator sends down the shear
@@ -197,7 +197,7 @@ class ShearStage:
                         acc[:, i0:i1] += ws[:, t_i, None] * g[:, i0 + d + t:i1 + d + t]
                 out2[sel] = acc
 
-        _run_groups(self.groups, run, workers)
+        run_shared(self.groups, run, workers)
         return self._unlines(out2, self.shape_out)
 
     def adjoint(self, y, workers=None):
@@ -218,18 +218,8 @@ class ShearStage:
                         acc[:, i0 + d + t:i1 + d + t] += ws[:, t_i, None] * g[:, i0:i1]
                 x2[rows] = acc  # rows are distinct input lines
 
-        _run_groups(self.groups, run, workers)
+        run_shared(self.groups, run, workers)
         return self._unlines(x2, self.shape_in)
-
-
-def _run_groups(groups, run, workers):
-    """Run ``run`` over the groups split between the workers (disjoint output lines)."""
-    workers = workers_or_serial(workers)
-    n = workers.n_threads
-    if n <= 1 or len(groups) < 2:
-        run(groups)
-        return
-    workers.map(run, [groups[i::n] for i in range(n)])
 
 
 class _ShearInterp(LatticeInterpolation):

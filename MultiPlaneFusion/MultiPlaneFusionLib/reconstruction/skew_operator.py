@@ -21,6 +21,14 @@ the normal, so the PSF is sheared instead of rotated; its in-plane drift is (pro
 tan(tilt), the same along every line. :func:`skew_drift_voxels` measures it; :mod:`.operators` takes this path
 only while it stays below ``SKEW_MAX_DRIFT_VOXELS`` of a grid voxel (chosen with ``benchmarks/bench_rotated.py``,
 figures in the README). A rotation about the slice normal alone (any angle up to 45 degrees) has no drift.
+
+**Pre-shear (gantry tilts).** A series tilted 10-30 degrees (gantry tilt, oblique planes) drifts far too much
+for that. With ``pre_shear`` the grid is first resampled once along the grid axis that carries most of the
+tilt (a 1-D Lanczos-3 shear of whole lines, exact transpose), ``x'(.., g_s - delta g_t, ..) = x``, so that the
+lines of ``x'`` along t run along the normal; the steps above then work on ``x'`` and the drift left is the
+tilt's component along the third axis (registration leaves a few tenths of a degree there). :mod:`.operators`
+takes this after the shear path's range (``SHEAR_MAX_DEG``), up to ``PRE_SHEAR_MAX_DEG``.
+
 Samples are normalised over the model's mass (``A 1 = 1``), as on the general path. Contract:
 :mod:`.stack_operator`.
 """
@@ -30,16 +38,19 @@ import math
 import numpy as np
 
 from ..sampling.psf import GAUSSIAN_CUTOFF_SIGMAS, psf_rows, psf_sigma_mm
-from .banded import Banded
-from .parallel import workers_or_serial
+from .banded import Banded, apply_in_plane
+from .parallel import run_shared
 from .shear_operator import ShearStage
-from .stack_operator import StackOperator, affine_coverage, grid_axes, grid_spacing_kji, stack_placement
+from .stack_operator import NormalisedOperator, affine_coverage, grid_axes, stack_placement
 
 # Through-plane shifts of the grid lines are rounded to this fraction of a node (position error <= 1/64 node).
 SHIFT_STEPS = 32
 # Largest in-plane drift of the sheared profile (its standard deviation x tan(tilt), in grid voxels) the
 # operators accept on this path; bench_rotated.py measures the model residual against it (README).
 SKEW_MAX_DRIFT_VOXELS = 0.15
+# Largest tilt of the normal from the nearest grid axis (degrees) that the pre-shear takes on (CT gantries tilt at
+# most about 30 degrees); its box grows by tan(tilt) x the grid's size along the tilt.
+PRE_SHEAR_MAX_DEG = 30.0
 # Dense per-group through-plane matrices are kept while they take less than this; beyond, built per use.
 _CACHE_BYTES = 24 << 20
 
@@ -63,18 +74,40 @@ def _profile_sd_mm(stack, psf):
     return w if psf == "gaussian" else w / math.sqrt(12.0)
 
 
-def skew_drift_voxels(stack, grid, psf="gaussian"):
-    """In-plane drift (grid voxels) of the skew path's sheared profile: its standard deviation x tan(tilt of
-    the normal from the nearest grid axis), over the smallest grid spacing."""
-    frame = stack_placement(stack)[0]
-    _, cos = _through_axis(frame[:, 2], grid)
-    tan = math.sqrt(max(0.0, 1.0 - cos * cos)) / max(cos, 1e-12)
+def _tilt(stack, grid, pre_shear):
+    """``(t, a, b, axis, delta, tan)``: the through axis t, the other two, the grid axis the pre-shear runs along
+    (None without ``pre_shear``) with its slope ``delta`` (index units along that axis per node along t), and
+    tan of the angle left between the integration direction and the normal."""
+    normal = stack_placement(stack)[0][:, 2]
+    t, _ = _through_axis(normal, grid)
+    a_ax, b_ax = [g for g in range(3) if g != t]
+    amat, _ = _grid_index_map(grid)
+    d_idx = amat @ normal  # index displacement per mm along the normal
+    step = np.zeros(3)
+    step[t] = 1.0
+    axis, delta = None, 0.0
+    tilt = math.degrees(math.acos(min(1.0, _through_axis(normal, grid)[1])))
+    if pre_shear and tilt <= PRE_SHEAR_MAX_DEG:
+        axis = a_ax if abs(d_idx[a_ax]) >= abs(d_idx[b_ax]) else b_ax
+        delta = float(d_idx[axis] / d_idx[t])
+        step[axis] = delta
+    r = np.linalg.inv(amat) @ step  # physical direction of one node along t after the pre-shear
+    along = float(r @ normal)
+    tan = float(np.linalg.norm(r - along * normal)) / max(abs(along), 1e-12)
+    return t, a_ax, b_ax, axis, delta, tan
+
+
+def skew_drift_voxels(stack, grid, psf="gaussian", pre_shear=False):
+    """In-plane drift (grid voxels) of the skew path's sheared profile: its standard deviation x tan(angle
+    between the integration direction and the normal: the nearest grid axis, or with ``pre_shear`` that axis
+    sheared towards the normal along one other axis), over the smallest grid spacing."""
+    tan = _tilt(stack, grid, pre_shear)[-1]
     return _profile_sd_mm(stack, psf) * tan / float(np.min(grid.spacing_mm))
 
 
-def skew_path_applies(stack, grid, psf="gaussian"):
+def skew_path_applies(stack, grid, psf="gaussian", pre_shear=False):
     """True when :class:`SkewOperator` models ``stack`` within ``SKEW_MAX_DRIFT_VOXELS`` (module docstring)."""
-    return skew_drift_voxels(stack, grid, psf) <= SKEW_MAX_DRIFT_VOXELS
+    return skew_drift_voxels(stack, grid, psf, pre_shear) <= SKEW_MAX_DRIFT_VOXELS
 
 
 def _factor_inplane(lmat):
@@ -89,35 +122,60 @@ def _factor_inplane(lmat):
     return swap, p, q, s1, tau
 
 
-class SkewOperator(StackOperator):
+class SkewOperator(NormalisedOperator):
     """Through-plane along the grid axis nearest the normal at the slices' exact positions, then two in-plane
     Lanczos shears and the in-plane PSF on the reduced array (module docstring)."""
 
     path = "skew"
 
-    def __init__(self, stack, grid, psf="gaussian"):
+    def __init__(self, stack, grid, psf="gaussian", pre_shear=False):
         super().__init__(stack, grid, psf)
         frame, p0, slice_uvw = stack_placement(stack)
         amat, bvec = _grid_index_map(grid)
         sig_i, sig_j, sig_n = psf_sigma_mm(stack, psf)
         di, dj = stack.pixel_spacing_mm
         nk, nj, ni = self.shape
-        t, cos = _through_axis(frame[:, 2], grid)
-        a_ax, b_ax = [g for g in range(3) if g != t]
+        t, a_ax, b_ax, sh_axis, delta, _ = _tilt(stack, grid, pre_shear)
         self.t, self.a_ax, self.b_ax = t, a_ax, b_ax
-        gshape = self.grid_shape
-        n_t, n_a, n_b = gshape[t], gshape[a_ax], gshape[b_ax]
-        h = grid_spacing_kji(grid)
         # Pixel (i, j) of slice s in grid indices: g0[s] + i U + j V.
-        g0 = (p0 + slice_uvw @ frame.T) @ amat.T + bvec  # (nk, 3)
-        u_vec = amat @ frame[:, 0] * di
-        v_vec = amat @ frame[:, 1] * dj
+        g0_grid = (p0 + slice_uvw @ frame.T) @ amat.T + bvec  # (nk, 3)
+        u_grid = amat @ frame[:, 0] * di
+        v_grid = amat @ frame[:, 1] * dj
+        # Pre-shear (gantry tilts): the grid resampled once along one axis, x'(.., g_s - delta g_t, ..) = x, so
+        # that its lines along t run along the normal; everything below is in x' index coordinates.
+        self._pre = None
+        gshape = self.grid_shape
+        tmat = np.eye(3)
+        lo = np.zeros(3)
+        if sh_axis is not None:
+            tmat[sh_axis, t] = -delta  # g' = tmat @ g - lo
+            ends = [-delta * v for v in (-0.5, gshape[t] - 0.5)]
+            lo_s = math.floor(min(ends) - 0.5) - 3
+            hi_s = math.ceil(max(ends) + gshape[sh_axis] - 0.5) + 3
+            lo[sh_axis] = lo_s
+            shape_out = np.array(gshape)
+            shape_out[sh_axis] = hi_s - lo_s + 1
+            coef = np.zeros(3)
+            coef[t] = delta
+            lo_out = np.zeros(3, dtype=np.int64)
+            lo_out[sh_axis] = lo_s
+            self._pre = ShearStage(sh_axis, coef, 0.0, np.zeros(3, dtype=np.int64), np.array(gshape), lo_out,
+                                   shape_out)
+            gshape = tuple(int(v) for v in shape_out)
+        self._work_shape = gshape
+        self.pre_shear_axis = sh_axis
+        g0 = g0_grid @ tmat.T - lo[None, :]
+        u_vec, v_vec = tmat @ u_grid, tmat @ v_grid
+        n_t, n_a, n_b = gshape[t], gshape[a_ax], gshape[b_ax]
         ab = [a_ax, b_ax]
         lmat = np.array([[u_vec[a_ax], v_vec[a_ax]], [u_vec[b_ax], v_vec[b_ax]]])
         slope = np.array([u_vec[t], v_vec[t]]) @ np.linalg.inv(lmat)  # d g_t / d (g_a, g_b) on a slice plane
         centre_t = g0[:, t] - g0[:, ab] @ slope  # plane of slice s: g_t = centre_t[s] + slope . (g_a, g_b)
         # --- through-plane: lines grouped by their rounded shift
-        width_t = sig_n / (h[t] * cos)
+        step = np.zeros(3)
+        step[t] = 1.0
+        along = float(abs(np.linalg.inv(amat) @ (np.linalg.inv(tmat) @ step) @ frame[:, 2]))  # mm along n per node
+        width_t = sig_n / along
         ga, gb = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
         shift = slope[0] * ga + slope[1] * gb
         iq = np.round(shift * SHIFT_STEPS).astype(np.int64).ravel()
@@ -186,15 +244,11 @@ class SkewOperator(StackOperator):
         # --- valid samples (pixel centre inside the grid box) and the normalisation
         valid = np.zeros(self.shape, dtype=bool)
         jj, ii = np.meshgrid(np.arange(nj, dtype=float), np.arange(ni, dtype=float), indexing="ij")
-        lim = np.asarray(gshape, float)[:, None, None] - 0.5
+        lim = np.asarray(self.grid_shape, float)[:, None, None] - 0.5
         for k in range(nk):
-            g = g0[k][:, None, None] + u_vec[:, None, None] * ii + v_vec[:, None, None] * jj
+            g = g0_grid[k][:, None, None] + u_grid[:, None, None] * ii + v_grid[:, None, None] * jj
             valid[k] = np.all((g >= -0.5) & (g <= lim), axis=0)
-        mass = self._raw_forward(np.ones(gshape, dtype=np.float32))
-        ok = valid & (mass > 1e-6)
-        self._valid = ok
-        self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
-        self._scale64 = None
+        self._normalise(valid)
 
     # ------------------------------------------------------------------ through-plane
     def _matrix(self, g, dt):
@@ -227,7 +281,7 @@ class SkewOperator(StackOperator):
             for key, lines, ia, ib in groups:
                 out[:, lines] = self._matrix(key, dt) @ xv[:, ia, ib]
 
-        _run(self._groups, run, workers)
+        run_shared(self._groups, run, workers)
         return out.reshape(self.shape[0], n_a, n_b)
 
     def _expand(self, r, out, workers=None):
@@ -240,7 +294,7 @@ class SkewOperator(StackOperator):
             for key, lines, ia, ib in groups:
                 ov[:, ia, ib] += self._matrix(key, dt).T @ r2[:, lines]
 
-        _run(self._groups, run, workers)
+        run_shared(self._groups, run, workers)
         return out
 
     # ------------------------------------------------------------------ in-plane
@@ -248,55 +302,37 @@ class SkewOperator(StackOperator):
         g = r
         for st in self._stages:
             g = st.forward(np.ascontiguousarray(g), workers)
-        y = _apply_per_slice(self.m_1, self.m_2, np.ascontiguousarray(g), workers)
+        y = apply_in_plane(self.m_1, self.m_2, np.ascontiguousarray(g), workers)
         return y if self.swap else np.ascontiguousarray(np.transpose(y, (0, 2, 1)))
 
     def _inplane_t(self, y, workers=None):
         y = y if self.swap else np.transpose(y, (0, 2, 1))
-        g = _apply_per_slice_t(self.m_1, self.m_2, np.ascontiguousarray(y), workers)
+        g = apply_in_plane(self.m_1, self.m_2, np.ascontiguousarray(y), workers, transpose=True)
         for st in reversed(self._stages):
             g = st.adjoint(np.ascontiguousarray(g), workers)
         return g
 
     # ------------------------------------------------------------------ contract
     def _raw_forward(self, x, workers=None):
-        return self._inplane(self._reduce(x, workers), workers)
+        if self._pre is not None:
+            x = self._pre.forward(x, workers)
+        return self._inplane(self._reduce(np.ascontiguousarray(x), workers), workers)
 
     def _raw_adjoint(self, y, workers=None, out=None):
         r = np.ascontiguousarray(self._inplane_t(y, workers))
+        if self._pre is None:
+            if out is None:
+                out = np.zeros(self.grid_shape, dtype=y.dtype)
+            return self._expand(r, out, workers)
+        back = self._pre.adjoint(self._expand(r, np.zeros(self._work_shape, dtype=y.dtype), workers), workers)
         if out is None:
-            out = np.zeros(self.grid_shape, dtype=y.dtype)
-        return self._expand(r, out, workers)
-
-    @property
-    def valid(self):
-        return self._valid
+            return np.ascontiguousarray(back)
+        out += back
+        return out
 
     def coverage(self):
         fast = affine_coverage(self.stack, self.grid)
         return super().coverage() if fast is None else fast
-
-    def _scale_for(self, dt):
-        if dt == np.float64:
-            if self._scale64 is None:
-                self._scale64 = self._scale.astype(np.float64)
-            return self._scale64
-        return self._scale
-
-    def forward(self, x, workers=None):
-        x = np.asarray(x, dtype=self._dtype(x))
-        y = self._raw_forward(x, workers)
-        y *= self._scale_for(x.dtype)
-        return y
-
-    def adjoint(self, y, workers=None):
-        dt = self._dtype(y)
-        return self._raw_adjoint(np.asarray(y, dtype=dt) * self._scale_for(dt), workers)
-
-    def adjoint_add(self, y, out, workers=None, scratch=None):
-        dt = out.dtype.type
-        y = np.asarray(y, dtype=dt) * self._scale_for(np.dtype(dt))
-        return self._raw_adjoint(y, workers, out)
 
     def describe(self):
         d = super().describe()
@@ -305,7 +341,8 @@ class SkewOperator(StackOperator):
         d["shift_range_nodes"] = round(self.shift_range_nodes, 3)
         d["inplane_shape"] = list(self._g_shape)
         d["per_slice_inplane"] = isinstance(self.m_1, list)
-        d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf), 4)
+        d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf, self._pre is not None), 4)
+        d["pre_shear_axis"] = None if self.pre_shear_axis is None else "kji"[self.pre_shear_axis]
         return d
 
 
@@ -316,50 +353,5 @@ def _per_slice(positions, n, sigma):
     return [Banded.from_psf(row, n, "gaussian", sigma) for row in positions]
 
 
-def _apply_per_slice(m1, m2, g, workers):
-    """(slices, n1', n2') -> (slices, n1, n2): m1 along axis 1, m2 along axis 2, per slice when lists."""
-    if not isinstance(m1, list) and not isinstance(m2, list):
-        return m2.apply(m1.apply(g, 1, workers=workers), 2, workers=workers)
-    n1 = (m1[0] if isinstance(m1, list) else m1).shape[0]
-    n2 = (m2[0] if isinstance(m2, list) else m2).shape[0]
-    out = np.empty((g.shape[0], n1, n2), dtype=g.dtype)
-
-    def slices(k0, k1):
-        for k in range(k0, k1):
-            a = m1[k] if isinstance(m1, list) else m1
-            b = m2[k] if isinstance(m2, list) else m2
-            out[k : k + 1] = b.apply(a.apply(g[k : k + 1], 1), 2)
-
-    workers_or_serial(workers).ranges(slices, g.shape[0])
-    return out
-
-
-def _apply_per_slice_t(m1, m2, y, workers):
-    """Transpose of :func:`_apply_per_slice`."""
-    if not isinstance(m1, list) and not isinstance(m2, list):
-        return m1.apply(m2.apply(y, 2, transpose=True, workers=workers), 1, transpose=True, workers=workers)
-    n1 = (m1[0] if isinstance(m1, list) else m1).shape[1]
-    n2 = (m2[0] if isinstance(m2, list) else m2).shape[1]
-    out = np.empty((y.shape[0], n1, n2), dtype=y.dtype)
-
-    def slices(k0, k1):
-        for k in range(k0, k1):
-            a = m1[k] if isinstance(m1, list) else m1
-            b = m2[k] if isinstance(m2, list) else m2
-            out[k : k + 1] = a.apply(b.apply(y[k : k + 1], 2, transpose=True), 1, transpose=True)
-
-    workers_or_serial(workers).ranges(slices, y.shape[0])
-    return out
-
-
-def _run(groups, fn, workers):
-    """``fn`` over the line groups, split between the workers (the groups' lines are disjoint)."""
-    workers = workers_or_serial(workers)
-    n = workers.n_threads
-    if n <= 1 or len(groups) < 2:
-        fn(groups)
-        return
-    workers.map(fn, [groups[i::n] for i in range(n)])
-
-
-__all__ = ["SHIFT_STEPS", "SKEW_MAX_DRIFT_VOXELS", "SkewOperator", "skew_drift_voxels", "skew_path_applies"]
+__all__ = ["PRE_SHEAR_MAX_DEG", "SHIFT_STEPS", "SKEW_MAX_DRIFT_VOXELS", "SkewOperator", "skew_drift_voxels",
+           "skew_path_applies"]

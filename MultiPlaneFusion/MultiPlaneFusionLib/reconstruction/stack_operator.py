@@ -12,7 +12,7 @@ refinement (simulated slices) both use this API, which stays stable:
   added into a given array);
 - ``op.adjoint_add(y, out)``: ``out += adjoint(y)``;
 - ``op.coverage()``: bool grid mask of the voxels inside the stack's sampled region;
-- ``op.path``: ``"separable"``, ``"shear"`` or ``"general"``.
+- ``op.path``: ``"separable"``, ``"skew"``, ``"shear"`` or ``"general"``.
 
 The continuous image behind ``x`` is the trilinear interpolant of the grid (constant for the half voxel
 beyond the outer voxel centres). A sample is the integral of that image against the stack's point-spread
@@ -23,7 +23,7 @@ or ``psf="box"``: a slab of the slice thickness through-plane (MPR slab reformat
 in-plane. Each sample's weights are normalised over the part of the PSF inside the grid, so a constant
 volume maps to the same constant (``A 1 = 1`` on valid samples) and intensity offsets pass through.
 
-Three paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`.psf`, the 1-D matrices
+Four paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`.psf`, the 1-D matrices
 :mod:`.banded`):
 
 - **separable** (stack axes parallel to grid axes up to permutation and flip, after the registration
@@ -31,11 +31,15 @@ Three paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:
   one per grid axis, holding the PSF integrated against the linear-interpolation basis of that axis.
   It is applied by blocked matrix products (BLAS) along each axis, reducing the most-downsampled axis
   first. No 3-D interpolation. :mod:`.separable_operator`.
+- **skew** (a stack whose slice normal is tilted so little that the profile can be integrated along the nearest
+  grid axis, its drift at most ``skew_operator.SKEW_MAX_DRIFT_VOXELS``; any turn about the normal): through-plane
+  first along that axis at the slices' exact positions, then two in-plane Lanczos-3 shears and the in-plane
+  PSF on the reduced array. :mod:`.skew_operator`.
 - **shear** (a stack within a few degrees of the grid axes): the general path's lattice and matrices, with the
   grid carried onto the lattice by Lanczos-3 shears instead of trilinear interpolation.
   :mod:`.shear_operator`.
-- **general** (oblique, gantry-tilted/sheared, rotated by registration): the grid is interpolated
-  trilinearly at the nodes of a lattice aligned with the stack frame (row, column, normal); then the
+- **general** (any other orientation: strongly oblique, tilted beyond the skew path's pre-shear): the grid
+  is interpolated trilinearly at the nodes of a lattice aligned with the stack frame (row, column, normal); then the
   PSF and the sampling are 1-D banded matrices along the lattice axes: through-plane along the slice
   NORMAL (even when a tilted series' slice origins step along the table), in-plane per slice (a sheared
   slice is shifted in-plane, so its in-plane matrices differ per slice). When one stack axis is parallel
@@ -234,5 +238,49 @@ class StackOperator:
         return {"path": self.path, "psf": self.psf, "valid_samples": int(np.count_nonzero(self.valid))}
 
 
-__all__ = ["PARALLEL_TOLERANCE_VOXELS", "StackOperator", "affine_coverage", "field_of_view_mm", "grid_axes",
-           "grid_spacing_kji", "index_box_mask", "parallel_axis", "separable_axes", "spacing_along", "stack_placement"]
+class NormalisedOperator(StackOperator):
+    """A model whose samples are normalised over their own mass (``A 1 = 1`` on valid samples) after the fact:
+    subclasses provide ``_raw_forward(x, workers)`` and ``_raw_adjoint(y, workers, out=None)`` (exact
+    transposes) and call :meth:`_normalise` once their geometry is built."""
+
+    def _normalise(self, valid):
+        """Keep the ``valid`` samples that the raw model reaches and their 1 / mass scale."""
+        mass = self._raw_forward(np.ones(self.grid_shape, dtype=np.float32))
+        ok = valid & (mass > 1e-6)
+        self._valid = ok
+        self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
+        self._scale64 = None
+
+    @property
+    def valid(self):
+        return self._valid
+
+    def _scale_for(self, dt):
+        if dt == np.float64:
+            if self._scale64 is None:
+                self._scale64 = self._scale.astype(np.float64)
+            return self._scale64
+        return self._scale
+
+    def forward(self, x, workers=None):
+        x = np.asarray(x, dtype=self._dtype(x))
+        y = self._raw_forward(x, workers)
+        y *= self._scale_for(x.dtype)
+        return y
+
+    def adjoint(self, y, workers=None):
+        dt = self._dtype(y)
+        return self._raw_adjoint(np.asarray(y, dtype=dt) * self._scale_for(dt), workers)
+
+    def adjoint_add(self, y, out, workers=None, scratch=None):
+        dt = out.dtype.type
+        y = np.asarray(y, dtype=dt) * self._scale_for(np.dtype(dt))
+        if not out.flags.c_contiguous:
+            out += self._raw_adjoint(y, workers)
+            return out
+        return self._raw_adjoint(y, workers, out)
+
+
+__all__ = ["NormalisedOperator", "PARALLEL_TOLERANCE_VOXELS", "StackOperator", "affine_coverage", "field_of_view_mm",
+           "grid_axes", "grid_spacing_kji", "index_box_mask", "parallel_axis", "separable_axes", "spacing_along",
+           "stack_placement"]
