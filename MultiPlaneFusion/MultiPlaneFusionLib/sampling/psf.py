@@ -39,7 +39,8 @@ PSF_CHOICES = ("auto",) + PSF_KINDS
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 # In-plane FWHM of the reconstruction's model, in pixel spacings (NiftyMIC/SVRTK), for stacks that carry no
 # width of their own (``Stack.in_plane_fwhm_factor`` None). A narrower model (0.6) won on the realistic panel's
-# simulated cases, whose series carry no in-plane blur, and lost on the real series on the 1 mm grid (README).
+# simulated cases, whose series carry no in-plane blur, and lost on the real series on the 1 mm grid (README); so
+# did the estimate from the data (``--in-plane-psf auto``, which chose 0.3 there), so it stays opt-in.
 IN_PLANE_FWHM_FACTOR = 1.2
 # Candidate in-plane widths (FWHM / pixel spacing) of ``--in-plane-psf auto`` (autotune.estimate_in_plane): the
 # common width of all stacks, and each stack's own width given the others at the common one (a stack blurrier
