@@ -28,17 +28,10 @@ from MultiPlaneFusionLib.sampling.psf import (
 )
 from MultiPlaneFusionLib.simulation import acquisition, phantom_grid, phantom_truth, simulate_stack
 from MultiPlaneFusionLib.stack import stack_from_affine
+from MultiPlaneFusionLib.transforms import rotation_matrix
 
 SCALE = 0.4
 GRID = Grid(shape=(20, 22, 24), spacing_mm=(1.0, 1.0, 1.0), origin_mm=(0.0, 0.0, 0.0))
-
-
-def _rotation(axis, deg):
-    a = np.asarray(axis, float)
-    a = a / np.linalg.norm(a)
-    t = np.radians(deg)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
 
 
 def _small_stack(rotation=None, transform=None):
@@ -90,7 +83,7 @@ def test_psf_sigma_reads_the_stack_width_and_registration_keeps_its_own():
 @pytest.mark.parametrize("path", ["separable", "general", "trilinear", "shear", "skew"])
 def test_every_operator_path_uses_the_stack_width(path):
     rot = np.eye(4)
-    rot[:3, :3] = _rotation((0.3, -0.2, 1), 4)
+    rot[:3, :3] = rotation_matrix((0.3, -0.2, 1), 4)
     base = _small_stack(transform=None if path == "separable" else rot)
     build = {"separable": lambda s: SeparableOperator(s, GRID, "gaussian"),
              "general": lambda s: GeneralOperator(s, GRID, "gaussian"),

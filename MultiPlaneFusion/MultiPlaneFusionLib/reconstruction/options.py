@@ -253,8 +253,8 @@ def srr_options_from_args(args):
     )
 
 
-def parse_alpha(value):
-    """``--alpha``: "auto", a number, or None; an InputError naming the setting otherwise."""
+def _auto_or_number(value, flag, kind):
+    """"auto", a number or None from a setting; an InputError naming ``flag`` otherwise."""
     if value is None or isinstance(value, (int, float)):
         return value
     text = str(value).strip().lower()
@@ -263,20 +263,17 @@ def parse_alpha(value):
     try:
         return float(text)
     except ValueError:
-        raise InputError(f"--alpha must be 'auto' or a non-negative number, got '{value}'") from None
+        raise InputError(f"{flag} must be 'auto' or a {kind} number, got '{value}'") from None
+
+
+def parse_alpha(value):
+    """``--alpha``: "auto", a number, or None; an InputError naming the setting otherwise."""
+    return _auto_or_number(value, "--alpha", "non-negative")
 
 
 def parse_in_plane(value):
     """``--in-plane-psf``: "auto", a positive number, or None; an InputError naming the setting otherwise."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise InputError(f"--in-plane-psf must be 'auto' or a positive number, got '{value}'") from None
+    return _auto_or_number(value, "--in-plane-psf", "positive")
 
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES", "SrrOptions",
