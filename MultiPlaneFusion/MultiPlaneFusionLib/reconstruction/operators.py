@@ -17,7 +17,7 @@ from .stack_operator import separable_axes
 PATHS = ("auto", "separable", "skew", "shear", "general")
 
 
-def make_operator(stack, grid, psf="gaussian", path="auto"):
+def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
     """The forward model of ``stack`` on ``grid``.
 
     Parameters
@@ -33,6 +33,8 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
         ``SKEW_MAX_DRIFT_VOXELS``, else the shear path for a stack within ``SHEAR_MAX_DEG`` of the grid axes,
         else the skew path with its pre-shear (gantry tilts: the grid sheared once along one axis so that the
         profile runs along the normal) while the drift left is within the limit, else the general one.
+    workers : parallel.Workers, optional
+        Threads for the parts of the build that pass over the grid (the skew path's normalisation).
 
     Returns
     -------
@@ -48,7 +50,7 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
         return SeparableOperator(stack, grid, psf, axes)
     if path in ("auto", "skew"):
         if skew_drift_voxels(stack, grid, psf) <= SKEW_MAX_DRIFT_VOXELS:
-            return SkewOperator(stack, grid, psf)
+            return SkewOperator(stack, grid, psf, workers=workers)
         if path == "skew":
             raise InputError(f"'{stack.description}' is tilted too far from the grid axes for the skew path")
     if path in ("auto", "shear"):
@@ -57,7 +59,7 @@ def make_operator(stack, grid, psf="gaussian", path="auto"):
         if path == "shear":
             raise InputError(f"'{stack.description}' is rotated too far from the grid axes for the shear path")
     if path == "auto" and skew_drift_voxels(stack, grid, psf, pre_shear=True) <= SKEW_MAX_DRIFT_VOXELS:
-        return SkewOperator(stack, grid, psf, pre_shear=True)
+        return SkewOperator(stack, grid, psf, pre_shear=True, workers=workers)
     return GeneralOperator(stack, grid, psf)
 
 

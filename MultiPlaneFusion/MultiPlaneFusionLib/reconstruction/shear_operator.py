@@ -132,9 +132,14 @@ class ShearStage:
     """One shear pass: ``out(p) = in(p + e_a (c . p + tau))`` on integer boxes, Lanczos-3 along axis a.
 
     ``lo_in``/``shape_in`` and ``lo_out``/``shape_out`` are the boxes (absolute integer coordinates) of the
-    input and output arrays; output lines whose other coordinates fall outside the input box are zero."""
+    input and output arrays; output lines whose other coordinates fall outside the input box are zero.
 
-    def __init__(self, axis, coef, tau, lo_in, shape_in, lo_out, shape_out):
+    Two ways to apply it, the same numbers: by 2-D slabs of the arrays as they lie (``method="slabs"``,
+    :meth:`_slab_pass`), or by lines gathered per integer shift (``"lines"``: a transposed copy, gathers and
+    scatters, but few calls when the shift changes every few lines). ``"auto"`` takes slabs while their runs
+    are long enough (``_SLAB_MIN_SAMPLES``)."""
+
+    def __init__(self, axis, coef, tau, lo_in, shape_in, lo_out, shape_out, method="auto"):
         self.axis = axis
         self.shape_in = tuple(int(v) for v in shape_in)
         self.shape_out = tuple(int(v) for v in shape_out)
@@ -164,6 +169,15 @@ class ShearStage:
                 sel = lines[part]
                 self.groups.append((int(dv[part[0]]), sel, line_in[sel]))
         self._cast = {}
+        if method not in ("auto", "slabs", "lines"):
+            raise ValueError(f"unknown method '{method}'")
+        self._slabs = None
+        if method != "lines":
+            self._slabs = _slab_plan(axis, others, d, ok, self.shape_in, self.shape_out, lo_in, lo_out,
+                                     min_samples=1 if method == "slabs" else _SLAB_MIN_SAMPLES)
+        # Lines along the slab's inner axis all alike (no shear along it, as in the skew path's pre-shear): each
+        # slab is one banded matrix product (_banded_run).
+        self._uniform = self._slabs is not None and float(coef[self._slabs[1]]) == 0.0
 
     def _w(self, dt):
         key = np.dtype(dt)
@@ -180,6 +194,8 @@ class ShearStage:
         return np.moveaxis(a2.reshape(sh), -1, self.axis)
 
     def forward(self, x, workers=None):
+        if self._slabs is not None:
+            return self._slab_pass(x, workers, adjoint=False)
         dt = x.dtype
         x2 = self._lines(x, self.shape_in)
         n_in, n_out = self.shape_in[self.axis], self.shape_out[self.axis]
@@ -200,7 +216,14 @@ class ShearStage:
         run_shared(self.groups, run, workers)
         return self._unlines(out2, self.shape_out)
 
-    def adjoint(self, y, workers=None):
+    def adjoint(self, y, workers=None, out=None):
+        """Transpose of :meth:`forward`; added to ``out`` (input-box shaped, C-contiguous, y's dtype) when
+        given."""
+        if self._slabs is not None:
+            return self._slab_pass(y, workers, adjoint=True, out=out)
+        if out is not None:
+            out += self.adjoint(y, workers)
+            return out
         dt = y.dtype
         y2 = self._lines(y, self.shape_out)
         n_in, n_out = self.shape_in[self.axis], self.shape_out[self.axis]
@@ -220,6 +243,128 @@ class ShearStage:
 
         run_shared(self.groups, run, workers)
         return self._unlines(x2, self.shape_in)
+
+    def _slab_pass(self, a, workers, adjoint, out=None):
+        """The stage (or its transpose) by 2-D slabs of the arrays as they lie (no transposed copies, no line
+        gathers): per outer index, each run of lines with one integer shift is one strided view, and each tap
+        one multiply-add with the lines' weights broadcast along the axis."""
+        outer, inner, items, step = self._slabs
+        axis = self.axis
+        n_in, n_out = self.shape_in[axis], self.shape_out[axis]
+        a = np.ascontiguousarray(a)
+        dt = a.dtype
+        w = self._w(dt)
+        shape = self.shape_in if adjoint else self.shape_out
+        if out is None:
+            res = np.zeros(shape, dtype=dt)
+        elif tuple(out.shape) != tuple(shape) or out.dtype != dt or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {dt} array of shape {tuple(shape)}")
+        else:
+            res = out  # accumulated into: every tap adds
+        flip = axis > inner  # the 2-D views come as (inner, axis): transpose them to (axis, inner)
+
+        def view(arr, o, q0, q1):
+            idx = [slice(None)] * 3
+            idx[outer] = o
+            idx[inner] = slice(q0, q1)
+            v = arr[tuple(idx)]
+            return v.T if flip else v
+
+        def run(part):
+            for o_out, o_in, runs in part:
+                for q0, q1, qi0, d, l0 in runs:
+                    src = view(res if adjoint else a, o_in, qi0, qi0 + q1 - q0)
+                    dst = view(a if adjoint else res, o_out, q0, q1)
+                    ws = w[l0:l0 + (q1 - q0) * step:step]
+                    if self._uniform:
+                        _banded_run(src, dst, ws[0], d, n_in, n_out, adjoint)
+                        continue
+                    for t_i, t in enumerate(_TAPS):
+                        s = d + t
+                        i0, i1 = max(0, -s), min(n_out, n_in - s)
+                        if i1 <= i0:
+                            continue
+                        if adjoint:
+                            src[i0 + s:i1 + s] += dst[i0:i1] * ws[None, :, t_i]
+                        else:
+                            dst[i0:i1] += src[i0 + s:i1 + s] * ws[None, :, t_i]
+
+        run_shared(items, run, workers)
+        return res
+
+
+# Rows per matrix product when a slab's lines all share one shift (_banded_run): each product then costs
+# (rows + 5) / 6 times the multiply-adds needed, in one BLAS call.
+_BANDED_ROWS = 32
+
+
+def _banded_run(src, dst, w, d, n_in, n_out, adjoint):
+    """One slab whose lines all share the integer shift ``d`` and the tap weights ``w``: ``dst = T src``
+    (``src += T^T dst`` when ``adjoint``), with T the (n_out x n_in) band ``T[i, i + d + t] = w[t]``, applied in
+    row blocks of ``_BANDED_ROWS`` as matrix products (2-D views, the axis first)."""
+    rows = min(_BANDED_ROWS, n_out)
+    band = np.zeros((rows, rows + len(_TAPS) - 1), dtype=dst.dtype)
+    r = np.arange(rows)
+    for t_i in range(len(_TAPS)):
+        band[r, r + t_i] = w[t_i]
+    for r0 in range(0, n_out, rows):
+        r1 = min(r0 + rows, n_out)
+        c0 = r0 + d + _TAPS[0]
+        c1 = r1 + d + _TAPS[-1]
+        cc0, cc1 = max(c0, 0), min(c1, n_in)
+        if cc1 <= cc0:
+            continue
+        b = band[:r1 - r0, cc0 - c0:cc1 - c0]
+        if adjoint:
+            src[cc0:cc1] += b.T @ dst[r0:r1]
+        else:
+            dst[r0:r1] = b @ src[cc0:cc1]
+
+
+# A stage runs by slabs (ShearStage._slab_pass) when its runs of equal integer shift hold at least this many
+# output samples on average: below that the per-call overhead of the many small views outweighs the copies saved.
+_SLAB_MIN_SAMPLES = 8192
+
+
+def _slab_plan(axis, others, d, ok, shape_in, shape_out, lo_in, lo_out, min_samples=_SLAB_MIN_SAMPLES):
+    """``(outer, inner, items, step)`` for :meth:`ShearStage._slab_pass`, or None when the runs are too short.
+
+    ``d`` and ``ok`` are per output line (flattened over ``others``); the outer axis is never the contiguous
+    one (axis 2) unless the stage runs along it. Each item is ``(o_out, o_in, runs)`` with runs
+    ``(q0, q1, qi0, d, l0)``: output inner range, its input start, the integer shift, the first line's index;
+    ``step`` is the line index's step along the inner axis."""
+    n_o = [int(shape_out[b]) for b in others]
+    d2 = d.reshape(n_o)
+    ok2 = ok.reshape(n_o)
+    choices = [(0, 1), (1, 0)] if axis == 2 else [(b, 2) for b in others if b != 2]
+    best = None
+    for outer, inner in choices:
+        pos = others.index(outer)
+        dd = d2 if pos == 0 else d2.T
+        oo = ok2 if pos == 0 else ok2.T
+        items, n_runs = [], 0
+        for o in range(dd.shape[0]):
+            q = np.nonzero(oo[o])[0]
+            if q.size == 0:
+                continue
+            # Valid inner indices form one contiguous range (box intersection); split it where d changes.
+            cut = np.nonzero(np.diff(dd[o, q]))[0] + 1
+            runs = []
+            for part in np.split(q, cut):
+                q0, q1 = int(part[0]), int(part[-1]) + 1
+                line = (o * n_o[1] + q0) if pos == 0 else (q0 * n_o[1] + o)
+                runs.append((q0, q1, q0 + int(lo_out[inner] - lo_in[inner]), int(dd[o, q0]), line))
+            items.append((o, o + int(lo_out[outer] - lo_in[outer]), runs))
+            n_runs += len(runs)
+        if n_runs and (best is None or n_runs < best[0]):
+            best = (n_runs, outer, inner, items, pos)
+    if best is None:
+        return None
+    n_runs, outer, inner, items, pos = best
+    samples = int(np.count_nonzero(ok)) * int(shape_out[axis])
+    if samples / n_runs < min_samples:
+        return None
+    return outer, inner, items, 1 if pos == 0 else n_o[1]
 
 
 class _ShearInterp(LatticeInterpolation):

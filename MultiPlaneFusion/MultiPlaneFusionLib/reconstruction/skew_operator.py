@@ -124,11 +124,12 @@ def _factor_inplane(lmat):
 
 class SkewOperator(NormalisedOperator):
     """Through-plane along the grid axis nearest the normal at the slices' exact positions, then two in-plane
-    Lanczos shears and the in-plane PSF on the reduced array (module docstring)."""
+    Lanczos shears and the in-plane PSF on the reduced array (module docstring). ``workers`` (:class:`.parallel.
+    Workers`) share the build's one pass over the grid (the normalisation)."""
 
     path = "skew"
 
-    def __init__(self, stack, grid, psf="gaussian", pre_shear=False):
+    def __init__(self, stack, grid, psf="gaussian", pre_shear=False, workers=None):
         super().__init__(stack, grid, psf)
         frame, p0, slice_uvw = stack_placement(stack)
         amat, bvec = _grid_index_map(grid)
@@ -186,11 +187,15 @@ class SkewOperator(NormalisedOperator):
         for g, part in enumerate(np.split(order, cut)):
             # part: flat indices into (n_a, n_b) of the lines of this shift, ascending
             self._groups.append((g, part, part // n_b, part % n_b))
-        # Every group's rows in one call: slice s of group g sits at centre_t[s] + key_g / SHIFT_STEPS.
+        self._runs = _line_runs(self._groups)
+        # Slice s of group g sits at centre_t[s] + key_g / SHIFT_STEPS.
         group_keys = keys[np.concatenate([[0], cut])] if keys.size else np.zeros(0, dtype=np.int64)
-        pos = centre_t[None, :] + group_keys[:, None] / SHIFT_STEPS
-        start, w = psf_rows(pos.ravel(), n_t, psf, width_t)
-        self._rows = (start.reshape(len(group_keys), nk), w.reshape(len(group_keys), nk, -1), n_t)
+        self._group_keys, self._centre_t, self._width_t = group_keys, centre_t, width_t
+        start, w = _group_rows(centre_t, group_keys, n_t, psf, width_t)
+        # Dense matrices are filled from flat indices (row s, column start + tap) and the weights in float32.
+        taps = w.shape[2]
+        self._rows = ((np.arange(nk)[:, None] * n_t)[None] + start[:, :, None] + np.arange(taps)[None, None, :],
+                      w, n_t)
         self._cache_ok = len(self._groups) * nk * n_t * 4 <= _CACHE_BYTES
         self._mats = {}
         self.shift_range_nodes = float(np.ptp(shift)) if shift.size else 0.0
@@ -248,7 +253,7 @@ class SkewOperator(NormalisedOperator):
         for k in range(nk):
             g = g0_grid[k][:, None, None] + u_grid[:, None, None] * ii + v_grid[:, None, None] * jj
             valid[k] = np.all((g >= -0.5) & (g <= lim), axis=0)
-        self._normalise(valid)
+        self._normalise(valid, workers)
 
     # ------------------------------------------------------------------ through-plane
     def _matrix(self, g, dt):
@@ -256,12 +261,9 @@ class SkewOperator(NormalisedOperator):
         ck = (g, np.dtype(dt))
         mat = self._mats.get(ck)
         if mat is None:
-            start, w, n_t = self._rows
-            nk, taps = w.shape[1:]
-            mat = np.zeros((nk, n_t), dtype=dt)
-            if taps:
-                cols = start[g][:, None] + np.arange(taps)[None, :]
-                np.add.at(mat, (np.repeat(np.arange(nk), taps), cols.ravel()), w[g].ravel().astype(dt))
+            flat, w, n_t = self._rows
+            mat = np.zeros((w.shape[1], n_t), dtype=dt)
+            mat.reshape(-1)[flat[g]] = w[g]  # a row's taps fall on distinct columns
             if self._cache_ok:
                 self._mats[ck] = mat
         return mat
@@ -275,6 +277,17 @@ class SkewOperator(NormalisedOperator):
         dt = x.dtype
         xv = self._lines_view(x)
         n_a, n_b = xv.shape[1:]
+        if self._runs is not None:
+            out3 = np.empty((self.shape[0], n_a, n_b), dtype=dt)
+
+            def run_views(groups):
+                for key, runs in groups:
+                    mat = self._matrix(key, dt)
+                    for a, b0, b1 in runs:
+                        np.matmul(mat, xv[:, a, b0:b1], out=out3[:, a, b0:b1])
+
+            run_shared(self._runs, run_views, workers)
+            return out3
         out = np.empty((self.shape[0], n_a * n_b), dtype=dt)
 
         def run(groups):
@@ -284,15 +297,33 @@ class SkewOperator(NormalisedOperator):
         run_shared(self._groups, run, workers)
         return out.reshape(self.shape[0], n_a, n_b)
 
-    def _expand(self, r, out, workers=None):
-        """Transpose of :meth:`_reduce`: ``out`` (grid-shaped) += lines from ``r`` (slices, n_a, n_b)."""
+    def _expand(self, r, out, workers=None, assign=False):
+        """Transpose of :meth:`_reduce`: ``out`` (grid-shaped) += lines from ``r`` (slices, n_a, n_b); with
+        ``assign`` the lines are written instead (every line belongs to one group: ``out`` may be uninitialised)."""
         ov = self._lines_view(out)
-        r2 = r.reshape(r.shape[0], -1)
         dt = out.dtype
+        if self._runs is not None:
+            r3 = r.reshape(r.shape[0], ov.shape[1], ov.shape[2])
+
+            def run_views(groups):
+                for key, runs in groups:
+                    mat_t = self._matrix(key, dt).T
+                    for a, b0, b1 in runs:
+                        if assign:
+                            np.matmul(mat_t, r3[:, a, b0:b1], out=ov[:, a, b0:b1])
+                        else:
+                            ov[:, a, b0:b1] += mat_t @ r3[:, a, b0:b1]
+
+            run_shared(self._runs, run_views, workers)
+            return out
+        r2 = r.reshape(r.shape[0], -1)
 
         def run(groups):
             for key, lines, ia, ib in groups:
-                ov[:, ia, ib] += self._matrix(key, dt).T @ r2[:, lines]
+                if assign:
+                    ov[:, ia, ib] = self._matrix(key, dt).T @ r2[:, lines]
+                else:
+                    ov[:, ia, ib] += self._matrix(key, dt).T @ r2[:, lines]
 
         run_shared(self._groups, run, workers)
         return out
@@ -324,11 +355,9 @@ class SkewOperator(NormalisedOperator):
             if out is None:
                 out = np.zeros(self.grid_shape, dtype=y.dtype)
             return self._expand(r, out, workers)
-        back = self._pre.adjoint(self._expand(r, np.zeros(self._work_shape, dtype=y.dtype), workers), workers)
-        if out is None:
-            return np.ascontiguousarray(back)
-        out += back
-        return out
+        lines = self._expand(r, np.empty(self._work_shape, dtype=y.dtype), workers, assign=True)
+        back = self._pre.adjoint(lines, workers, out=out)
+        return back if out is not None else np.ascontiguousarray(back)
 
     def coverage(self):
         fast = affine_coverage(self.stack, self.grid)
@@ -344,6 +373,56 @@ class SkewOperator(NormalisedOperator):
         d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf, self._pre is not None), 4)
         d["pre_shear_axis"] = None if self.pre_shear_axis is None else "kji"[self.pre_shear_axis]
         return d
+
+
+# Line groups are applied run by run (each run a 2-D strided view: no gather, no scatter) when their runs along
+# the b axis are at least this long on average; shorter runs cost more in calls than the copies they save.
+_MIN_RUN_LINES = 8
+
+
+def _line_runs(groups):
+    """``[(key, [(a, b0, b1), ...]), ...]``: each group's lines as runs ``b0:b1`` along the b axis of one a row,
+    or None when the runs average fewer than ``_MIN_RUN_LINES`` lines."""
+    out, n_runs, n_lines = [], 0, 0
+    for key, lines, ia, ib in groups:
+        cut = np.nonzero((np.diff(ib) != 1) | (np.diff(ia) != 0))[0] + 1
+        first = np.concatenate([[0], cut])
+        last = np.concatenate([cut - 1, [lines.size - 1]])
+        out.append((key, [(int(ia[f]), int(ib[f]), int(ib[e]) + 1) for f, e in zip(first, last)]))
+        n_runs += first.size
+        n_lines += lines.size
+    if n_runs == 0 or n_lines < _MIN_RUN_LINES * n_runs:
+        return None
+    return out
+
+
+def _group_rows(centre_t, keys, n_t, psf, width):
+    """Through-plane rows of every line group: ``start`` (groups, slices) and ``weights`` (groups, slices, taps)
+    of :func:`psf_rows` at ``centre_t[s] + key / SHIFT_STEPS``.
+
+    Rows are computed once per fractional key and moved by the key's whole nodes: away from the lattice ends a
+    row at ``c + n`` is the row at ``c`` with its start moved by n. Rows within reach of an end (either the
+    row computed or the row moved there) are computed directly.
+    """
+    nk = centre_t.size
+    whole, frac = np.divmod(keys.astype(np.int64), SHIFT_STEPS)
+    fracs, which = np.unique(frac, return_inverse=True)
+    s0, w0 = psf_rows((centre_t[None, :] + fracs[:, None] / SHIFT_STEPS).ravel(), n_t, psf, width)
+    taps = w0.shape[1]
+    s0 = s0.reshape(fracs.size, nk)[which]
+    w = w0.reshape(fracs.size, nk, taps)[which]
+    start = s0 + whole[:, None]
+
+    def inside(st):
+        return (st >= 1) & (st + taps <= n_t - 1)
+
+    redo = ~(inside(s0) & inside(start))
+    if redo.any():
+        g, k = np.nonzero(redo)
+        s1, w1 = psf_rows(centre_t[k] + keys[g] / SHIFT_STEPS, n_t, psf, width)
+        start[g, k] = s1
+        w[g, k] = w1
+    return start, w
 
 
 def _per_slice(positions, n, sigma):

@@ -311,7 +311,7 @@ def _choose_alpha(run):
 def _make_operators(run):
     t0 = time.perf_counter()
     for s, p in zip(run.work, run.profiles):
-        run.ops.append(make_operator(p.apply(s), run.grid, p.kind))
+        run.ops.append(make_operator(p.apply(s), run.grid, p.kind, workers=run.workers))
         run.monitor.check()
     run.timed("operators_s", t0)
     for s, op in zip(run.work, run.ops):

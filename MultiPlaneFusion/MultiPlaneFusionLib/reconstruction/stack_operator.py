@@ -243,9 +243,9 @@ class NormalisedOperator(StackOperator):
     subclasses provide ``_raw_forward(x, workers)`` and ``_raw_adjoint(y, workers, out=None)`` (exact
     transposes) and call :meth:`_normalise` once their geometry is built."""
 
-    def _normalise(self, valid):
+    def _normalise(self, valid, workers=None):
         """Keep the ``valid`` samples that the raw model reaches and their 1 / mass scale."""
-        mass = self._raw_forward(np.ones(self.grid_shape, dtype=np.float32))
+        mass = self._raw_forward(np.ones(self.grid_shape, dtype=np.float32), workers)
         ok = valid & (mass > 1e-6)
         self._valid = ok
         self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
