@@ -11,7 +11,7 @@ from ..sampling.psf import check_kind
 from .general_operator import GeneralOperator
 from .separable_operator import SeparableOperator
 from .shear_operator import ShearOperator, shear_path_applies
-from .skew_operator import SKEW_MAX_DRIFT_VOXELS, SkewOperator, skew_drift_voxels
+from .skew_operator import SkewOperator, skew_path_applies
 from .stack_operator import separable_axes
 
 PATHS = ("auto", "separable", "skew", "shear", "general")
@@ -49,7 +49,7 @@ def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
     if axes is not None:
         return SeparableOperator(stack, grid, psf, axes)
     if path in ("auto", "skew"):
-        if skew_drift_voxels(stack, grid, psf) <= SKEW_MAX_DRIFT_VOXELS:
+        if skew_path_applies(stack, grid, psf):
             return SkewOperator(stack, grid, psf, workers=workers)
         if path == "skew":
             raise InputError(f"'{stack.description}' is tilted too far from the grid axes for the skew path")
@@ -58,7 +58,7 @@ def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
             return ShearOperator(stack, grid, psf)
         if path == "shear":
             raise InputError(f"'{stack.description}' is rotated too far from the grid axes for the shear path")
-    if path == "auto" and skew_drift_voxels(stack, grid, psf, pre_shear=True) <= SKEW_MAX_DRIFT_VOXELS:
+    if path == "auto" and skew_path_applies(stack, grid, psf, pre_shear=True):
         return SkewOperator(stack, grid, psf, pre_shear=True, workers=workers)
     return GeneralOperator(stack, grid, psf)
 

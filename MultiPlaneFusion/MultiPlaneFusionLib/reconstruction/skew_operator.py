@@ -34,6 +34,7 @@ Samples are normalised over the model's mass (``A 1 = 1``), as on the general pa
 """
 
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -74,34 +75,45 @@ def _profile_sd_mm(stack, psf):
     return w if psf == "gaussian" else w / math.sqrt(12.0)
 
 
+class _Tilt(NamedTuple):
+    """Where the skew path integrates: through axis ``t`` (the other two ``a``, ``b``), the pre-shear's axis
+    (None without one) and slope ``delta`` (index units along it per node along t), the mm along the normal per
+    node of the integration direction (``along``), and tan of the angle left between it and the normal."""
+
+    t: int
+    a: int
+    b: int
+    axis: Optional[int]
+    delta: float
+    along: float
+    tan: float
+
+
 def _tilt(stack, grid, pre_shear):
-    """``(t, a, b, axis, delta, tan)``: the through axis t, the other two, the grid axis the pre-shear runs along
-    (None without ``pre_shear``) with its slope ``delta`` (index units along that axis per node along t), and
-    tan of the angle left between the integration direction and the normal."""
+    """:class:`_Tilt` of ``stack`` on ``grid`` (with ``pre_shear``: while the tilt is within ``PRE_SHEAR_MAX_DEG``)."""
     normal = stack_placement(stack)[0][:, 2]
-    t, _ = _through_axis(normal, grid)
+    t, cos = _through_axis(normal, grid)
     a_ax, b_ax = [g for g in range(3) if g != t]
     amat, _ = _grid_index_map(grid)
     d_idx = amat @ normal  # index displacement per mm along the normal
     step = np.zeros(3)
     step[t] = 1.0
     axis, delta = None, 0.0
-    tilt = math.degrees(math.acos(min(1.0, _through_axis(normal, grid)[1])))
-    if pre_shear and tilt <= PRE_SHEAR_MAX_DEG:
+    if pre_shear and math.degrees(math.acos(min(1.0, cos))) <= PRE_SHEAR_MAX_DEG:
         axis = a_ax if abs(d_idx[a_ax]) >= abs(d_idx[b_ax]) else b_ax
         delta = float(d_idx[axis] / d_idx[t])
         step[axis] = delta
     r = np.linalg.inv(amat) @ step  # physical direction of one node along t after the pre-shear
     along = float(r @ normal)
     tan = float(np.linalg.norm(r - along * normal)) / max(abs(along), 1e-12)
-    return t, a_ax, b_ax, axis, delta, tan
+    return _Tilt(t, a_ax, b_ax, axis, delta, abs(along), tan)
 
 
 def skew_drift_voxels(stack, grid, psf="gaussian", pre_shear=False):
     """In-plane drift (grid voxels) of the skew path's sheared profile: its standard deviation x tan(angle
     between the integration direction and the normal: the nearest grid axis, or with ``pre_shear`` that axis
     sheared towards the normal along one other axis), over the smallest grid spacing."""
-    tan = _tilt(stack, grid, pre_shear)[-1]
+    tan = _tilt(stack, grid, pre_shear).tan
     return _profile_sd_mm(stack, psf) * tan / float(np.min(grid.spacing_mm))
 
 
@@ -136,7 +148,8 @@ class SkewOperator(NormalisedOperator):
         sig_i, sig_j, sig_n = psf_sigma_mm(stack, psf)
         di, dj = stack.pixel_spacing_mm
         nk, nj, ni = self.shape
-        t, a_ax, b_ax, sh_axis, delta, _ = _tilt(stack, grid, pre_shear)
+        tilt = _tilt(stack, grid, pre_shear)
+        t, a_ax, b_ax, sh_axis, delta = tilt.t, tilt.a, tilt.b, tilt.axis, tilt.delta
         self.t, self.a_ax, self.b_ax = t, a_ax, b_ax
         # Pixel (i, j) of slice s in grid indices: g0[s] + i U + j V.
         g0_grid = (p0 + slice_uvw @ frame.T) @ amat.T + bvec  # (nk, 3)
@@ -173,10 +186,7 @@ class SkewOperator(NormalisedOperator):
         slope = np.array([u_vec[t], v_vec[t]]) @ np.linalg.inv(lmat)  # d g_t / d (g_a, g_b) on a slice plane
         centre_t = g0[:, t] - g0[:, ab] @ slope  # plane of slice s: g_t = centre_t[s] + slope . (g_a, g_b)
         # --- through-plane: lines grouped by their rounded shift
-        step = np.zeros(3)
-        step[t] = 1.0
-        along = float(abs(np.linalg.inv(amat) @ (np.linalg.inv(tmat) @ step) @ frame[:, 2]))  # mm along n per node
-        width_t = sig_n / along
+        width_t = sig_n / tilt.along  # the profile's width in nodes along the integration direction
         ga, gb = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
         shift = slope[0] * ga + slope[1] * gb
         iq = np.round(shift * SHIFT_STEPS).astype(np.int64).ravel()
