@@ -37,10 +37,11 @@ SHEAR_FIXED_BYTES = 24 * _MIB
 # matrices (at most skew_operator's cache bound) and per sample its normalisation and mask; applying the
 # largest one needs its in-plane intermediates.
 SKEW_FIXED_BYTES_PER_STACK = 16 * _MIB
-# With its pre-shear (gantry tilts) one application also holds the sheared grid and its transpose's result.
-SKEW_PRE_GRID_COPIES = 3.0
+# With its pre-shear (gantry tilts) one application also holds the sheared grid (its box grows along the
+# shear); the transpose adds into the result in place. Fitted with bench_memory.py (README).
+SKEW_PRE_GRID_COPIES = 1.3
 SKEW_KEPT_BYTES_PER_SAMPLE = 5.0
-SKEW_WORK_BYTES_PER_SAMPLE = 12.0
+SKEW_WORK_BYTES_PER_SAMPLE = 8.0
 # General path (gantry tilts, oblique planes): each operator keeps per-slice in-plane matrices and
 # normalisation arrays (bytes per sample of its stack), and applying the largest one needs its lattice.
 GENERAL_KEPT_BYTES_PER_SAMPLE = 13.2
