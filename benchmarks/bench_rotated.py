@@ -75,7 +75,8 @@ def main(argv=None):
             if shear_path_applies(stack, grid):
                 ops["shear"] = ShearOperator(stack, grid)
             ops["skew"] = SkewOperator(stack, grid)
-            ops["skew-pre"] = SkewOperator(stack, grid, pre_shear=True)
+            ops["skew-pre"] = SkewOperator(stack, grid, pre_shear=1)
+            ops["skew-pre2"] = SkewOperator(stack, grid, pre_shear=2)
             ops["trilinear"] = GeneralOperator(stack, grid, shared_axis=None)
         if args.tilt:
             ops["shared"] = GeneralOperator(stack, grid)
@@ -85,8 +86,8 @@ def main(argv=None):
             if base is None:
                 base = r
             t = normal_s(op, x)
-            drift = skew_drift_voxels(stack, grid, pre_shear=name == "skew-pre") if name.startswith("skew") \
-                else float("nan")
+            pre = {"skew-pre": 1, "skew-pre2": 2}.get(name, 0)
+            drift = skew_drift_voxels(stack, grid, pre_shear=pre) if name.startswith("skew") else float("nan")
             print(f"{deg:5.1f} {name + ':' + op.path:>16} {r:9.2f} {t:9.3f} {r / base:9.3f} {drift:14.3f}")
     if args.fuse:
         fuse_table(args, grid, x, centre, axis)

@@ -37,9 +37,12 @@ SHEAR_FIXED_BYTES = 24 * _MIB
 # matrices (at most skew_operator's cache bound) and per sample its normalisation and mask; applying the
 # largest one needs its in-plane intermediates.
 SKEW_FIXED_BYTES_PER_STACK = 16 * _MIB
-# With its pre-shear (gantry tilts) one application also holds the sheared grid (its box grows along the
-# shear); the transpose adds into the result in place. Fitted with bench_memory.py (README).
-SKEW_PRE_GRID_COPIES = 1.3
+# With its pre-shear (gantry tilts, oblique planes) one application also holds the sheared arrays (one per
+# sheared axis, each box grown along its shear), about this many copies of their voxels; the transpose adds into
+# the result in place. Fitted with bench_memory.py (README). Without the boxes' size, a one-axis pre-shear's
+# typical growth over the grid is assumed.
+SKEW_PRE_BOX_COPIES = 1.07
+SKEW_PRE_DEFAULT_GROWTH = 1.22
 SKEW_KEPT_BYTES_PER_SAMPLE = 5.0
 SKEW_WORK_BYTES_PER_SAMPLE = 8.0
 # General path (gantry tilts, oblique planes): each operator keeps per-slice in-plane matrices and
@@ -65,14 +68,15 @@ PATHS = ("separable", "skew", "shear", "skew_pre", "general", "trilinear")
 
 
 def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_bytes=0, *, stack_paths=(),
-                   trilinear_nodes=0, register=False, resolve=False):
+                   trilinear_nodes=0, register=False, resolve=False, pre_shear_voxels=0):
     """Estimated peak bytes of fusing onto a grid of ``n_grid_voxels``, on top of ``baseline_bytes`` (what
     the process holds already: see :func:`current_rss_bytes`).
 
     ``n_input_voxels``: samples of all the stacks. ``stack_paths``: for srr, ``(path, n_samples)`` per
     stack, path one of :data:`PATHS` (see :func:`.reconstruction.budget.srr_paths`); stacks not listed count as
     separable. ``trilinear_nodes``: lattice nodes of the largest trilinear stack (see
-    :func:`.reconstruction.budget.estimate_fusion_bytes`).
+    :func:`.reconstruction.budget.estimate_fusion_bytes`). ``pre_shear_voxels``: the sheared arrays of the largest
+    skew_pre stack (:func:`.reconstruction.skew_operator.pre_shear_voxels`; 0: a typical one-axis growth).
     ``register``: registration runs first. ``resolve``: srr solves again after a refinement (holding the
     first solve's volume).
     """
@@ -88,7 +92,8 @@ def estimate_bytes(n_grid_voxels, n_input_voxels=0, method="average", baseline_b
             n += (SKEW_FIXED_BYTES_PER_STACK * len(skew) + SKEW_KEPT_BYTES_PER_SAMPLE * sum(skew)
                   + SKEW_WORK_BYTES_PER_SAMPLE * max(skew))
         if any(p == "skew_pre" for p, _ in stack_paths):
-            n += 4.0 * SKEW_PRE_GRID_COPIES * n_grid
+            box = int(pre_shear_voxels) or SKEW_PRE_DEFAULT_GROWTH * n_grid
+            n += 4.0 * SKEW_PRE_BOX_COPIES * box
         shear = [int(k) for p, k in stack_paths if p == "shear"]
         general = [int(k) for p, k in stack_paths if p in ("general", "trilinear")]
         if shear:

@@ -15,7 +15,7 @@ from .. import memory
 from ..sampling.psf import WIDTH_FACTORS, SliceProfile
 from .operators import separable_axes
 from .shear_operator import shear_path_applies
-from .skew_operator import skew_path_applies
+from .skew_operator import pre_shear_voxels, skew_path_applies
 from .stack_operator import PARALLEL_TOLERANCE_VOXELS
 
 
@@ -35,12 +35,20 @@ def srr_paths(stacks, grid):
             path = "skew"
         elif shear_path_applies(s, grid):
             path = "shear"
-        elif skew_path_applies(widest.apply(s), grid, "gaussian", pre_shear=True):
+        elif _pre_shear_level(widest.apply(s), grid):
             path = "skew_pre"
         else:
             path = "general" if _shares_grid_axis(s, grid) else "trilinear"
         out.append((path, int(s.n_voxels)))
     return out
+
+
+def _pre_shear_level(stack, grid):
+    """The skew path's pre-shear ``stack`` would take (1: one axis, 2: both), or 0 when it takes none."""
+    for level in (1, 2):
+        if skew_path_applies(stack, grid, "gaussian", pre_shear=level):
+            return level
+    return 0
 
 
 def _lattice_nodes(stack, grid):
@@ -73,10 +81,13 @@ def estimate_fusion_bytes(stacks, grid, method, baseline_bytes=0, register=False
     """:func:`~MultiPlaneFusionLib.memory.estimate_bytes` for ``stacks`` on ``grid`` in their current geometry."""
     paths = srr_paths(stacks, grid) if method == "srr" else []
     nodes = [_lattice_nodes(s, grid) for s, (p, _) in zip(stacks, paths) if p == "trilinear"]
+    widest = SliceProfile("gaussian", max(WIDTH_FACTORS))
+    sheared = [pre_shear_voxels(s, grid, _pre_shear_level(widest.apply(s), grid))
+               for s, (p, _) in zip(stacks, paths) if p == "skew_pre"]
     return memory.estimate_bytes(grid.n_voxels, sum(int(s.n_voxels) for s in stacks), method=method,
                                  baseline_bytes=baseline_bytes, stack_paths=paths,
                                  trilinear_nodes=max(nodes, default=0), register=register and len(stacks) > 1,
-                                 resolve=resolve)
+                                 resolve=resolve, pre_shear_voxels=max(sheared, default=0))
 
 
 class Budget:

@@ -32,7 +32,9 @@ def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
         path while its profile drift (:func:`.skew_operator.skew_drift_voxels`) is at most
         ``SKEW_MAX_DRIFT_VOXELS``, else the shear path for a stack within ``SHEAR_MAX_DEG`` of the grid axes,
         else the skew path with its pre-shear (gantry tilts: the grid sheared once along one axis so that the
-        profile runs along the normal) while the drift left is within the limit, else the general one.
+        profile runs along the normal) while the drift left is within the limit, else with the pre-shear along
+        both in-plane axes (oblique planes, no drift left) for a normal within ``PRE_SHEAR_MAX_DEG`` of a grid
+        axis, else the general one.
     workers : parallel.Workers, optional
         Threads for the parts of the build that pass over the grid (the skew path's normalisation).
 
@@ -58,8 +60,10 @@ def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
             return ShearOperator(stack, grid, psf)
         if path == "shear":
             raise InputError(f"'{stack.description}' is rotated too far from the grid axes for the shear path")
-    if path == "auto" and skew_path_applies(stack, grid, psf, pre_shear=True):
-        return SkewOperator(stack, grid, psf, pre_shear=True, workers=workers)
+    if path == "auto":
+        for axes in (1, 2):
+            if skew_path_applies(stack, grid, psf, pre_shear=axes):
+                return SkewOperator(stack, grid, psf, pre_shear=axes, workers=workers)
     return GeneralOperator(stack, grid, psf)
 
 

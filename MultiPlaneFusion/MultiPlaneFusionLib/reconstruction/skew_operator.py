@@ -22,19 +22,22 @@ tan(tilt), the same along every line. :func:`skew_drift_voxels` measures it; :mo
 only while it stays below ``SKEW_MAX_DRIFT_VOXELS`` of a grid voxel (chosen with ``benchmarks/bench_rotated.py``,
 figures in the README). A rotation about the slice normal alone (any angle up to 45 degrees) has no drift.
 
-**Pre-shear (gantry tilts).** A series tilted 10-30 degrees (gantry tilt, oblique planes) drifts far too much
+**Pre-shear (gantry tilts, oblique planes).** A series tilted 10-30 degrees drifts far too much
 for that. With ``pre_shear`` the grid is first resampled once along the grid axis that carries most of the
 tilt (a 1-D Lanczos-3 shear of whole lines, exact transpose), ``x'(.., g_s - delta g_t, ..) = x``, so that the
 lines of ``x'`` along t run along the normal; the steps above then work on ``x'`` and the drift left is the
-tilt's component along the third axis (registration leaves a few tenths of a degree there). :mod:`.operators`
-takes this after the shear path's range (``SHEAR_MAX_DEG``), up to ``PRE_SHEAR_MAX_DEG``.
+tilt's component along the third axis (registration leaves a few tenths of a degree there). A plane tilted
+about both in-plane grid axes (oblique MR planning) takes a second such shear along the other axis
+(``pre_shear=2``), after which the lines run exactly along the normal (no drift). Each stage shifts whole planes
+of constant g_t, so it runs as one banded matrix product per plane. :mod:`.operators` takes this after the shear
+path's range (``SHEAR_MAX_DEG``), up to ``PRE_SHEAR_MAX_DEG``.
 
 Samples are normalised over the model's mass (``A 1 = 1``), as on the general path. Contract:
 :mod:`.stack_operator`.
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Tuple
 
 import numpy as np
 
@@ -76,21 +79,23 @@ def _profile_sd_mm(stack, psf):
 
 
 class _Tilt(NamedTuple):
-    """Where the skew path integrates: through axis ``t`` (the other two ``a``, ``b``), the pre-shear's axis
-    (None without one) and slope ``delta`` (index units along it per node along t), the mm along the normal per
-    node of the integration direction (``along``), and tan of the angle left between it and the normal."""
+    """Where the skew path integrates: through axis ``t`` (the other two ``a``, ``b``), the pre-shear's axes
+    (none without one) and their slopes ``deltas`` (index units along each per node along t), the mm along the
+    normal per node of the integration direction (``along``), and tan of the angle left between it and the
+    normal."""
 
     t: int
     a: int
     b: int
-    axis: Optional[int]
-    delta: float
+    axes: Tuple[int, ...]
+    deltas: Tuple[float, ...]
     along: float
     tan: float
 
 
 def _tilt(stack, grid, pre_shear):
-    """:class:`_Tilt` of ``stack`` on ``grid`` (with ``pre_shear``: while the tilt is within ``PRE_SHEAR_MAX_DEG``)."""
+    """:class:`_Tilt` of ``stack`` on ``grid``. ``pre_shear`` (while the tilt is within ``PRE_SHEAR_MAX_DEG``): 1
+    (or True) shears along the in-plane grid axis carrying most of the tilt, 2 along both."""
     normal = stack_placement(stack)[0][:, 2]
     t, cos = _through_axis(normal, grid)
     a_ax, b_ax = [g for g in range(3) if g != t]
@@ -98,15 +103,50 @@ def _tilt(stack, grid, pre_shear):
     d_idx = amat @ normal  # index displacement per mm along the normal
     step = np.zeros(3)
     step[t] = 1.0
-    axis, delta = None, 0.0
+    axes = ()
     if pre_shear and math.degrees(math.acos(min(1.0, cos))) <= PRE_SHEAR_MAX_DEG:
-        axis = a_ax if abs(d_idx[a_ax]) >= abs(d_idx[b_ax]) else b_ax
-        delta = float(d_idx[axis] / d_idx[t])
-        step[axis] = delta
+        main = a_ax if abs(d_idx[a_ax]) >= abs(d_idx[b_ax]) else b_ax
+        axes = (main,) if int(pre_shear) == 1 else (main, b_ax if main == a_ax else a_ax)
+    deltas = tuple(float(d_idx[ax] / d_idx[t]) for ax in axes)
+    for ax, d in zip(axes, deltas):
+        step[ax] = d
     r = np.linalg.inv(amat) @ step  # physical direction of one node along t after the pre-shear
     along = float(r @ normal)
     tan = float(np.linalg.norm(r - along * normal)) / max(abs(along), 1e-12)
-    return _Tilt(t, a_ax, b_ax, axis, delta, abs(along), tan)
+    return _Tilt(t, a_ax, b_ax, axes, deltas, abs(along), tan)
+
+
+def _pre_shear_boxes(tilt, grid_shape):
+    """The pre-shear's stages ``(axis, coef, lo_in, shape_in, lo_out, shape_out)`` (each shifts whole planes of
+    constant g_t along its axis, its box grown to hold them), the map ``g' = tmat @ g - lo`` to the sheared index
+    coordinates and the sheared array's shape."""
+    gshape = tuple(int(v) for v in grid_shape)
+    t = tilt.t
+    tmat, lo = np.eye(3), np.zeros(3)
+    lo_in = np.zeros(3, dtype=np.int64)
+    stages = []
+    for axis, delta in zip(tilt.axes, tilt.deltas):
+        tmat[axis, t] = -delta
+        ends = [-delta * v for v in (-0.5, gshape[t] - 0.5)]
+        lo_s = math.floor(min(ends) - 0.5) - 3
+        hi_s = math.ceil(max(ends) + gshape[axis] - 0.5) + 3
+        lo[axis] = lo_s
+        shape_out = np.array(gshape)
+        shape_out[axis] = hi_s - lo_s + 1
+        coef = np.zeros(3)
+        coef[t] = delta
+        lo_out = lo_in.copy()
+        lo_out[axis] = lo_s
+        stages.append((axis, coef, lo_in, np.array(gshape), lo_out, shape_out))
+        gshape = tuple(int(v) for v in shape_out)
+        lo_in = lo_out
+    return stages, tmat, lo, gshape
+
+
+def pre_shear_voxels(stack, grid, pre_shear):
+    """Voxels of the pre-shear's sheared arrays (all stages: they are alive together at the peak), 0 without."""
+    stages = _pre_shear_boxes(_tilt(stack, grid, pre_shear), grid.shape)[0]
+    return int(sum(int(np.prod(st[5])) for st in stages))
 
 
 def skew_drift_voxels(stack, grid, psf="gaussian", pre_shear=False):
@@ -149,35 +189,20 @@ class SkewOperator(NormalisedOperator):
         di, dj = stack.pixel_spacing_mm
         nk, nj, ni = self.shape
         tilt = _tilt(stack, grid, pre_shear)
-        t, a_ax, b_ax, sh_axis, delta = tilt.t, tilt.a, tilt.b, tilt.axis, tilt.delta
+        t, a_ax, b_ax = tilt.t, tilt.a, tilt.b
         self.t, self.a_ax, self.b_ax = t, a_ax, b_ax
         # Pixel (i, j) of slice s in grid indices: g0[s] + i U + j V.
         g0_grid = (p0 + slice_uvw @ frame.T) @ amat.T + bvec  # (nk, 3)
         u_grid = amat @ frame[:, 0] * di
         v_grid = amat @ frame[:, 1] * dj
-        # Pre-shear (gantry tilts): the grid resampled once along one axis, x'(.., g_s - delta g_t, ..) = x, so
-        # that its lines along t run along the normal; everything below is in x' index coordinates.
-        self._pre = None
-        gshape = self.grid_shape
-        tmat = np.eye(3)
-        lo = np.zeros(3)
-        if sh_axis is not None:
-            tmat[sh_axis, t] = -delta  # g' = tmat @ g - lo
-            ends = [-delta * v for v in (-0.5, gshape[t] - 0.5)]
-            lo_s = math.floor(min(ends) - 0.5) - 3
-            hi_s = math.ceil(max(ends) + gshape[sh_axis] - 0.5) + 3
-            lo[sh_axis] = lo_s
-            shape_out = np.array(gshape)
-            shape_out[sh_axis] = hi_s - lo_s + 1
-            coef = np.zeros(3)
-            coef[t] = delta
-            lo_out = np.zeros(3, dtype=np.int64)
-            lo_out[sh_axis] = lo_s
-            self._pre = ShearStage(sh_axis, coef, 0.0, np.zeros(3, dtype=np.int64), np.array(gshape), lo_out,
-                                   shape_out)
-            gshape = tuple(int(v) for v in shape_out)
+        # Pre-shear (gantry tilts, oblique planes): the grid resampled along one in-plane axis (or both, one after
+        # the other), x'(.., g_s - delta_s g_t, ..) = x, so that its lines along t run along the normal;
+        # everything below is in x' index coordinates (g' = tmat @ g - lo).
+        boxes, tmat, lo, gshape = _pre_shear_boxes(tilt, self.grid_shape)
+        self._pre = [ShearStage(ax, coef, 0.0, lo_in, shape_in, lo_out, shape_out)
+                     for ax, coef, lo_in, shape_in, lo_out, shape_out in boxes]
         self._work_shape = gshape
-        self.pre_shear_axis = sh_axis
+        self.pre_shear_axes = tuple(tilt.axes)
         g0 = g0_grid @ tmat.T - lo[None, :]
         u_vec, v_vec = tmat @ u_grid, tmat @ v_grid
         n_t, n_a, n_b = gshape[t], gshape[a_ax], gshape[b_ax]
@@ -355,18 +380,20 @@ class SkewOperator(NormalisedOperator):
 
     # ------------------------------------------------------------------ contract
     def _raw_forward(self, x, workers=None):
-        if self._pre is not None:
-            x = self._pre.forward(x, workers)
+        for st in self._pre:
+            x = st.forward(x, workers)
         return self._inplane(self._reduce(np.ascontiguousarray(x), workers), workers)
 
     def _raw_adjoint(self, y, workers=None, out=None):
         r = np.ascontiguousarray(self._inplane_t(y, workers))
-        if self._pre is None:
+        if not self._pre:
             if out is None:
                 out = np.zeros(self.grid_shape, dtype=y.dtype)
             return self._expand(r, out, workers)
-        lines = self._expand(r, np.empty(self._work_shape, dtype=y.dtype), workers, assign=True)
-        back = self._pre.adjoint(lines, workers, out=out)
+        back = self._expand(r, np.empty(self._work_shape, dtype=y.dtype), workers, assign=True)
+        for st in reversed(self._pre[1:]):
+            back = st.adjoint(back, workers)
+        back = self._pre[0].adjoint(back, workers, out=out)
         return back if out is not None else np.ascontiguousarray(back)
 
     def coverage(self):
@@ -380,8 +407,8 @@ class SkewOperator(NormalisedOperator):
         d["shift_range_nodes"] = round(self.shift_range_nodes, 3)
         d["inplane_shape"] = list(self._g_shape)
         d["per_slice_inplane"] = isinstance(self.m_1, list)
-        d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf, self._pre is not None), 4)
-        d["pre_shear_axis"] = None if self.pre_shear_axis is None else "kji"[self.pre_shear_axis]
+        d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf, len(self._pre)), 4)
+        d["pre_shear_axis"] = "".join("kji"[a] for a in self.pre_shear_axes) or None
         return d
 
 
@@ -442,5 +469,5 @@ def _per_slice(positions, n, sigma):
     return [Banded.from_psf(row, n, "gaussian", sigma) for row in positions]
 
 
-__all__ = ["PRE_SHEAR_MAX_DEG", "SHIFT_STEPS", "SKEW_MAX_DRIFT_VOXELS", "SkewOperator", "skew_drift_voxels",
-           "skew_path_applies"]
+__all__ = ["PRE_SHEAR_MAX_DEG", "SHIFT_STEPS", "SKEW_MAX_DRIFT_VOXELS", "SkewOperator", "pre_shear_voxels",
+           "skew_drift_voxels", "skew_path_applies"]
