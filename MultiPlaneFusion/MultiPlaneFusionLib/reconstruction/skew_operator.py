@@ -229,8 +229,8 @@ class SkewOperator(NormalisedOperator):
         start, w = _group_rows(centre_t, group_keys, n_t, psf, width_t)
         # Dense matrices are filled from flat indices (row s, column start + tap) and the weights in float32.
         taps = w.shape[2]
-        self._rows = ((np.arange(nk)[:, None] * n_t)[None] + start[:, :, None] + np.arange(taps)[None, None, :],
-                      w, n_t)
+        flat = (np.arange(nk)[:, None] * n_t)[None] + start[:, :, None] + np.arange(taps)[None, None, :]
+        self._rows = (flat.astype(np.int32 if nk * n_t < 2**31 else np.int64), w, n_t)
         self._cache_ok = len(self._groups) * nk * n_t * 4 <= _CACHE_BYTES
         self._mats = {}
         self.shift_range_nodes = float(np.ptp(shift)) if shift.size else 0.0
