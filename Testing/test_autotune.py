@@ -9,7 +9,7 @@ import pytest
 
 from MultiPlaneFusionLib import metrics
 from MultiPlaneFusionLib.errors import InputError
-from MultiPlaneFusionLib.reconstruction.autotune import choose_profile
+from MultiPlaneFusionLib.reconstruction.autotune import PROFILE_MAX_BLUR_RATIO, choose_profile, through_plane_blur_ratio
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions, parse_alpha
 from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
 from MultiPlaneFusionLib.sampling.psf import SliceProfile
@@ -250,3 +250,35 @@ def test_regularizer_auto_chooses_prior_and_weight_and_reports_them(grid):
     assert fixed["prior_choice"] is None and fixed["regularizer_setting"] == "fixed"
     with pytest.raises(InputError, match="regularizer"):
         SrrOptions(regularizer="tv")
+
+
+def test_blur_ratio_separates_orthogonal_from_shared_normals():
+    # Orthogonal series see each other's normal in-plane: nothing but in-plane blur along it. An axial series
+    # with two gantry-tilted axial ones (the real Philips geometry, thinner tilted slices) shares one normal
+    # within 17-35 degrees: the others' profiles blur it, and every ratio lies well above the limit.
+    ortho = _stacks("gaussian", noise=0.0)
+    assert max(through_plane_blur_ratio(ortho, [SliceProfile("gaussian")] * 3)) < 1e-6
+    shared = [simulate_stack("axial", thickness_mm=5.0, pixel_spacing_mm=0.8, scale=SCALE, noise_hu=0.0)]
+    shared += [simulate_stack("axial", thickness_mm=2.5, pixel_spacing_mm=0.8, scale=SCALE, noise_hu=0.0,
+                              tilt_deg=t) for t in (-18.5, 16.5)]
+    ratios = through_plane_blur_ratio(shared, [SliceProfile("gaussian")] * 3)
+    assert min(ratios) > 1.5 * PROFILE_MAX_BLUR_RATIO, ratios
+    # the 5 mm series is resolved best by the thin tilted ones: c^2 (2.5^2 - in-plane^2) / 5^2 ~ 0.21
+    assert 0.17 < ratios[0] < 0.25, ratios
+
+
+def test_profiles_of_stacks_sharing_a_normal_stay_nominal(grid):
+    # Box data, but the stacks share one normal: the leave-one-out fit cannot see the profile, so each
+    # keeps the nominal Gaussian (reported as not measured) instead of a width biased by the others' blur.
+    stacks = [simulate_stack("axial", thickness_mm=5.0, pixel_spacing_mm=0.8, scale=SCALE, profile="box",
+                             noise_hu=5.0, seed=3)]
+    stacks += [simulate_stack("axial", thickness_mm=2.5, pixel_spacing_mm=0.8, scale=SCALE, profile="box",
+                              noise_hu=5.0, seed=4 + n, tilt_deg=t) for n, t in enumerate((-18.5, 16.5))]
+    res = reconstruct_srr(stacks, grid, SrrOptions(self_check=False))
+    choice = res.info["profile_choice"]
+    assert choice["measured"] == [False] * 3, choice
+    assert all(r > PROFILE_MAX_BLUR_RATIO for r in choice["through_plane_blur_ratio"]), choice
+    assert [(p["kind"], p["width_factor"]) for p in res.info["slice_profiles"]] == [("gaussian", 1.0)] * 3
+    # orthogonal box stacks are measured (and come out box-like: test_box_profile_width_recovered...)
+    ortho = reconstruct_srr(_stacks("box"), grid, SrrOptions(self_check=False))
+    assert ortho.info["profile_choice"]["measured"] == [True] * 3

@@ -49,7 +49,9 @@ class SrrOptions:
     psf : {"auto", "gaussian", "box"}
         Through-plane slice profile. "auto" (default): per stack, box or Gaussian and a width factor
         around the nominal thickness, whichever predicts that stack best from a reconstruction of the
-        others on a probe block (``autotune.estimate_profiles``). "gaussian": FWHM = slice thickness;
+        others on a probe block (``autotune.estimate_profiles``); a stack whose normal no other stack
+        resolves (all share nearly one normal, e.g. an axial series with gantry-tilted ones) keeps the
+        nominal Gaussian. "gaussian": FWHM = slice thickness;
         "box": the slice thickness (slab-averaged MPR reformats). In-plane: see ``in_plane_psf``.
     in_plane_psf : float, "auto" or None
         In-plane PSF of the model: Gaussian of FWHM = this factor x pixel spacing for every stack. None

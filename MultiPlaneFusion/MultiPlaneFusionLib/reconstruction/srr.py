@@ -23,6 +23,7 @@ self-check.
 """
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -244,17 +245,28 @@ def _choose_prior(run):
 def _choose_profiles(run):
     probe, profiles = run.probe, run.profiles
     t0 = time.perf_counter()
-    found, report = autotune.estimate_profiles(probe.problem, [profiles[k] for k in probe.index], PSF_KINDS)
+    found, report, ratios = autotune.estimate_profiles(probe.problem, [profiles[k] for k in probe.index],
+                                                       PSF_KINDS)
     for n, k in enumerate(probe.index):
         profiles[k] = found[n]
     dt = time.perf_counter() - t0
     run.timings["profile_choice_s"] = dt
     choice = {"method": "leave-one-stack-out prediction on the probe block (fusion of the others at alpha "
                         f"{autotune.PROFILE_ALPHA:g}, re-blurred by their in-plane PSF; residual smoothed in-plane, "
-                        f"sigma {autotune.PROFILE_SMOOTH_MM:g} mm)",
-              "rms_by_candidate": [None] * len(run.stacks), "seconds": round(dt, 3)}
+                        f"sigma {autotune.PROFILE_SMOOTH_MM:g} mm), for stacks whose normal the others resolve "
+                        f"(through-plane blur ratio <= {autotune.PROFILE_MAX_BLUR_RATIO:g}); the others keep the "
+                        "nominal Gaussian",
+              "rms_by_candidate": [None] * len(run.stacks), "through_plane_blur_ratio": [None] * len(run.stacks),
+              "measured": [False] * len(run.stacks), "seconds": round(dt, 3)}
     for n, k in enumerate(probe.index):
-        choice["rms_by_candidate"][run.used[k]] = report[n]
+        u = run.used[k]
+        choice["rms_by_candidate"][u] = report[n]
+        choice["through_plane_blur_ratio"][u] = round(ratios[n], 3) if math.isfinite(ratios[n]) else None
+        choice["measured"][u] = report[n] is not None
+        if ratios[n] > autotune.PROFILE_MAX_BLUR_RATIO:
+            LOGGER.info("SRR slice profile of '%s' not measurable: no other stack resolves its slice normal (their "
+                        "profiles blur it by %.2f of its own variance, limit %g); nominal Gaussian kept",
+                        run.work[k].description, ratios[n], autotune.PROFILE_MAX_BLUR_RATIO)
     run.auto["profile_choice"] = choice
     run.monitor.check()
 
