@@ -204,11 +204,15 @@ def _settings_from_data(run):
         _choose_profiles(run)
     if run.probe is not None and in_plane_from_data and len(run.probe.index) > 1:
         _choose_in_plane(run)
-    for s, p in zip(work, run.profiles):
+    measured = (run.auto["profile_choice"] or {}).get("measured", [])
+    for k, (s, p) in enumerate(zip(work, run.profiles)):
+        how = ""
+        if run.profiles_from_data:
+            how = " (chosen from the data)" if run.used[k] < len(measured) and measured[run.used[k]] else \
+                " (nominal: not measured)"
         LOGGER.info("SRR slice profile of '%s': %s, width %.2f mm (nominal thickness %.2f mm)%s; in-plane FWHM "
-                    "%.2f x pixel%s", s.description, p.kind, p.width_mm(s), s.thickness_mm,
-                    " (chosen from the data)" if run.profiles_from_data else "", p.effective_in_plane_factor,
-                    " (chosen from the data)" if run.auto["in_plane_choice"] else "")
+                    "%.2f x pixel%s", s.description, p.kind, p.width_mm(s), s.thickness_mm, how,
+                    p.effective_in_plane_factor, " (chosen from the data)" if run.auto["in_plane_choice"] else "")
     if prior_auto:
         _choose_prior(run)
     elif run.probe is not None and options.alpha_is_auto:
