@@ -473,7 +473,8 @@ def one_standard_error_choice(errors, order, *, paired=True):
         standard error of the per-unit differences.
     rows : dict
         Per candidate: ``mean`` (its mean error over the kept units), ``excess`` (mean minus the minimum
-        mean), ``standard_error`` (of the per-unit differences to the minimum-mean candidate), ``within``.
+        mean), ``standard_error`` (paired: of its per-unit differences to the minimum-mean candidate, 0 for
+        that one), ``within``.
 
     Why paired: every candidate predicts the same held-out slices, and some stacks are predicted far worse
     than others whatever the setting. The spread between units is common to all candidates; the standard
