@@ -286,9 +286,11 @@ class RealEvaluator:
 
 
 def _choices(info):
-    """The settings a reconstruction chose from the data: per stack its slice profile (with the in-plane width)."""
+    """The settings a reconstruction chose from the data: per stack its slice profile (with the in-plane width),
+    and the prior with every candidate's score when it was chosen (--regularizer auto)."""
     return {"slice_profiles": info.get("slice_profiles"), "in_plane_choice": info.get("in_plane_choice"),
-            "regularizer": info.get("regularizer"), "alpha": info.get("alpha")}
+            "regularizer": info.get("regularizer"), "alpha": info.get("alpha"),
+            "prior_choice": info.get("prior_choice")}
 
 
 def bench_real(args):

@@ -129,8 +129,8 @@ def check_case(case, log=print, in_plane_psf=None):
             dv = (res.volume[sl] - prep.truth[sl])[mask].astype(np.float64)
             block_rmse = float(np.sqrt(np.mean(dv * dv)))
             t = time.perf_counter()
-            slices = np.mean(autotune._cv_errors(problem, prof_blk, alpha, folds=2, regularizer=reg, huber=huber,
-                                                 starts={}))
+            slices = np.mean(list(autotune._cv_errors(problem, prof_blk, alpha, folds=2, regularizer=reg,
+                                                      huber=huber, starts={}).values()))
             t_sl = time.perf_counter() - t
             t = time.perf_counter()
             loso = np.mean(loso_errors(problem, prof_blk, alpha, reg, huber))

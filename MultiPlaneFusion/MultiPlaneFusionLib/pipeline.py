@@ -216,6 +216,7 @@ def _srr_with_refinement(stacks, grid, options, *, background, monitor, budget=N
     initial = None
     result = None
     srr_options = options.srr
+    first = None
     for cycle in range(cycles + 1):
         t = time.perf_counter()
         # coverage is recomputed each cycle: refinement may have moved the stacks
@@ -223,6 +224,8 @@ def _srr_with_refinement(stacks, grid, options, *, background, monitor, budget=N
             stacks, grid, srr_options, initial=initial,
             monitor=monitor.sub("reconstruct", cycle * span, (cycle + 1) * span),
         )
+        if first is None:
+            first = result
         timings[f"srr_cycle{cycle}_s"] = time.perf_counter() - t
         if cycle == cycles:
             break
@@ -244,7 +247,7 @@ def _srr_with_refinement(stacks, grid, options, *, background, monitor, budget=N
         # registration refinements do not change them); the self-check still runs on the final cycle.
         srr_options = _keep_choices(srr_options, result)
     timings["srr_s"] = sum(v for k, v in timings.items() if k.startswith("srr_cycle"))
-    return result.volume, result.coverage, result.info, stacks, reports, timings
+    return result.volume, result.coverage, _with_first_choices(result.info, first.info), stacks, reports, timings
 
 
 def _keep_choices(srr_options, result):
@@ -255,6 +258,20 @@ def _keep_choices(srr_options, result):
     opts = srr_options or SrrOptions()
     return replace(opts, alpha=float(result.info["alpha"]), regularizer=result.info["regularizer"],
                    stack_profiles=tuple(result.profiles))
+
+
+# What the automatic choices report; made in the first cycle only.
+_CHOICE_KEYS = ("profile_choice", "in_plane_choice", "alpha_choice", "prior_choice", "alpha_setting",
+                "regularizer_setting")
+
+
+def _with_first_choices(info, first):
+    """The final cycle's ``info`` with the first cycle's choice reports: the later cycles are given the
+    chosen settings (``_keep_choices``), so on their own they report them as fixed and the JSON would lose
+    how (and that) they were chosen."""
+    if info is first:
+        return info
+    return {**info, **{k: first[k] for k in _CHOICE_KEYS}}
 
 
 def fuse_paths(paths, options=None, progress=None, cancel=None):

@@ -115,7 +115,8 @@ def _reconstruct(stacks, grid, options, *, initial, coverage, monitor, workers):
     monitor.report("reconstruct", 1.0)
     run.timings["total_s"] = time.perf_counter() - run.t_start
     info = _summary(run)
-    LOGGER.info("SRR done: %d iterations, relative residual %.3g, %.1f s", info["iterations"],
+    LOGGER.info("SRR done: %s alpha %.4g%s, %d iterations, relative residual %.3g, %.1f s", info["regularizer"],
+                info["alpha"], " (chosen from the data)" if info["prior_choice"] else "", info["iterations"],
                 info["relative_residual"], run.timings["total_s"])
     return SrrResult(volume=x, coverage=run.coverage, info=info,
                      profiles=tuple(_all_profiles(run.profiles, run.used, stacks)))
@@ -235,14 +236,24 @@ def _choose_prior(run):
     run.timings["prior_choice_s"] = dt
     run.options = replace(options, regularizer=reg, alpha=float(alpha))
     run.alpha = float(alpha)
+    warning = None
+    if reg == "huber" and alpha >= max(a for r, a in autotune.PRIOR_LADDER if r == "huber"):
+        # measured on the real Philips series: Huber 1.5 flattened bone plates under 2 mm thick
+        warning = (f"the prior chosen from the data is Huber at the largest weight tried ({alpha:g}): thin "
+                   "structures (bone plates under ~2 mm) may be lost; compare with the default (--regularizer "
+                   "tikhonov)")
+        LOGGER.warning("SRR %s", warning)
     run.auto["prior_choice"] = {
         "method": f"{autotune.CV_FOLDS}-fold cross-validation over held-out slices on the probe block over "
-                  "(regularizer, alpha) pairs; lowest held-out error, then the one-standard-error rule along "
-                  "its regularizer's weights",
-        "regularizer": reg, "alpha": float(alpha), "cv_by_candidate": rows, "seconds": round(dt, 3)}
+                  "(regularizer, alpha) pairs; lowest held-out error, then the one-standard-error rule (standard "
+                  "error of the paired differences over the same fold x stack units) along its regularizer's "
+                  "weights",
+        "regularizer": reg, "alpha": float(alpha), "cv_by_candidate": rows, "warning": warning,
+        "seconds": round(dt, 3)}
     LOGGER.info("SRR prior %s, alpha %.4g chosen by cross-validation over held-out slices (%.1f s; CV error by "
-                "candidate: %s)", reg, alpha, dt,
-                ", ".join(f"{r['regularizer']} {r['alpha']:g}: {r['cv_rms']:.2f}" for r in rows))
+                "candidate, excess over the best / its paired standard error: %s)", reg, alpha, dt,
+                ", ".join(f"{r['regularizer']} {r['alpha']:g}: {r['cv_rms']:.2f} "
+                          f"({r['cv_mse_excess']:.3g} / {r['cv_mse_standard_error']:.3g})" for r in rows))
     run.monitor.check()
 
 
