@@ -12,7 +12,7 @@ from MultiPlaneFusionLib.errors import InputError
 from MultiPlaneFusionLib.reconstruction.autotune import PROFILE_MAX_BLUR_RATIO, choose_profile, through_plane_blur_ratio
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions, parse_alpha
 from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
-from MultiPlaneFusionLib.sampling.psf import SliceProfile
+from MultiPlaneFusionLib.sampling.psf import SliceProfile, nominal_profile
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_stack
 
 SCALE = 0.4
@@ -282,3 +282,18 @@ def test_profiles_of_stacks_sharing_a_normal_stay_nominal(grid):
     # orthogonal box stacks are measured (and come out box-like: test_box_profile_width_recovered...)
     ortho = reconstruct_srr(_stacks("box"), grid, SrrOptions(self_check=False))
     assert ortho.info["profile_choice"]["measured"] == [True] * 3
+
+
+def test_unmeasurable_profiles_follow_the_acquisition(grid):
+    # The same shared-normal stacks as above, marked as scanned: sequenced CT keeps a box of the thickness
+    # (detector-row slabs), spiral CT a Gaussian. The nominal profile is also where the estimate starts.
+    stacks = [simulate_stack("axial", thickness_mm=5.0, pixel_spacing_mm=0.8, scale=SCALE, profile="gaussian",
+                             noise_hu=5.0, seed=3)]
+    stacks += [simulate_stack("axial", thickness_mm=2.5, pixel_spacing_mm=0.8, scale=SCALE, profile="box",
+                              noise_hu=5.0, seed=4 + n, tilt_deg=t) for n, t in enumerate((-18.5, 16.5))]
+    stacks = [replace(s, acquisition=a) for s, a in zip(stacks, ("spiral", "sequenced", "sequenced"))]
+    res = reconstruct_srr(stacks, grid, SrrOptions(self_check=False))
+    assert res.info["profile_choice"]["measured"] == [False] * 3
+    assert [(p["kind"], p["width_factor"]) for p in res.info["slice_profiles"]] == \
+        [("gaussian", 1.0), ("box", 1.0), ("box", 1.0)]
+    assert nominal_profile(stacks[1]).kind == "box" and nominal_profile(stacks[0]).kind == "gaussian"

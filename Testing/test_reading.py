@@ -26,6 +26,7 @@ def test_philips_series_geometry(real_series, caplog):
     (five,) = read_stacks([real_series("philips_axial_5mm")])
     assert five.shape[0] == 28 and five.thickness_mm == 5.0
     assert five.frame_of_reference_uid == ref.frame_of_reference_uid
+    assert ref.acquisition == five.acquisition == "spiral"  # helical scans (AcquisitionType SPIRAL)
 
 
 @pytest.mark.parametrize("name,tilt,n", [("philips_tilt_minus18", 18.5, 54), ("philips_tilt_plus16", 16.5, 58)])
@@ -34,6 +35,7 @@ def test_tilted_series_are_sheared(real_series, name, tilt, n):
     assert s.shape[0] == n
     assert s.is_sheared and s.is_regular and s.orientation == "oblique"
     assert s.tilt_deg == pytest.approx(tilt, abs=0.05)
+    assert s.acquisition == "sequenced"  # step-and-shoot axial scans: the tilted gantry cannot do helical here
     # Origins step 2.5 mm along the table; the step along the normal is shorter by cos(tilt).
     assert np.linalg.norm(np.diff(s.slice_origins_mm, axis=0), axis=1) == pytest.approx(2.5, abs=1e-3)
     assert s.slice_step_mm == pytest.approx(2.5 * np.cos(np.radians(tilt)), abs=1e-3)
@@ -133,3 +135,24 @@ def test_stack_from_image_round_trip_oblique():
     img.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.3, 0.1, -0.2).GetMatrix())
     s = stack_from_image(img)
     assert s.thickness_mm == 3.0 and s.shape == (4, 5, 6)
+
+
+def test_acquisition_type_from_the_header():
+    from pydicom.dataset import Dataset
+
+    from MultiPlaneFusionLib.reading.dicom import acquisition_type
+
+    def ds(**kw):
+        d = Dataset()
+        d.Modality = kw.pop("Modality", "CT")
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    assert acquisition_type(ds(AcquisitionType="SEQUENCED")) == "sequenced"
+    assert acquisition_type(ds(AcquisitionType="SPIRAL", ScanOptions="AXIAL")) == "spiral"  # the explicit tag wins
+    assert acquisition_type(ds(SpiralPitchFactor=0.9)) == "spiral"
+    assert acquisition_type(ds(ScanOptions="HELICAL MODE")) == "spiral"
+    assert acquisition_type(ds(ScanOptions="AXIAL")) == "sequenced"
+    assert acquisition_type(ds()) == ""
+    assert acquisition_type(ds(Modality="MR", ScanOptions="AXIAL")) == ""

@@ -68,6 +68,10 @@ class Stack:
         In-plane PSF of the reconstruction's model for this stack: Gaussian FWHM / pixel spacing. None (as
         read): ``sampling.psf.IN_PLANE_FWHM_FACTOR``; set on the copies the operators get when the width is
         estimated from the data (``SliceProfile.apply``).
+    acquisition : str
+        How a CT series was scanned, from its header: "sequenced" (step-and-shoot axial scanning),
+        "spiral" (helical), or "" when unknown (MR, volume files). Sets the nominal slice profile
+        (``sampling.psf.nominal_profile``).
     """
 
     pixels: np.ndarray
@@ -84,6 +88,7 @@ class Stack:
     source: str = ""
     transform: np.ndarray = field(default_factory=lambda: np.eye(4))
     in_plane_fwhm_factor: Optional[float] = None
+    acquisition: str = ""
 
     def __post_init__(self):
         self.pixels = np.asarray(self.pixels, dtype=np.float32)
@@ -278,6 +283,7 @@ class Stack:
             "description": self.description,
             "source": self.source,
             "modality": self.modality,
+            "acquisition": self.acquisition or None,
             "orientation": self.orientation,
             "matrix": [int(self.shape[2]), int(self.shape[1]), int(self.shape[0])],
             "pixel_spacing_mm": [round(v, 6) for v in self.pixel_spacing_mm],

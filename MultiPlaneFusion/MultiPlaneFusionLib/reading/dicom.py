@@ -133,6 +133,25 @@ def _pixels(path, ds_header):
     return np.asarray(arr), False
 
 
+def acquisition_type(ds):
+    """'sequenced', 'spiral' or '' (unknown, or not CT) from a CT header: AcquisitionType (0018,9302), else
+    SpiralPitchFactor (0018,9311, helical only), else ScanOptions (0018,0022: HELIX / AXIAL on many
+    scanners)."""
+    if str(ds.get("Modality", "")).upper() != "CT":
+        return ""
+    kind = str(ds.get("AcquisitionType", "") or "").upper()
+    if kind in ("SEQUENCED", "SPIRAL"):
+        return kind.lower()
+    if ds.get("SpiralPitchFactor", None) not in (None, ""):
+        return "spiral"
+    options = str(ds.get("ScanOptions", "") or "").upper()
+    if any(w in options for w in ("HELIX", "HELICAL", "SPIRAL")):
+        return "spiral"
+    if "AXIAL" in options or "SEQUENCE" in options:
+        return "sequenced"
+    return ""
+
+
 def read_series(files, description_hint=""):
     """Read one grouped series (list of ``(path, header)``) into a :class:`Stack`.
 
@@ -179,6 +198,7 @@ def read_series(files, description_hint=""):
         series_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         source=os.path.dirname(files[0][0]),
+        acquisition=acquisition_type(first),
     )
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import Monitor
-from ..sampling.psf import PSF_KINDS, WIDTH_FACTORS, SliceProfile
+from ..sampling.psf import PSF_KINDS, WIDTH_FACTORS, SliceProfile, nominal_profile
 from . import autotune
 from .average import default_background
 from .intensity import compare_stacks
@@ -187,7 +187,8 @@ def _settings_from_data(run):
             raise InputError(f"stack profiles: {len(options.stack_profiles)} given for {len(run.stacks)} stacks")
         run.profiles = [options.stack_profiles[k] for k in run.used]
     elif options.psf == "auto":
-        run.profiles = [SliceProfile("gaussian")] * len(work)
+        # the start of the estimate, and what stays where the data cannot measure the profile
+        run.profiles = [nominal_profile(s) for s in work]
     else:
         run.profiles = [SliceProfile(options.psf)] * len(work)
     if options.stack_profiles is None and options.in_plane_psf is not None and not options.in_plane_is_auto:
@@ -270,7 +271,7 @@ def _choose_profiles(run):
                         f"{autotune.PROFILE_ALPHA:g}, re-blurred by their in-plane PSF; residual smoothed in-plane, "
                         f"sigma {autotune.PROFILE_SMOOTH_MM:g} mm), for stacks whose normal the others resolve "
                         f"(through-plane blur ratio <= {autotune.PROFILE_MAX_BLUR_RATIO:g}); the others keep the "
-                        "nominal Gaussian",
+                        "nominal profile (box for sequenced CT, else Gaussian)",
               "rms_by_candidate": [None] * len(run.stacks), "through_plane_blur_ratio": [None] * len(run.stacks),
               "measured": [False] * len(run.stacks), "seconds": round(dt, 3)}
     for n, k in enumerate(probe.index):
@@ -280,8 +281,9 @@ def _choose_profiles(run):
         choice["measured"][u] = report[n] is not None
         if ratios[n] > autotune.PROFILE_MAX_BLUR_RATIO:
             LOGGER.info("SRR slice profile of '%s' not measurable: no other stack resolves its slice normal (their "
-                        "profiles blur it by %.2f of its own variance, limit %g); nominal Gaussian kept",
-                        run.work[k].description, ratios[n], autotune.PROFILE_MAX_BLUR_RATIO)
+                        "profiles blur it by %.2f of its own variance, limit %g); nominal %s kept (%s)",
+                        run.work[k].description, ratios[n], autotune.PROFILE_MAX_BLUR_RATIO, found[n].kind,
+                        f"{run.work[k].acquisition} CT" if run.work[k].acquisition else "acquisition unknown")
     run.auto["profile_choice"] = choice
     run.monitor.check()
 
