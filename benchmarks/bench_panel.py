@@ -52,7 +52,7 @@ def huber_grid(alphas, deltas):
 def print_matrix(rows, reference="default"):
     """A markdown table setting x case of "PSNR / surface mean" for the option sets, with each case's
     best PSNR in bold, and per setting the worst PSNR shortfall against the case's best and the cases on
-    which it beats ``reference`` on both PSNR and surface (when ``reference`` is among the sets)."""
+    which it beats ``reference`` on both PSNR and surface, as printed (when ``reference`` is among the sets)."""
     opts = [r for r in rows if r["kind"] == "option"]
     cases = list(dict.fromkeys(r["case"] for r in opts))
     names = list(dict.fromkeys(r["method"] for r in opts))
@@ -71,7 +71,9 @@ def print_matrix(rows, reference="default"):
             texts.append(f"**{t}**" if r["psnr_db"] >= best[c] else t)
             short.append(r["psnr_db"] - best[c])
             ref = cell.get((c, reference))
-            wins += bool(ref and r["psnr_db"] > ref["psnr_db"] and r["surface_mean_mm"] < ref["surface_mean_mm"])
+            # compared as printed: a setting equal to the reference up to float noise does not count as a win
+            wins += bool(ref and round(r["psnr_db"], 2) > round(ref["psnr_db"], 2)
+                         and round(r["surface_mean_mm"], 3) < round(ref["surface_mean_mm"], 3))
         lines.append(f"| {n} | " + " | ".join(texts) + f" | {min(short):+.2f} | {wins}/{len(short)} |")
     print("\n".join(lines))
 
