@@ -9,6 +9,10 @@ those that want a low one in the grid of README "Current figures". A rule sets
 ``huber_delta = factor x statistic`` at a fixed alpha; each rule runs through the panel's user path with
 that number as the fixed threshold.
 
+``--floor F`` (an experiment, not a library setting): the IRLS weights ``min(1, delta / |grad|)`` are
+raised to at least F, i.e. a weighted combination of Tikhonov (weight alpha x F, kept at edges) and Huber,
+by wrapping the solver's weight function for this process.
+
 Usage::
 
     python benchmarks/huber_threshold.py --rules 0.5:2 0.5:1 0.3:2.5 [--cases "P " "A "]
@@ -48,13 +52,30 @@ def texture_statistic(stacks, offset=-1024.0):
     return float(np.median(per)) if per else 0.0
 
 
+def floor_weights(floor):
+    """Make the solvers' Huber weights at least ``floor`` (this process only)."""
+    from MultiPlaneFusionLib.reconstruction import solvers
+
+    plain = solvers.huber_weights
+
+    def floored(*args, **kwargs):
+        w = plain(*args, **kwargs)
+        np.maximum(w, w.dtype.type(floor), out=w)
+        return w
+
+    solvers.huber_weights = floored
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", nargs="*", help="case names or substrings (default: all)")
     p.add_argument("--rules", nargs="+", default=["0.5:2"], help="ALPHA:FACTOR, delta = FACTOR x statistic")
+    p.add_argument("--floor", type=float, default=None, help="experiment: Huber weights at least this")
     p.add_argument("--no-default", action="store_true", help="skip the default (Tikhonov) row")
     p.add_argument("--json", default=str(RESULTS / "huber_threshold.json"))
     args = p.parse_args(argv)
+    if args.floor:
+        floor_weights(args.floor)
     rules = [tuple(float(v) for v in r.split(":")) for r in args.rules]
     rows = []
     for case in panel.get_cases(args.cases):
@@ -64,8 +85,8 @@ def main(argv=None):
         print(f"  texture statistic {stat:.4f} per mm")
         sets = {} if args.no_default else {"default": {}}
         for alpha, factor in rules:
-            sets[f"huber a={alpha:g} d={factor:g}xtex"] = {"regularizer": "huber", "alpha": alpha,
-                                                          "huber_delta": factor * stat}
+            name = f"huber a={alpha:g} d={factor:g}xtex" + (f" floor {args.floor:g}" if args.floor else "")
+            sets[name] = {"regularizer": "huber", "alpha": alpha, "huber_delta": factor * stat}
         for name, overrides in sets.items():
             row = panel.option_row(prep, name, overrides)
             row["texture_statistic"] = stat
