@@ -7,6 +7,7 @@ Usage::
     python benchmarks/bench_panel.py                      # default srr, Tikhonov, average on every case
     python benchmarks/bench_panel.py --cases "P 4mm" "R 5mm" --options '{"mine": {"psf": "auto"}}'
     python benchmarks/bench_panel.py --sweep              # best fixed setting per case next to the default
+    python benchmarks/bench_panel.py --no-baselines --huber-alphas 0.15 0.5 --huber-deltas 0.05 0.2
     python benchmarks/bench_panel.py --skip-panel --model # ridge measure + vault rendering, real series
 
 ``--options`` takes a JSON object {name: flat option dict} replacing the default option sets
@@ -39,6 +40,42 @@ def sweep_settings(alpha_factors=(0.3, 1.0, 3.0)):
                 a = round(DEFAULT_ALPHA[reg] * f, 6)
                 out[f"{psf} {reg} a={a:g}"] = {"psf": psf, "regularizer": reg, "alpha": a}
     return out
+
+
+def huber_grid(alphas, deltas):
+    """Option sets Huber alpha x huber_delta (the threshold, normalised intensity per mm), named
+    "huber a=.. d=..": the threshold was fixed at 0.05 and never tuned on the panel."""
+    return {f"huber a={a:g} d={d:g}": {"regularizer": "huber", "alpha": float(a), "huber_delta": float(d)}
+            for d in deltas for a in alphas}
+
+
+def print_matrix(rows, reference="default"):
+    """A markdown table setting x case of "PSNR / surface mean" for the option sets, with each case's
+    best PSNR in bold, and per setting the worst PSNR shortfall against the case's best and the cases on
+    which it beats ``reference`` on both PSNR and surface, as printed (when ``reference`` is among the sets)."""
+    opts = [r for r in rows if r["kind"] == "option"]
+    cases = list(dict.fromkeys(r["case"] for r in opts))
+    names = list(dict.fromkeys(r["method"] for r in opts))
+    cell = {(r["case"], r["method"]): r for r in opts}
+    best = {c: max(r["psnr_db"] for r in opts if r["case"] == c) for c in cases}
+    lines = ["| setting | " + " | ".join(cases) + " | worst vs best dB | beats " + reference + " (both) |",
+             "|---" * (len(cases) + 3) + "|"]
+    for n in names:
+        texts, short, wins = [], [], 0
+        for c in cases:
+            r = cell.get((c, n))
+            if r is None:
+                texts.append("")
+                continue
+            t = f"{r['psnr_db']:.2f} / {r['surface_mean_mm']:.3f}"
+            texts.append(f"**{t}**" if r["psnr_db"] >= best[c] else t)
+            short.append(r["psnr_db"] - best[c])
+            ref = cell.get((c, reference))
+            # compared as printed: a setting equal to the reference up to float noise does not count as a win
+            wins += bool(ref and round(r["psnr_db"], 2) > round(ref["psnr_db"], 2)
+                         and round(r["surface_mean_mm"], 3) < round(ref["surface_mean_mm"], 3))
+        lines.append(f"| {n} | " + " | ".join(texts) + f" | {min(short):+.2f} | {wins}/{len(short)} |")
+    print("\n".join(lines))
 
 
 def run_sweep(cases, option_sets, alpha_factors, log=print):
@@ -244,6 +281,9 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="fixed settings profile x prior x alpha")
     p.add_argument("--alpha-factors", type=float, nargs="+", default=[0.3, 1.0, 3.0],
                    help="sweep: alphas as factors of each prior's fixed default")
+    p.add_argument("--huber-alphas", type=float, nargs="+",
+                   help="with --huber-deltas: add the option sets Huber alpha x delta to the others")
+    p.add_argument("--huber-deltas", type=float, nargs="+", help="Huber thresholds for --huber-alphas")
     p.add_argument("--model", action="store_true",
                    help="bone-model ridge measure and vault rendering on the real 5 mm + tilted series")
     p.add_argument("--model-options", help="JSON {name: {option: value}} for --model (default: the option sets)")
@@ -258,6 +298,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     option_sets = json.loads(args.options) if args.options else dict(DEFAULT_OPTION_SETS)
+    if bool(args.huber_alphas) != bool(args.huber_deltas):
+        p.error("--huber-alphas and --huber-deltas go together")
+    if args.huber_alphas:
+        option_sets.update(huber_grid(args.huber_alphas, args.huber_deltas))
     if args.in_plane_factor is not None:
         from MultiPlaneFusionLib.reconstruction import autotune
         from MultiPlaneFusionLib.sampling import psf
@@ -271,6 +315,9 @@ def main(argv=None):
         rows = panel.run_panel(option_sets, args.cases, baselines=not args.no_baselines,
                                check_positions=not args.no_position_check)
         panel.print_panel(rows)
+        if len(option_sets) > 2:
+            print()
+            print_matrix(rows)
         out["panel"] = {"rows": rows, "summary": panel.summarise(rows)}
         out["panel_seconds"] = time.perf_counter() - t0
         print(f"\npanel wall time {out['panel_seconds']:.0f} s; load {machine()['load_average']}")
