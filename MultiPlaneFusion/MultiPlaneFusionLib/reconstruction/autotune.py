@@ -17,7 +17,8 @@ is cropped to the block (plus the reach of its profile) and only samples well in
   for the tilted ones, 0.002 lower in correlation and 0.04 mm worse in surface than the nominal
   Gaussians. So a stack is measured only when some other stack blurs its normal by at most
   ``PROFILE_MAX_BLUR_RATIO`` of its own profile variance (:func:`through_plane_blur_ratio`); the
-  others keep the nominal Gaussian. Two things keep the comparison about the profile (each measured on
+  others keep their nominal profile (:func:`.psf.nominal_profile`: from the acquisition in the header).
+  Two things keep the comparison about the profile (each measured on
   the realistic panel, where without them Gaussian profiles won on box data):
 
   * the two sides are made alike: along the left-out normal the fusion is a deconvolution of the

@@ -50,8 +50,9 @@ class SrrOptions:
         Through-plane slice profile. "auto" (default): per stack, box or Gaussian and a width factor
         around the nominal thickness, whichever predicts that stack best from a reconstruction of the
         others on a probe block (``autotune.estimate_profiles``); a stack whose normal no other stack
-        resolves (all share nearly one normal, e.g. an axial series with gantry-tilted ones) keeps the
-        nominal Gaussian. "gaussian": FWHM = slice thickness;
+        resolves (all share nearly one normal, e.g. an axial series with gantry-tilted ones) keeps its
+        nominal profile (``sampling.psf.nominal_profile``: box for sequenced CT, else Gaussian).
+        "gaussian": FWHM = slice thickness;
         "box": the slice thickness (slab-averaged MPR reformats). In-plane: see ``in_plane_psf``.
     in_plane_psf : float, "auto" or None
         In-plane PSF of the model: Gaussian of FWHM = this factor x pixel spacing for every stack. None
