@@ -805,6 +805,7 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             series_uid=info.get("seriesUID", ""),
             frame_of_reference_uid=info.get("frameOfReferenceUID", ""),
             source=volumeNode.GetID(),
+            acquisition=info.get("acquisition", ""),
         )
 
     @staticmethod
@@ -823,6 +824,12 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             info["modality"] = database.instanceValue(uid, "0008,0060").strip() or None
             info["seriesUID"] = database.instanceValue(uid, "0020,000E").strip()
             info["frameOfReferenceUID"] = database.instanceValue(uid, "0020,0052").strip()
+            # AcquisitionType, SpiralPitchFactor, ScanOptions: sequenced or spiral CT (the nominal slice profile)
+            from MultiPlaneFusionLib.reading.dicom import acquisition_from_values
+
+            info["acquisition"] = acquisition_from_values(
+                info["modality"], *(database.instanceValue(uid, tag).strip() for tag in ("0018,9302", "0018,9311",
+                                                                                       "0018,0022")))
         except Exception:  # a database without these files: fall back to the geometry
             logging.debug("MultiPlaneFusion: no DICOM details for %s", volumeNode.GetName(), exc_info=True)
         return info

@@ -168,6 +168,26 @@ def test_stack_from_volume_node_without_parent_and_with_a_linear_transform(slice
     assert np.allclose(logic.stackFromVolumeNode(moved).slice_origins_mm, truth.slice_origins_mm, atol=1e-6)
 
 
+def test_stack_from_a_dicom_volume_node_reads_thickness_and_acquisition(slicer, mpf, phantom_stacks, monkeypatch):
+    # A volume loaded from DICOM carries its instance UIDs; the module asks Slicer's DICOM database for the
+    # header values (here a stand-in database: slicer-core has no ctkDICOMDatabase).
+    values = {"0018,0050": "4.0", "0008,0060": "CT", "0020,000E": "1.2.3", "0020,0052": "1.2.4",
+              "0018,9302": "SEQUENCED", "0018,9311": "", "0018,0022": "AXIAL"}
+
+    class Database:
+        def instanceValue(self, uid, tag):
+            assert uid == "9.8.7"
+            return values.get(tag, "")
+
+    monkeypatch.setattr(slicer, "dicomDatabase", Database(), raising=False)
+    (node,) = push(slicer, [phantom_stacks[0]], offset=np.zeros(3))
+    node.SetAttribute("DICOM.instanceUIDs", "9.8.7 9.8.6")
+    stack = mpf.MultiPlaneFusionLogic().stackFromVolumeNode(node)
+    assert stack.thickness_mm == 4.0 and stack.modality == "CT" and stack.acquisition == "sequenced"
+    values["0018,9302"], values["0018,0022"] = "", "HELIX"
+    assert mpf.MultiPlaneFusionLogic().stackFromVolumeNode(node).acquisition == "spiral"
+
+
 def test_stack_from_volume_node_under_an_acquisition_grid_transform(slicer, mpf):
     """Slicer's default for a gantry-tilted series: orthogonal IJKToRAS plus a grid transform moving each
     slice to its DICOM position. The stack must carry the true (sheared) slice origins."""

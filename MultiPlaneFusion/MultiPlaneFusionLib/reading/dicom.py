@@ -134,17 +134,23 @@ def _pixels(path, ds_header):
 
 
 def acquisition_type(ds):
-    """'sequenced', 'spiral' or '' (unknown, or not CT) from a CT header: AcquisitionType (0018,9302), else
-    SpiralPitchFactor (0018,9311, helical only), else ScanOptions (0018,0022: HELIX / AXIAL on many
-    scanners)."""
-    if str(ds.get("Modality", "")).upper() != "CT":
+    """'sequenced', 'spiral' or '' (unknown, or not CT) from a CT header (see :func:`acquisition_from_values`)."""
+    return acquisition_from_values(ds.get("Modality", ""), ds.get("AcquisitionType", ""),
+                                   ds.get("SpiralPitchFactor", ""), ds.get("ScanOptions", ""))
+
+
+def acquisition_from_values(modality, acquisition_type, spiral_pitch_factor, scan_options):
+    """'sequenced', 'spiral' or '' from the header values (strings, or None when absent): AcquisitionType
+    (0018,9302), else a SpiralPitchFactor (0018,9311, helical scans only), else ScanOptions (0018,0022: HELIX
+    / AXIAL on many scanners). Only CT has these."""
+    if str(modality or "").strip().upper() != "CT":
         return ""
-    kind = str(ds.get("AcquisitionType", "") or "").upper()
+    kind = str(acquisition_type or "").strip().upper()
     if kind in ("SEQUENCED", "SPIRAL"):
         return kind.lower()
-    if ds.get("SpiralPitchFactor", None) not in (None, ""):
+    if str(spiral_pitch_factor if spiral_pitch_factor is not None else "").strip():
         return "spiral"
-    options = str(ds.get("ScanOptions", "") or "").upper()
+    options = str(scan_options or "").upper()
     if any(w in options for w in ("HELIX", "HELICAL", "SPIRAL")):
         return "spiral"
     if "AXIAL" in options or "SEQUENCE" in options:
