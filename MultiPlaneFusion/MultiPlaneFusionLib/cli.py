@@ -173,6 +173,8 @@ def cmd_inspect(args, progress):
         if d["sheared"]:
             d["signed_tilt_deg"], along = signed_tilt(s)
             flags.append(f"TILT {d['signed_tilt_deg']:+.1f}deg along {along} (sheared)")
+        if d["acquisition"]:  # sets the nominal slice profile (box for sequenced CT)
+            flags.append(d["acquisition"].upper())
         matrix = "x".join(str(v) for v in d["matrix"])
         pixel = "x".join(f"{v:.4g}" for v in d["pixel_spacing_mm"])
         print(f"{n:>2} {d['description'][:28]:<28} {d['orientation']:<9} {matrix:<13} {pixel:<15} "
