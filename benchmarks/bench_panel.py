@@ -236,7 +236,7 @@ def run_model(option_sets, grid_choice="1mm", png=None, log=print):
         t = time.perf_counter()
         model = build_model(res.image)
         model_s = time.perf_counter() - t
-        normals = [s.transform[:3, :3] @ s.normal for s in res.stacks]
+        normals = [s.world_normal for s in res.stacks]
         b = model.polydata.GetBounds()
         z_top = b[5] if z_top is None else z_top
         z_vault = z_top - 45.0

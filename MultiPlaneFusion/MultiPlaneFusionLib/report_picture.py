@@ -42,8 +42,7 @@ def _best_stack(stacks, normal):
     """Index of the stack whose slice normal (registration applied) is most parallel to ``normal``."""
     scores = []
     for s in stacks:
-        n = s.transform[:3, :3] @ np.asarray(s.normal, float)
-        scores.append((abs(float(n @ normal)), -min(s.pixel_spacing_mm)))
+        scores.append((abs(float(s.world_normal @ normal)), -min(s.pixel_spacing_mm)))
     return max(range(len(stacks)), key=lambda n: scores[n])
 
 

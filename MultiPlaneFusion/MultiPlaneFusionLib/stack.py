@@ -191,9 +191,15 @@ class Stack:
         return bool(np.max(np.linalg.norm(d - d.mean(axis=0), axis=1)) <= _STEP_RTOL * np.linalg.norm(d[0]))
 
     @property
+    def world_normal(self):
+        """Unit slice normal in patient space, the registration ``transform`` applied; shape (3,)."""
+        n = self.transform[:3, :3] @ self.normal
+        return n / np.linalg.norm(n)
+
+    @property
     def orientation(self):
         """'axial', 'coronal', 'sagittal' or 'oblique', from the slice normal (after registration)."""
-        return orientation_label(self.transform[:3, :3] @ self.normal)
+        return orientation_label(self.world_normal)
 
     @property
     def n_voxels(self):

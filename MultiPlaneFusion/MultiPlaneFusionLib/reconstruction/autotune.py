@@ -335,8 +335,7 @@ def through_plane_blur_ratio(stacks, profiles):
     about their variance ratio."""
     normals, s_t, s_p = [], [], []
     for s, p in zip(stacks, profiles):
-        n = np.asarray(s.transform, dtype=np.float64)[:3, :3] @ np.asarray(s.normal, dtype=np.float64)
-        normals.append(n / np.linalg.norm(n))
+        normals.append(s.world_normal)
         s_t.append(float(s.thickness_mm) / FWHM_PER_SIGMA)
         s_p.append(p.effective_in_plane_factor * max(s.pixel_spacing_mm) / FWHM_PER_SIGMA)
     out = []

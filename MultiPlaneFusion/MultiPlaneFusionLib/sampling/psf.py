@@ -236,7 +236,7 @@ def nominal_profile(stack):
     acquisition's (the NiftyMIC/SVRTK convention). Measured against the real 1 mm Philips series
     (README): the sequenced gantry-tilted 2.5 mm series fit a box of the thickness best (Gaussian FWHM =
     thickness 10 % worse in RMS), the spiral 5 mm series a Gaussian (0.9 x)."""
-    return SliceProfile("box" if getattr(stack, "acquisition", "") == "sequenced" else "gaussian")
+    return SliceProfile("box" if stack.acquisition == "sequenced" else "gaussian")
 
 
 def validate_psf(value):
