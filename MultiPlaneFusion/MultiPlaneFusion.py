@@ -1077,9 +1077,15 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
                 spacing=float(job.fusion.grid.spacing_mm[0])))
             # The library's self-check: each series predicted from the fusion of the others against the
             # best single other series; None when it did not run (average method, one series).
-            beats = (job.fusion.summary or {}).get("fusion_beats_single_series")
+            summary = job.fusion.summary or {}
+            beats = summary.get("fusion_beats_single_series")
             if beats is True:
                 parts.append(_("self-check: the fusion predicts every series better than any single series"))
+            elif beats is False and summary.get("fusion_worse_than_single_series") is False:
+                check = (summary.get("reconstruction") or {}).get("self_check") or {}
+                parts.append(_("WARNING self-check: the fusion predicts some series only as well as the best single "
+                               "series (within {tie:g} %), no better").format(
+                                   tie=100.0 * float(check.get("tie_fraction", 0.0))))
             elif beats is False:
                 parts.append(_("WARNING self-check: the fusion does not beat the best single series "
                                "(a series misregistered or not belonging?)"))

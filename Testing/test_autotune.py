@@ -132,6 +132,45 @@ def test_self_check_passes_good_fusion_and_flags_a_misplaced_stack(grid):
     bad = reconstruct_srr(moved, grid, opts)
     assert bad.info["fusion_beats_single_series"] is False, bad.info["self_check"]
     assert bad.info["self_check"]["stacks_not_beating_single_series"]
+    # a 6 mm misplacement is clearly worse, not a tie; the good fusion is better everywhere
+    assert bad.info["fusion_worse_than_single_series"] is True
+    assert bad.info["self_check"]["stacks_worse_than_single_series"]
+    assert good.info["fusion_worse_than_single_series"] is False
+    assert all(r["verdict"] == "better" and r["fusion_excess_over_best_single"] < 0 for r in check["per_stack"])
+
+
+def test_self_check_verdict_grades_ties():
+    from MultiPlaneFusionLib.reconstruction.autotune import SELF_CHECK_TIE_FRACTION, self_check_verdict
+
+    assert self_check_verdict(-0.2) == "better"
+    assert self_check_verdict(0.0) == "on par"
+    assert self_check_verdict(0.5 * SELF_CHECK_TIE_FRACTION) == "on par"
+    assert self_check_verdict(2.0 * SELF_CHECK_TIE_FRACTION) == "worse"
+
+
+def test_self_check_says_on_par_without_calling_it_worse(caplog):
+    from types import SimpleNamespace
+
+    from MultiPlaneFusionLib.reconstruction.srr import _self_check_summary
+
+    def row(fused, single, verdict):
+        return {"fusion_of_others_rms": fused, "single_series_rms": {1: single}, "best_single": 1,
+                "best_single_rms": single, "fusion_rms_where_best_single_covers": fused,
+                "fusion_beats_best_single": fused < single, "fusion_excess_over_best_single": fused / single - 1,
+                "verdict": verdict}
+
+    stacks = [SimpleNamespace(description=n) for n in ("axial", "tilt a", "tilt b")]
+    probe = SimpleNamespace(index=[0, 1, 2])
+    per = [row(50.0, 80.0, "better"), row(73.6, 73.5, "on par"), row(90.0, 60.0, "worse")]
+    with caplog.at_level("WARNING", logger="MultiPlaneFusionLib"):
+        out = _self_check_summary(per, probe, [0, 1, 2], stacks, seconds=0.1)
+    assert out["fusion_beats_single_series"] is False and out["fusion_worse_than_single_series"] is True
+    assert out["stacks_not_beating_single_series"] == [1, 2] and out["stacks_worse_than_single_series"] == [2]
+    text = caplog.text
+    assert "predicts 'tilt a' no better than" in text and "predicts 'tilt a' WORSE" not in text
+    assert "predicts 'tilt b' WORSE than" in text
+    tie_only = _self_check_summary(per[:2], SimpleNamespace(index=[0, 1]), [0, 1], stacks, seconds=0.1)
+    assert tie_only["fusion_beats_single_series"] is False and tie_only["fusion_worse_than_single_series"] is False
 
 
 def test_self_check_judges_the_final_settings_with_profiles_from_the_data(grid, monkeypatch):

@@ -520,7 +520,13 @@ def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, pha
     beats = job.fusion.summary["fusion_beats_single_series"]
     assert beats in (True, False) and ("WARNING self-check" in status) == (beats is False)
     job.fusion.summary["fusion_beats_single_series"] = False
-    assert "WARNING self-check" in logic.describeResult(job)
+    job.fusion.summary["fusion_worse_than_single_series"] = True
+    assert "does not beat the best single series" in logic.describeResult(job)
+    # a tie within the tolerance is said as such, not as a failure
+    job.fusion.summary["fusion_worse_than_single_series"] = False
+    job.fusion.summary["reconstruction"]["self_check"]["tie_fraction"] = 0.01
+    tie = logic.describeResult(job)
+    assert "WARNING self-check" in tie and "only as well as the best single series (within 1 %)" in tie
 
 
 def test_logic_refuses_bad_input_with_value_error(stubbed_module, phantom_series):

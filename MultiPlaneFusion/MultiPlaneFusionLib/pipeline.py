@@ -185,8 +185,10 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         "registration": registration_reports,
         "reconstruction": info,
         # srr self-check (None for the average or when it did not run): False means some stack is predicted
-        # better by a single other series than by the fusion; the Slicer module shows it in the status line
+        # no better by the fusion than by a single other series; "worse" that it is predicted worse by more than
+        # the tie fraction; the Slicer module shows both in the status line
         "fusion_beats_single_series": info.get("fusion_beats_single_series"),
+        "fusion_worse_than_single_series": info.get("fusion_worse_than_single_series"),
         "timings_s": timings,
         "estimated_peak_memory_mb": budget.peak_bytes / 1024**2,
         "duplicates_dropped": [{"stack": a, "same_as": b} for a, b in duplicates],

@@ -140,7 +140,10 @@ def _srr_self_check(summary, n):
     r = per[n] if n < len(per) else None
     if not isinstance(r, dict) or r.get("best_single_rms") is None:
         return None
-    verdict = "" if r.get("fusion_beats_best_single") else " WORSE"
+    if r.get("fusion_beats_best_single"):
+        verdict = ""
+    else:
+        verdict = " on par" if r.get("verdict") == "on par" else " WORSE"
     return f"{r['fusion_rms_where_best_single_covers']:.0f} / {r['best_single_rms']:.0f}{verdict}"
 
 

@@ -56,7 +56,10 @@ is cropped to the block (plus the reach of its profile) and only samples well in
   others made with the final settings (chosen profiles and weight, the regularizer) and by every other
   single series alone (B-spline resampled, then through this stack's profile). When the fusion does not
   predict some stack better than the best single series, the reconstruction is not trustworthy there
-  (misregistration, a stack that does not belong): flagged.
+  (misregistration, a stack that does not belong): flagged. The verdict per stack is graded: "on par" when
+  the fusion's RMS error is within ``SELF_CHECK_TIE_FRACTION`` of the single series' (the other series add
+  nothing measurable for that stack, as for two nearly parallel tilted series with a third one across
+  them), "worse" beyond it, which is what a misregistered or foreign series gives (README).
 
 The block solves use the objective of :mod:`.srr` on the same normalised intensities, so a weight chosen
 here means the same on the full grid (alpha is a squared length, independent of the grid spacing).
@@ -99,6 +102,10 @@ CV_FOLDS = 2
 # default weight and a factor ~3 either side (the grid of the panel's exhaustive sweep).
 PRIOR_LADDER = (("tikhonov", 0.03), ("tikhonov", 0.1), ("tikhonov", 0.3),
                 ("huber", 0.15), ("huber", 0.5), ("huber", 1.5))
+# Self-check: a fusion whose RMS prediction error of a stack exceeds the best single series' by at most this
+# fraction is "on par", not "worse" (measured: 0.1-0.4 % on the real registered Philips series, whose tilted
+# series are predicted as well by each other as by the fusion; 3 % for a series left in scanner geometry).
+SELF_CHECK_TIE_FRACTION = 0.01
 # Block solves: converged when an iteration changes x by less than this fraction (relative).
 _BLOCK_SOLUTION_TOL = 1e-3
 _BLOCK_MAX_ITER = 60
@@ -604,6 +611,15 @@ def choose_prior(problem, profiles, *, huber=None, ladder=PRIOR_LADDER, folds=CV
     return r_min, best, out
 
 
+def self_check_verdict(excess, tie=SELF_CHECK_TIE_FRACTION):
+    """"better", "on par" or "worse" for the fusion's RMS prediction error relative to the best single series'
+    (``excess`` = fusion RMS / single RMS - 1): "on par" when the fusion does not beat the series but is within
+    ``tie`` of it, "worse" beyond."""
+    if excess < 0.0:
+        return "better"
+    return "on par" if excess <= tie else "worse"
+
+
 def self_check(problem, profiles, alpha, *, regularizer="tikhonov", huber=None):
     """Per stack: RMS error (input units) of predicting it from the fusion of the others and from each
     other single series alone; ``fusion_beats_best_single`` per stack and overall.
@@ -643,6 +659,7 @@ def self_check(problem, profiles, alpha, *, regularizer="tikhonov", huber=None):
             singles[i] = float(np.sqrt(np.mean((p1 - meas)[inside].astype(np.float64) ** 2))) * problem.norm.scale
             fused_same[i] = float(np.sqrt(np.mean(err[inside] ** 2))) * problem.norm.scale
         best = min(singles, key=singles.get) if singles else None
+        excess = None if best is None else fused_same[best] / max(singles[best], 1e-12) - 1.0
         per.append({
             "fusion_of_others_rms": round(fused, 3),
             "single_series_rms": {int(i): round(v, 3) for i, v in singles.items()},
@@ -650,11 +667,13 @@ def self_check(problem, profiles, alpha, *, regularizer="tikhonov", huber=None):
             "best_single_rms": None if best is None else round(singles[best], 3),
             "fusion_rms_where_best_single_covers": None if best is None else round(fused_same[best], 3),
             "fusion_beats_best_single": None if best is None else bool(fused_same[best] < singles[best]),
+            "fusion_excess_over_best_single": None if excess is None else round(excess, 4),
+            "verdict": None if excess is None else self_check_verdict(excess),
         })
     return per
 
 
 __all__ = ["BlockProblem", "Normalisation", "PRIOR_LADDER", "choose_alpha", "choose_block", "choose_prior",
            "choose_profile", "crop_stack", "estimate_in_plane", "estimate_profiles", "in_plane_smoother",
-           "one_standard_error_choice", "select_slices", "self_check", "smoothed_in_plane",
+           "one_standard_error_choice", "select_slices", "self_check", "self_check_verdict", "smoothed_in_plane",
            "through_plane_blur_ratio"]

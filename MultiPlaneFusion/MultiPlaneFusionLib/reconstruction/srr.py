@@ -500,6 +500,7 @@ def _summary(run):
         "probe_block": None if run.probe is None else run.probe.summary(),
         "self_check": check,
         "fusion_beats_single_series": None if check is None else check["fusion_beats_single_series"],
+        "fusion_worse_than_single_series": None if check is None else check["fusion_worse_than_single_series"],
         "huber_delta": float(options.huber_delta) if huber else None,
         "edge_scale_mm": float(options.edge_scale_mm) if huber else None,
         "max_iterations": options.effective_iterations,
@@ -593,7 +594,7 @@ def _probe(work, grid, *, offset, scale, options, workers, check=None):
 
 def _self_check_summary(per, probe, used, stacks, *, seconds):
     rows = [None] * len(stacks)
-    failing = []
+    failing, worse = [], []
     for n, r in zip(probe.index, per):
         k = used[n]
         if r is None:
@@ -605,10 +606,18 @@ def _self_check_summary(per, probe, used, stacks, *, seconds):
         name = stacks[k].description or f"stack {k}"
         if r["fusion_beats_best_single"] is False:
             failing.append(k)
-            LOGGER.warning("SRR self-check: the fusion of the other stacks predicts '%s' WORSE than the single series "
-                           "'%s' alone (RMS %.1f against %.1f): check the registration and the inputs; the result may "
-                           "be worse than one series", name, stacks[r["best_single"]].description,
-                           r["fusion_rms_where_best_single_covers"], r["best_single_rms"])
+            single = stacks[r["best_single"]].description
+            args = (name, single, r["fusion_rms_where_best_single_covers"], r["best_single_rms"],
+                    100.0 * r["fusion_excess_over_best_single"])
+            if r["verdict"] == "worse":
+                worse.append(k)
+                LOGGER.warning("SRR self-check: the fusion of the other stacks predicts '%s' WORSE than the single "
+                               "series '%s' alone (RMS %.1f against %.1f, +%.1f %%): check the registration and the "
+                               "inputs; the result may be worse than one series", *args)
+            else:
+                LOGGER.warning("SRR self-check: the fusion of the other stacks predicts '%s' no better than the single "
+                               "series '%s' alone (RMS %.1f against %.1f, +%.1f %%, within %g %%): the other series "
+                               "add nothing measurable there", *args, 100.0 * autotune.SELF_CHECK_TIE_FRACTION)
         elif r["fusion_beats_best_single"]:
             LOGGER.info("SRR self-check '%s': predicted from the others with RMS %.1f, best single other series %.1f",
                         name, r["fusion_rms_where_best_single_covers"], r["best_single_rms"])
@@ -618,7 +627,10 @@ def _self_check_summary(per, probe, used, stacks, *, seconds):
                   "regularizer, against each other series alone (B-spline)",
         "per_stack": rows,
         "stacks_not_beating_single_series": failing,
+        "stacks_worse_than_single_series": worse,
+        "tie_fraction": autotune.SELF_CHECK_TIE_FRACTION,
         "fusion_beats_single_series": (not failing) if judged else None,
+        "fusion_worse_than_single_series": bool(worse) if judged else None,
         "seconds": round(seconds, 3),
     }
 
