@@ -26,7 +26,7 @@ def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
         With its registration ``transform`` (scanner -> patient) applied.
     grid : Grid
     psf : {"gaussian", "box"}
-        Through-plane slice profile (in-plane is always Gaussian, FWHM 1.2 x pixel spacing).
+        Through-plane slice profile (in-plane is always Gaussian, FWHM ``IN_PLANE_FWHM_FACTOR`` x pixel spacing).
     path : {"auto", "separable", "skew", "shear", "general"}
         ``auto`` takes the separable path when :func:`.stack_operator.separable_axes` allows it, else the skew
         path while its profile drift (:func:`.skew_operator.skew_drift_voxels`) is at most
