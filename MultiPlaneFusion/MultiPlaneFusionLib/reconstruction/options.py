@@ -20,7 +20,7 @@ REGULARIZERS = ("tikhonov", "huber")
 # (autotune.choose_prior); the solvers only ever see one of REGULARIZERS.
 REGULARIZER_CHOICES = REGULARIZERS + ("auto",)
 # Fixed weights (mm^2), not "auto": on the realistic panel the cross-validated weight under-regularised
-# overlapping slices. Tikhonov's 0.07 goes with the in-plane model width 0.6 (sampling.psf): the pair was
+# overlapping slices. Tikhonov's 0.07 goes with the in-plane model width 0.9 (sampling.psf): the pair was
 # chosen on the whole realistic panel and the real series (README). Huber's penalty is weaker at edges, so
 # it takes a larger one.
 DEFAULT_ALPHA = {"tikhonov": 0.07, "huber": 0.5}
@@ -58,7 +58,7 @@ class SrrOptions:
         "box": the slice thickness (slab-averaged MPR reformats). In-plane: see ``in_plane_psf``.
     in_plane_psf : float, "auto" or None
         In-plane PSF of the model: Gaussian of FWHM = this factor x pixel spacing for every stack. None
-        (default): ``sampling.psf.IN_PLANE_FWHM_FACTOR`` (0.6). "auto": per stack, from the data on the
+        (default): ``sampling.psf.IN_PLANE_FWHM_FACTOR`` (0.9). "auto": per stack, from the data on the
         probe block (``autotune.estimate_in_plane``: the width under which the stacks predict each other
         best, candidates ``sampling.psf.IN_PLANE_FACTORS``).
     max_iterations : int or None

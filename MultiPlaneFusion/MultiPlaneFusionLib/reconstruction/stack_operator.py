@@ -17,8 +17,8 @@ refinement (simulated slices) both use this API, which stays stable:
 The continuous image behind ``x`` is the trilinear interpolant of the grid (constant for the half voxel
 beyond the outer voxel centres). A sample is the integral of that image against the stack's point-spread
 function (PSF), centred on the pixel centre, oriented with the slice: Gaussian with through-plane
-FWHM = slice thickness and in-plane FWHM = 0.6 x pixel spacing (``sampling.psf.IN_PLANE_FWHM_FACTOR``;
-about a pixel's own area; NiftyMIC/SVRTK use 1.2),
+FWHM = slice thickness and in-plane FWHM = 0.9 x pixel spacing (``sampling.psf.IN_PLANE_FWHM_FACTOR``;
+NiftyMIC/SVRTK use 1.2),
 or ``psf="box"``: a slab of the slice thickness through-plane (MPR slab reformats), same Gaussian
 in-plane. Each sample's weights are normalised over the part of the PSF inside the grid, so a constant
 volume maps to the same constant (``A 1 = 1`` on valid samples) and intensity offsets pass through.

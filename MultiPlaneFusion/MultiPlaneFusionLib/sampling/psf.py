@@ -1,8 +1,8 @@
 """The point-spread function (PSF) of a thick-slice stack: its sizes, its 1-D weights, and the slice profiles.
 
 **The PSF.** A sample of a stack is the integral of the image against the PSF centred on the pixel centre,
-oriented with the slice: Gaussian in-plane, FWHM = ``IN_PLANE_FWHM_FACTOR`` (0.6) x pixel spacing (about the
-pixel's own area; NiftyMIC/SVRTK/MIALSRTK use 1.2, see the constant), and through-plane either Gaussian of
+oriented with the slice: Gaussian in-plane, FWHM = ``IN_PLANE_FWHM_FACTOR`` (0.9) x pixel spacing
+(NiftyMIC/SVRTK/MIALSRTK use 1.2, see the constant), and through-plane either Gaussian of
 FWHM = slice thickness or a box (a slab of the slice thickness: slab-averaged MPR reformats).
 :func:`psf_sigma_mm` gives the sizes, :func:`psf_rows` the weights of samples against the linear-interpolation
 basis of a 1-D lattice, which every operator builds its banded matrices from
@@ -39,12 +39,14 @@ PSF_KINDS = ("box", "gaussian")
 PSF_CHOICES = ("auto",) + PSF_KINDS
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 # In-plane FWHM of the reconstruction's model, in pixel spacings, for stacks that carry no width of their own
-# (``Stack.in_plane_fwhm_factor`` None). 0.6, about a pixel's own area (a one-pixel box has the variance of a
-# Gaussian of FWHM 0.68 pixel), not NiftyMIC/SVRTK's 1.2: fitted from the registered real 1 mm series, the real
-# thick series carry no in-plane blur beyond it (README), and together with the Tikhonov weight 0.07 it beat
-# 1.2 / 0.1 on PSNR and surface on every case of the realistic panel and on the real series on the 1 mm grid.
+# (``Stack.in_plane_fwhm_factor`` None). 0.9, not NiftyMIC/SVRTK's 1.2: fitted from the registered real 1 mm
+# series, the real thick series carry no in-plane blur beyond the narrowest width tried (README), and with the
+# Tikhonov weight 0.07 it beat 1.2 / 0.1 on the real series on the 1 mm grid and on 6 of the 7 panel cases (the
+# seventh a tie). Not narrower: a model much narrower than a grid voxel depends on where a pixel falls between
+# the grid's nodes (0.6 won on the panel, whose series sit on the truth's lattice, but lost 0.66 dB to a
+# half-voxel shift against 0.16 dB at 0.9 and 0.03 at 1.2, benchmarks/bench_moved.py).
 # The estimate from the data (``--in-plane-psf auto``) stays opt-in: a common width is not identified.
-IN_PLANE_FWHM_FACTOR = 0.6
+IN_PLANE_FWHM_FACTOR = 0.9
 # Candidate in-plane widths (FWHM / pixel spacing) of ``--in-plane-psf auto`` (autotune.estimate_in_plane): the
 # common width of all stacks, and each stack's own width given the others at the common one (a stack blurrier
 # than the others may need more than the common candidates reach; own candidates cost no extra solve).
