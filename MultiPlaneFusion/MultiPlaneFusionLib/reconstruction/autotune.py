@@ -104,8 +104,8 @@ CV_FOLDS = 2
 PRIOR_LADDER = (("tikhonov", 0.03), ("tikhonov", 0.1), ("tikhonov", 0.3),
                 ("huber", 0.15), ("huber", 0.5), ("huber", 1.5))
 # Self-check: a fusion whose RMS prediction error of a stack exceeds the best single series' by at most this
-# fraction is "on par", not "worse" (measured on the real registered Philips series, whose tilted series are
-# predicted as well by each other as by the fusion: +0.1 % with the default, +0.4 % with in-plane 0.6; the same
+# fraction is "on par", not "worse" (measured on the real registered Philips series, where one tilted series was
+# predicted as well by the other as by the fusion: +0.1 % with in-plane width 0.6, +0.4 % with 0.3; the same
 # series left in scanner geometry, about 1 mm apart: +30 % and +52 %).
 SELF_CHECK_TIE_FRACTION = 0.01
 # Block solves: converged when an iteration changes x by less than this fraction (relative).
