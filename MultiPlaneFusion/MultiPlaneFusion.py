@@ -102,8 +102,9 @@ class MultiPlaneFusionParameterNode:
     Inputs: axialVolume, coronalVolume, sagittalVolume and extraVolumes (any further series).
     Reconstruction: method ('srr' super-resolution or 'average'), spacingMm (0 = finest input pixel),
     extent ('overlap' of all series or 'union'), register (rigid alignment of the series),
-    regularization (srr weight alpha in mm^2, 0 = the library's default), regularizer ('tikhonov'
-    smooth or 'huber' edge-preserving), memoryLimitGb (0 = the library's default: 90 % of the memory
+    regularization (srr weight alpha in mm^2, 0 = the library's default; for 'hybrid' its Tikhonov share),
+    regularizer ('hybrid' Tikhonov plus Huber, the default; 'tikhonov' smooth; 'huber' edge-preserving),
+    memoryLimitGb (0 = the library's default: 90 % of the memory
     available when the run starts).
     Bone model: buildModel, thresholdPreset (CT presets in HU, 'custom' uses thresholdRange,
     'automatic' = Otsu for MR), islands ('region': the largest piece and the bones near it,

@@ -101,21 +101,24 @@ def test_alpha_auto_lands_near_the_oracle(grid):
 
 def test_solver_stops_on_convergence_and_reports_iterations(grid):
     stacks = _stacks("gaussian")
-    loose = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.03, self_check=False, tolerance=1e-9,
-                                                     solution_tolerance=3e-3))
-    tight = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.03, self_check=False, tolerance=1e-9,
-                                                     solution_tolerance=1e-4))
+    loose = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.03, regularizer="tikhonov",
+                                                     self_check=False, tolerance=1e-9, solution_tolerance=3e-3))
+    tight = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.03, regularizer="tikhonov",
+                                                     self_check=False, tolerance=1e-9, solution_tolerance=1e-4))
     assert loose.info["stopped_by"] == "solution" and loose.info["relative_change"] <= 3e-3
     assert 0 < loose.info["iterations"] < tight.info["iterations"] < 100
     assert len(tight.info["residual_history"]) == tight.info["iterations"] + 1
     assert np.abs(loose.volume - tight.volume).mean() < 5.0
 
 
-def test_huber_runs_to_its_fixed_point(grid):
+@pytest.mark.parametrize("regularizer, alpha", [("huber", 0.5), ("hybrid", None)])
+def test_huber_runs_to_its_fixed_point(grid, regularizer, alpha):
     stacks = _stacks("gaussian")
-    res = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=0.5, regularizer="huber", self_check=False))
+    res = reconstruct_srr(stacks, grid, SrrOptions(psf="gaussian", alpha=alpha, regularizer=regularizer,
+                                                   self_check=False))
     assert res.info["stopped_by"] == "solution"
     assert res.info["iterations"] < res.info["max_iterations"]
+    assert res.info["regularizer"] == regularizer and res.info["huber_delta"] is not None
 
 
 def test_self_check_passes_good_fusion_and_flags_a_misplaced_stack(grid):

@@ -8,9 +8,16 @@ from MultiPlaneFusionLib.reconstruction.penalty import (
     difference_penalty,
     gradient_magnitude,
     huber_weights,
+    hybrid_split,
     penalty_diagonal,
 )
-from MultiPlaneFusionLib.reconstruction.solvers import NormalEquations, conjugate_gradient, solve_huber, solve_tikhonov
+from MultiPlaneFusionLib.reconstruction.solvers import (
+    NormalEquations,
+    conjugate_gradient,
+    penalty_weight,
+    solve_huber,
+    solve_tikhonov,
+)
 
 SHAPE = (4, 5, 6)
 SPACING = (2.0, 1.0, 0.5)
@@ -71,6 +78,20 @@ def test_gradient_magnitude_and_huber_weights():
     assert np.allclose(g[:, :, :-1], 3.0) and np.allclose(g[:, :, -1], 0.0)
     w = huber_weights(x, SPACING, 0.3)
     assert np.allclose(w[:, :, :-1], 0.1) and np.allclose(w[:, :, -1], 1.0)
+    # the hybrid's floor: floor + (1 - floor) min(1, delta / |grad|), with and without the edge blur
+    w = huber_weights(x, SPACING, 0.3, floor=0.25)
+    assert np.allclose(w[:, :, :-1], 0.325) and np.allclose(w[:, :, -1], 1.0)
+    assert np.allclose(huber_weights(x, SPACING, 0.3, edge_scale_mm=0.4, floor=1.0), 1.0)
+    with pytest.raises(ValueError):
+        huber_weights(x, SPACING, 0.3, floor=1.5)
+
+
+def test_hybrid_split_and_penalty_weight():
+    assert hybrid_split(0.07, 0.28) == pytest.approx((0.35, 0.2))
+    assert penalty_weight("hybrid", 0.07, 0.28) == pytest.approx((0.35, 0.2))
+    assert penalty_weight("tikhonov", 0.07, 0.28) == (0.07, 0.0)
+    assert penalty_weight("huber", 0.5, 0.28) == (0.5, 0.0)
+    assert hybrid_split(0.0, 0.0) == (0.0, 1.0)
 
 
 def _system(alpha, seed=1):
@@ -150,6 +171,40 @@ def test_huber_lowers_its_objective_and_carries_the_exact_residual(monkeypatch):
     assert x[:, :, 4:].mean() - x[:, :, :2].mean() > 0.8
 
 
+def _hybrid_objective(x, mask, y, alpha, huber_alpha, delta):
+    g = gradient_magnitude(x, SPACING)
+    rho = np.where(g <= delta, g * g, 2 * delta * g - delta * delta)
+    return float(np.sum(mask * (x - y) ** 2) + alpha * np.sum(g * g) + huber_alpha * rho.sum())
+
+
+def test_hybrid_minimises_its_own_objective():
+    # Tikhonov at alpha plus Huber at huber_alpha, solved as one reweighted penalty with a floor: its
+    # objective ends below those of the pure Tikhonov and pure Huber solutions (which minimise other
+    # objectives), and with huber_alpha 0 it is the Tikhonov solution
+    rng = np.random.default_rng(4)
+    truth = np.where(np.arange(SHAPE[2]) < 3, 0.0, 1.0)[None, None, :] * np.ones(SHAPE)
+    mask = (rng.uniform(size=SHAPE) < 0.7).astype(float)
+    y = (truth + 0.05 * rng.standard_normal(SHAPE)) * mask
+    a_t, a_h, delta = 0.05, 0.3, 0.05
+
+    def solve(regularizer, alpha, huber_alpha=0.0):
+        weight, floor = penalty_weight(regularizer, alpha, huber_alpha)
+        system = NormalEquations([_Mask(mask)], [1.0], weight, SPACING, mask.copy())
+        x = y.copy()
+        if regularizer == "tikhonov":
+            solve_tikhonov(system, y.copy(), x, max_iterations=500, tolerance=1e-12, overwrite=True)
+        else:
+            solve_huber(system, y.copy(), x, delta, outer_iterations=60, max_iterations=3000, tolerance=1e-12,
+                        solution_tolerance=1e-9, floor=floor)
+        return x
+
+    hybrid = solve("hybrid", a_t, a_h)
+    mine = _hybrid_objective(hybrid, mask, y, a_t, a_h, delta)
+    for other in (solve("tikhonov", a_t), solve("tikhonov", a_t + a_h), solve("huber", a_h), solve("huber", a_t + a_h)):
+        assert mine < _hybrid_objective(other, mask, y, a_t, a_h, delta)
+    np.testing.assert_allclose(solve("hybrid", a_t, 0.0), solve("tikhonov", a_t), atol=1e-7)
+
+
 def test_edge_scale_keeps_noise_from_passing_for_edges():
     # fine grid (0.25 mm), unit step along i plus noise whose voxel-to-voxel gradients exceed delta
     spacing = (0.25, 0.25, 0.25)
@@ -184,3 +239,18 @@ def test_gaussian_blur_keeps_constants_and_has_the_requested_width():
         pos = (np.arange(81) - 40) * h
         std = np.sqrt((prof * pos**2).sum())
         assert abs(std - 1.5) < 0.02, (axis, std)
+
+
+@pytest.mark.parametrize("sigma_mm", [0.35, 0.9, 3.0])
+def test_gaussian_blur_equals_its_dense_rows(sigma_mm):
+    # the short-kernel path (shifted adds) and the matrix path give the dense, border-renormalised rows
+    from MultiPlaneFusionLib.reconstruction.smoothing import GaussianBlur
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 9, 12)).astype(np.float32)
+    spacing = (1.0, 0.9, 0.45)
+    blur = GaussianBlur(x.shape, spacing, sigma_mm)
+    want = np.einsum("ka,jb,ic,abc->kji", *blur.mats, x.astype(np.float64))
+    np.testing.assert_allclose(blur(x), want, rtol=1e-5, atol=1e-5)
+    used = [s is not None for s in blur._stencil[1:]]
+    assert used == [h <= GaussianBlur.STENCIL_MAX_HALF for h in blur.half[1:]]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from MultiPlaneFusionLib.cli import main
-from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA
+from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA, DEFAULT_HUBER_ALPHA
 from MultiPlaneFusionLib.simulation import simulate_stack, write_dicom_series
 
 
@@ -35,7 +35,8 @@ def test_defaults_choose_from_the_data_and_report_it(series, tmp_path, capsys):
     code, err, summary = _fuse(series, tmp_path, capsys)
     assert code == 0, err
     rec = summary["reconstruction"]
-    assert rec["psf"] == "auto" and rec["alpha_setting"] == "fixed" and rec["alpha"] == DEFAULT_ALPHA["tikhonov"]
+    assert rec["psf"] == "auto" and rec["alpha_setting"] == "fixed" and rec["regularizer"] == "hybrid"
+    assert rec["alpha"] == DEFAULT_ALPHA["hybrid"] and rec["huber_alpha"] == DEFAULT_HUBER_ALPHA
     assert len(rec["slice_profiles"]) == 3 and all(p["kind"] in ("box", "gaussian") for p in rec["slice_profiles"])
     assert rec["profile_choice"]["seconds"] > 0 and rec["alpha_choice"] is None
     assert rec["iterations"] > 0 and rec["stopped_by"] in ("solution", "residual")

@@ -77,7 +77,7 @@ from ..sampling.psf import FWHM_PER_SIGMA, IN_PLANE_FACTORS, IN_PLANE_OWN_FACTOR
 from ..sampling.resample import resample_stack
 from .operators import make_operator
 from .smoothing import GaussianBlur
-from .solvers import NormalEquations, data_weights, solve_huber, solve_tikhonov
+from .solvers import NormalEquations, data_weights, penalty_weight, solve_huber, solve_tikhonov
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
 
@@ -97,7 +97,8 @@ IN_PLANE_SCORE = "full"
 # Weight of the leave-one-out fusions that judge the in-plane widths (mm^2).
 IN_PLANE_ALPHA = PROFILE_ALPHA
 # Candidate weights (mm^2), a factor ~3 apart, per regularizer (Huber's penalty is weaker at edges).
-ALPHA_LADDER = {"tikhonov": (0.003, 0.01, 0.03, 0.1), "huber": (0.03, 0.1, 0.3, 1.0)}
+ALPHA_LADDER = {"tikhonov": (0.003, 0.01, 0.03, 0.1), "huber": (0.03, 0.1, 0.3, 1.0),
+                "hybrid": (0.003, 0.01, 0.03, 0.1)}
 CV_FOLDS = 2
 # Candidate (regularizer, weight) pairs of the prior choice (``--regularizer auto``): each prior's fixed
 # default weight and a factor ~3 either side (the grid of the panel's exhaustive sweep).
@@ -251,11 +252,13 @@ class BlockProblem:
             x = x0.copy()
         x[rows <= 0] = 0.0
         spacing = tuple(float(v) for v in grid.spacing_mm[::-1])
-        system = NormalEquations(ops, c, alpha, spacing, rows, workers=self.workers)
-        if regularizer == "huber":
-            delta, edge_scale, outer = huber
+        delta, edge_scale, outer, huber_alpha = huber if huber is not None else (None, 0.0, 1, 0.0)
+        weight, floor = penalty_weight(regularizer, alpha, huber_alpha)
+        system = NormalEquations(ops, c, weight, spacing, rows, workers=self.workers)
+        if regularizer in ("huber", "hybrid"):
             info = solve_huber(system, b, x, delta, outer_iterations=outer, max_iterations=_BLOCK_MAX_ITER,
-                               tolerance=1e-6, edge_scale_mm=edge_scale, solution_tolerance=_BLOCK_SOLUTION_TOL)
+                               tolerance=1e-6, edge_scale_mm=edge_scale, solution_tolerance=_BLOCK_SOLUTION_TOL,
+                               floor=floor)
         else:
             info = solve_tikhonov(system, b, x, max_iterations=_BLOCK_MAX_ITER, tolerance=1e-6, overwrite=True,
                                   solution_tolerance=_BLOCK_SOLUTION_TOL)

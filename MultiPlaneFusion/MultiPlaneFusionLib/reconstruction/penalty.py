@@ -4,8 +4,9 @@ Forward differences ``D_a`` along the array axes a = k, j, i (h_a the grid spaci
 :func:`difference_penalty` applies the weighted operator ``L_w = sum_a D_a^T W D_a / h_a^2`` (optionally with
 the inner product the conjugate gradients need, in the same pass), :func:`penalty_diagonal` its diagonal (the
 Jacobi preconditioner's share), :func:`gradient_magnitude` and :func:`huber_weights` the weights
-``w_v = min(1, delta / |grad x|_v)`` of the Huber IRLS. Everything runs slab by slab along axis 0, in cache,
-split between the workers (:mod:`.parallel`). Used by :mod:`.solvers`.
+``w_v = min(1, delta / |grad x|_v)`` of the Huber IRLS (with a floor for the hybrid prior, see
+:func:`hybrid_split`). Everything runs slab by slab along axis 0, in cache, split between the workers
+(:mod:`.parallel`). Used by :mod:`.solvers`.
 """
 
 import numpy as np
@@ -161,10 +162,10 @@ def penalty_diagonal(shape, spacing_kji, weights=None, dtype=np.float32, out=Non
     return diag
 
 
-def _gradient_rows(src, n_own, c, delta, out):
+def _gradient_rows(src, n_own, c, delta, out, floor=0.0):
     """``out`` (``n_own`` rows) = |grad| of rows ``0:n_own`` of ``src`` (forward differences, 0 across
     the far boundary); row ``n_own`` of ``src``, when present, is the next row for the axis-0 difference.
-    With ``delta``: the Huber weights ``min(1, delta / |grad|)`` instead."""
+    With ``delta``: the Huber weights ``floor + (1 - floor) min(1, delta / |grad|)`` instead."""
     out[...] = 0
     top = min(n_own, src.shape[0] - 1)
     if top > 0:
@@ -186,28 +187,41 @@ def _gradient_rows(src, n_own, c, delta, out):
     np.sqrt(out, out=out)
     if delta is not None:
         np.maximum(out, out.dtype.type(delta), out=out)
-        np.divide(out.dtype.type(delta), out, out=out)
+        np.divide(out.dtype.type(delta * (1.0 - floor)), out, out=out)
+        if floor:
+            out += out.dtype.type(floor)
 
 
-def gradient_magnitude(x, spacing_kji, workers=None, delta=None, out=None):
+def gradient_magnitude(x, spacing_kji, workers=None, delta=None, out=None, floor=0.0):
     """|grad x| from forward differences (0 across the far boundary), same shape as x (in ``out`` when
     given).
 
     Slab by slab along axis 0, so the temporaries stay cache-sized. With ``delta``, returns the Huber
-    weights ``min(1, delta / |grad x|)`` instead (same pass)."""
+    weights ``floor + (1 - floor) min(1, delta / |grad x|)`` instead (same pass)."""
     nk = x.shape[0]
     g = np.empty_like(x) if out is None else out
     c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
 
     def slab(k0, k1):
-        _gradient_rows(x[k0 : min(k1 + 1, nk)], k1 - k0, c, delta, g[k0:k1])
+        _gradient_rows(x[k0 : min(k1 + 1, nk)], k1 - k0, c, delta, g[k0:k1], floor)
 
     _row_slabs(workers, x.shape, slab)
     return g
 
 
-def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=None):
-    """IRLS weights ``min(1, delta / |grad x|)`` of the Huber penalty, x's dtype, shape x.shape.
+def hybrid_split(alpha, huber_alpha):
+    """The hybrid prior ``alpha sum |grad x|^2 + huber_alpha sum huber_delta(|grad x|)`` as one weighted
+    penalty: (its weight ``alpha + huber_alpha``, the floor ``alpha / (alpha + huber_alpha)`` of its IRLS
+    weights). Where the gradient is below the threshold the weight is the sum, at edges it falls towards
+    ``alpha`` alone: flat regions are smoothed hard, edges like first-order Tikhonov at ``alpha``."""
+    total = float(alpha) + float(huber_alpha)
+    return total, (float(alpha) / total if total > 0 else 1.0)
+
+
+def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=None, floor=0.0):
+    """IRLS weights ``min(1, delta / |grad x|)`` of the Huber penalty, x's dtype, shape x.shape; with
+    ``floor`` in [0, 1], ``floor + (1 - floor) min(1, delta / |grad x|)`` (the hybrid prior, see
+    :func:`hybrid_split`).
 
     ``edge_scale_mm > 0`` measures the gradient on ``x`` blurred by a Gaussian of that sigma (the
     "regularised" edge indicator of Catte et al.): noise on a fine grid then no longer passes for edges,
@@ -215,15 +229,18 @@ def huber_weights(x, spacing_kji, delta, edge_scale_mm=0.0, workers=None, out=No
     of a slab are computed together in cache (one read of x, one write of the weights). ``out``: an
     array of x's shape and dtype to write them to.
     """
+    floor = float(floor)
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"the Huber weights' floor must lie in [0, 1], got {floor}")
     if not (edge_scale_mm and edge_scale_mm > 0):
-        return gradient_magnitude(x, spacing_kji, workers=workers, delta=delta, out=out)
+        return gradient_magnitude(x, spacing_kji, workers=workers, delta=delta, out=out, floor=floor)
     nk = x.shape[0]
     blur = GaussianBlur(x.shape, spacing_kji, edge_scale_mm)
     g = np.empty_like(x) if out is None else out
     c = [x.dtype.type(1.0 / (h * h)) for h in spacing_kji]
 
     def slab(k0, k1):
-        _gradient_rows(blur.rows(x, k0, min(k1 + 1, nk)), k1 - k0, c, delta, g[k0:k1])
+        _gradient_rows(blur.rows(x, k0, min(k1 + 1, nk)), k1 - k0, c, delta, g[k0:k1], floor)
 
     _row_slabs(workers, x.shape, slab, min_rows=GaussianBlur.SLAB_ROWS)
     return g
@@ -255,4 +272,5 @@ def reweight_penalty(x, old_weights, new_weights, residual, precond_inv, *, spac
     _row_slabs(workers, x.shape, slab)
 
 
-__all__ = ["difference_penalty", "gradient_magnitude", "huber_weights", "penalty_diagonal", "reweight_penalty"]
+__all__ = ["difference_penalty", "gradient_magnitude", "huber_weights", "hybrid_split", "penalty_diagonal",
+           "reweight_penalty"]

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 
 from .parallel import flat_pieces as _flat_pieces
-from .penalty import difference_penalty, huber_weights, penalty_diagonal, reweight_penalty
+from .penalty import difference_penalty, huber_weights, hybrid_split, penalty_diagonal, reweight_penalty
 from .workspace import Scratch
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
@@ -316,8 +316,17 @@ def solve_tikhonov(system, b, x, *, max_iterations=20, tolerance=1e-3, report=No
     return info
 
 
+def penalty_weight(regularizer, alpha, huber_alpha=0.0):
+    """(the system's penalty weight, the floor of the IRLS weights) for a regularizer: ``alpha`` and 0,
+    except for "hybrid", whose Tikhonov share ``alpha`` and Huber share ``huber_alpha`` make one weighted
+    penalty (``penalty.hybrid_split``)."""
+    if regularizer == "hybrid":
+        return hybrid_split(alpha, huber_alpha)
+    return float(alpha), 0.0
+
+
 def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, tolerance=1e-3, report=None,
-                edge_scale_mm=0.0, solution_tolerance=None):
+                edge_scale_mm=0.0, solution_tolerance=None, floor=0.0):
     """Huber-on-gradient by IRLS: ``outer_iterations`` reweightings, CG inside (in total at most
     ``max_iterations`` CG iterations, split evenly, the earlier steps taking the remainder; at least one per
     reweighting). ``x`` (the warm start) is overwritten.
@@ -331,6 +340,9 @@ def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, to
     ``outer_iterations`` and ``max_iterations`` become caps, each reweighting's CG runs until an
     iteration changes x by at most that fraction of its norm, and the reweighting stops when a new set
     of weights is met by a single such CG iteration (the fixed point of the IRLS).
+
+    ``floor`` > 0 solves the hybrid prior (``penalty.hybrid_split``): the weights never fall below it, so
+    ``system.alpha * floor`` is a first-order Tikhonov share that stays at edges.
     """
     outer_iterations = max(1, int(outer_iterations))
     # split evenly, the earlier reweightings taking the remainder; at least one CG iteration each
@@ -347,7 +359,7 @@ def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, to
     pool = system.scratch  # arrays handed back and forth: see Scratch.take
     for o in range(outer_iterations):
         weights = huber_weights(x, system.spacing, delta, edge_scale_mm=edge_scale_mm, workers=workers,
-                                out=pool.take(x.shape, x.dtype))
+                                out=pool.take(x.shape, x.dtype), floor=floor)
         if precond is None:
             system.weights = weights
             # In the row sums' memory: later steps update it for the new weights instead of keeping the
@@ -376,8 +388,8 @@ def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, to
         infos.append(info)
         fixed_point = converge and o > 0 and info["iterations"] <= 1 and info["stopped"] in ("solution", "residual")
         LOGGER.info(
-            "SRR (Huber, alpha %.4g, delta %.4g) outer %d/%d: %d CG iterations, relative residual %.3g",
-            system.alpha, delta, o + 1, outer_iterations, info["iterations"], info["relative_residual"],
+            "SRR (Huber, alpha %.4g, delta %.4g, weight floor %.3g) outer %d/%d: %d CG iterations, relative "
+            "residual %.3g", system.alpha, delta, floor, o + 1, outer_iterations, info["iterations"], info["relative_residual"],
         )
         if fixed_point or (converge and total >= n_cg):
             break

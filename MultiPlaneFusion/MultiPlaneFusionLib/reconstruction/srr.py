@@ -39,7 +39,7 @@ from .intensity import compare_stacks
 from .operators import make_operator
 from .options import SrrOptions
 from .parallel import Workers, row_slabs
-from .solvers import NormalEquations, data_weights, solve_huber, solve_tikhonov
+from .solvers import NormalEquations, data_weights, penalty_weight, solve_huber, solve_tikhonov
 from .workspace import Scratch
 
 LOGGER = logging.getLogger("MultiPlaneFusionLib")
@@ -421,17 +421,19 @@ def _solve(run, b, row_sums, x):
     t0 = time.perf_counter()
     options = run.options
     spacing_kji = tuple(float(v) for v in run.grid.spacing_mm[::-1])
-    system = NormalEquations(run.ops, run.weights, run.alpha, spacing_kji, row_sums, workers=run.workers,
+    weight, floor = penalty_weight(options.regularizer, run.alpha, options.effective_huber_alpha)
+    system = NormalEquations(run.ops, run.weights, weight, spacing_kji, row_sums, workers=run.workers,
                              scratch=run.scratch)
     n_iter = max(1, options.effective_iterations)
 
     def report(it, rel):
         run.monitor.report("reconstruct", 0.1 + 0.85 * min(1.0, it / n_iter))
 
-    if options.regularizer == "huber":
+    if options.edge_preserving:
         info = solve_huber(system, b, x, options.huber_delta, outer_iterations=options.outer_iterations,
                            max_iterations=options.effective_iterations, tolerance=options.tolerance, report=report,
-                           edge_scale_mm=options.edge_scale_mm, solution_tolerance=options.solution_tolerance)
+                           edge_scale_mm=options.edge_scale_mm, solution_tolerance=options.solution_tolerance,
+                           floor=floor)
     else:
         info = solve_tikhonov(system, b, x, max_iterations=options.effective_iterations, tolerance=options.tolerance,
                               report=report, overwrite=True, solution_tolerance=options.solution_tolerance)
@@ -475,7 +477,7 @@ def _run_self_check(run):
 def _summary(run):
     """The JSON-able ``info`` of the result."""
     options, solve_info, rep, check, n = run.options, run.solve_info, run.agreement, run.check, len(run.stacks)
-    huber = options.regularizer == "huber"
+    huber = options.edge_preserving
     info = {
         "method": "srr",
         "iterations": int(solve_info["iterations"]),
@@ -503,6 +505,7 @@ def _summary(run):
         "fusion_worse_than_single_series": None if check is None else check["fusion_worse_than_single_series"],
         "huber_delta": float(options.huber_delta) if huber else None,
         "edge_scale_mm": float(options.edge_scale_mm) if huber else None,
+        "huber_alpha": options.effective_huber_alpha if options.regularizer == "hybrid" else None,
         "max_iterations": options.effective_iterations,
         "background_value": float(run.background),
         "initial": run.start,
@@ -557,7 +560,7 @@ def _all_profiles(profiles, used, stacks):
 
 
 def _huber_args(options):
-    return (options.huber_delta, options.edge_scale_mm, options.outer_iterations)
+    return (options.huber_delta, options.edge_scale_mm, options.outer_iterations, options.effective_huber_alpha)
 
 
 class _Probe:
