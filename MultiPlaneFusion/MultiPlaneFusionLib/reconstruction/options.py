@@ -44,8 +44,8 @@ class SrrOptions:
         Regularisation weight, mm^2 (squared smoothing length per unit data weight). Scale-invariant:
         intensities are normalised internally. Larger is smoother. None (default): the default of the
         regularizer (``DEFAULT_ALPHA``: 0.05 for the hybrid's Tikhonov share, 0.07 for tikhonov, 0.5 for
-        huber, whose penalty is weaker at edges). "auto": chosen by cross-validation over held-out slices on a probe block
-        (``autotune.choose_alpha``; opt-in, see the README for where it under-regularises).
+        huber, whose penalty is weaker at edges). "auto": chosen by cross-validation over held-out
+        slices on a probe block (``autotune.choose_alpha``; opt-in, see the README for where it under-regularises).
     regularizer : {"tikhonov", "huber", "hybrid", "auto"}
         "hybrid" (the default): first-order Tikhonov at ``alpha`` plus Huber at ``huber_alpha``
         (``penalty.hybrid_split``): flat regions are smoothed at the sum, edges at about ``alpha`` alone.
@@ -310,5 +310,5 @@ def parse_in_plane(value):
     return _auto_or_number(value, "--in-plane-psf", "positive")
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_HUBER_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES", "SrrOptions",
-           "add_srr_arguments", "parse_alpha", "parse_in_plane", "srr_options_from_args"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_HUBER_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES",
+           "SrrOptions", "add_srr_arguments", "parse_alpha", "parse_in_plane", "srr_options_from_args"]

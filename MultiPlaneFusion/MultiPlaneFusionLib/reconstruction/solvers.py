@@ -389,7 +389,8 @@ def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, to
         fixed_point = converge and o > 0 and info["iterations"] <= 1 and info["stopped"] in ("solution", "residual")
         LOGGER.info(
             "SRR (Huber, alpha %.4g, delta %.4g, weight floor %.3g) outer %d/%d: %d CG iterations, relative "
-            "residual %.3g", system.alpha, delta, floor, o + 1, outer_iterations, info["iterations"], info["relative_residual"],
+            "residual %.3g", system.alpha, delta, floor, o + 1, outer_iterations, info["iterations"],
+            info["relative_residual"],
         )
         if fixed_point or (converge and total >= n_cg):
             break
