@@ -30,15 +30,21 @@ DEFAULT_OPTION_SETS = {"default": {}, "tikhonov": {"regularizer": "tikhonov"}}
 
 
 def sweep_settings(alpha_factors=(0.3, 1.0, 3.0)):
-    """Fixed settings: profile x prior x alpha (factors of each prior's fixed default alpha)."""
-    from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA
+    """Fixed settings: profile x prior x alpha (factors of each prior's fixed default alpha; for the hybrid
+    both of its shares scaled together)."""
+    from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA, DEFAULT_HUBER_ALPHA
 
     out = {}
     for psf in ("box", "gaussian"):
-        for reg in ("tikhonov", "huber"):
+        for reg in ("tikhonov", "huber", "hybrid"):
             for f in alpha_factors:
                 a = round(DEFAULT_ALPHA[reg] * f, 6)
-                out[f"{psf} {reg} a={a:g}"] = {"psf": psf, "regularizer": reg, "alpha": a}
+                if reg == "hybrid":
+                    ah = round(DEFAULT_HUBER_ALPHA * f, 6)
+                    out[f"{psf} hybrid a={a:g}+{ah:g}"] = {"psf": psf, "regularizer": reg, "alpha": a,
+                                                           "huber_alpha": ah}
+                else:
+                    out[f"{psf} {reg} a={a:g}"] = {"psf": psf, "regularizer": reg, "alpha": a}
     return out
 
 
