@@ -10,6 +10,9 @@ forward differences ``D_a x / h_a`` (a = k, j, i; h_a the grid spacing in mm):
   rho(g) = g^2 for g <= delta, 2 delta g - delta^2 beyond; minimised by iteratively reweighted least
   squares (half-quadratic): each outer step solves the TK1 system with per-voxel weights
   ``w_v = min(1, delta / |grad x|_v)`` by a few warm-started CG iterations (:func:`solve_huber`).
+- hybrid: ``alpha_T sum |grad x|^2 + alpha_H sum rho_delta(|grad x|)``, the same IRLS on one penalty of
+  weight ``alpha_T + alpha_H`` whose weights never fall below ``alpha_T / (alpha_T + alpha_H)``
+  (:func:`penalty_weight`, the ``floor`` of :func:`solve_huber`).
 
 Arrays are float32 on the grid; inner products are accumulated in float64 chunk by chunk.
 """
