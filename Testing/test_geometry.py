@@ -152,6 +152,25 @@ def test_memory_estimate_and_limit():
     # stacks off the grid axes need more (shear path: grid-sized boxes; general path: per-sample arrays)
     assert memory.estimate_bytes(g.n_voxels, 1_000_000, "srr", stack_paths=[("shear", 500_000)]) > est
     assert memory.estimate_bytes(g.n_voxels, 1_000_000, "srr", stack_paths=[("general", 500_000)]) > est
+    # an edge-preserving prior (the default hybrid) holds its IRLS weights: 1.5 grid copies more
+    edge = memory.estimate_bytes(g.n_voxels, 1_000_000, "srr", edge_preserving=True)
+    assert edge - est == pytest.approx(4 * memory.EDGE_PRESERVING_GRID_COPIES * g.n_voxels, abs=8)
+    assert memory.estimate_bytes(g.n_voxels, 0, "average", edge_preserving=True) < est
     memory.check_limit(est, 1.0)
     with pytest.raises(MemoryLimitError, match="limit"):
         memory.check_limit(est, 0.1)
+
+
+def test_fusion_estimate_follows_the_prior():
+    # the default (hybrid) and Huber count the IRLS weights, Tikhonov does not, "auto" may choose Huber
+    from MultiPlaneFusionLib.reconstruction.budget import estimate_fusion_bytes
+    from MultiPlaneFusionLib.reconstruction.options import SrrOptions
+    from MultiPlaneFusionLib.simulation import phantom_grid, simulate_orthogonal_stacks
+
+    stacks = simulate_orthogonal_stacks(thickness_mm=4.0, pixel_spacing_mm=2.0, scale=0.4, noise_hu=0.0, seed=0)
+    grid = phantom_grid(2.0, 0.4)
+    by = {r: estimate_fusion_bytes(stacks, grid, "srr", srr_options=SrrOptions(regularizer=r))
+          for r in ("tikhonov", "huber", "hybrid", "auto")}
+    assert estimate_fusion_bytes(stacks, grid, "srr") == by["hybrid"] == by["huber"] == by["auto"] > by["tikhonov"]
+    assert by["hybrid"] - by["tikhonov"] == pytest.approx(4 * memory.EDGE_PRESERVING_GRID_COPIES * grid.n_voxels,
+                                                          abs=8)

@@ -143,7 +143,8 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]
     grid = plan_grid(stacks, FuseOptions(**{**options.__dict__, "reference": 0}))
     budget = Budget(grid, options.method, limit_gb=options.memory_limit_gb,
-                    what=f"a {options.method} reconstruction on a {grid.shape[::-1]} grid", register=options.register)
+                    what=f"a {options.method} reconstruction on a {grid.shape[::-1]} grid", register=options.register,
+                    srr_options=options.srr)
     need = budget.check(stacks)
     log.info("grid %s voxels at %s mm, estimated peak memory %.2f GB",
              "x".join(str(v) for v in grid.shape[::-1]), grid.spacing_mm, need / 1024**3)

@@ -90,6 +90,6 @@ def case_peak_bytes(stacks, grid, n_input, fuse_options, baseline_bytes):
     model + report picture's, which ``run`` estimates on top of the process holding the inputs and the
     fused volume (on small cases the report's offscreen rendering is the peak)."""
     fusion = estimate_fusion_bytes(stacks, grid, fuse_options.method, baseline_bytes=baseline_bytes,
-                                   register=fuse_options.register)
+                                   register=fuse_options.register, srr_options=fuse_options.srr)
     held = float(baseline_bytes) + 4.0 * (int(grid.n_voxels) + int(n_input))
     return max(fusion, memory.estimate_model_bytes(grid.n_voxels, held, report=True))

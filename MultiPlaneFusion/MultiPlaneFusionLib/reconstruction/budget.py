@@ -14,6 +14,7 @@ import numpy as np
 from .. import memory
 from ..sampling.psf import WIDTH_FACTORS, SliceProfile
 from .operators import separable_axes
+from .options import SrrOptions
 from .shear_operator import shear_path_applies
 from .skew_operator import pre_shear_voxels, skew_path_applies
 from .stack_operator import PARALLEL_TOLERANCE_VOXELS
@@ -77,8 +78,9 @@ def _shares_grid_axis(stack, grid):
     return False
 
 
-def estimate_fusion_bytes(stacks, grid, method, baseline_bytes=0, register=False, resolve=False):
-    """:func:`~MultiPlaneFusionLib.memory.estimate_bytes` for ``stacks`` on ``grid`` in their current geometry."""
+def estimate_fusion_bytes(stacks, grid, method, baseline_bytes=0, register=False, resolve=False, srr_options=None):
+    """:func:`~MultiPlaneFusionLib.memory.estimate_bytes` for ``stacks`` on ``grid`` in their current geometry
+    (``srr_options``: the srr settings, None for the defaults; their prior decides the solver's memory)."""
     paths = srr_paths(stacks, grid) if method == "srr" else []
     nodes = [_lattice_nodes(s, grid) for s, (p, _) in zip(stacks, paths) if p == "trilinear"]
     widest = SliceProfile("gaussian", max(WIDTH_FACTORS))
@@ -87,7 +89,14 @@ def estimate_fusion_bytes(stacks, grid, method, baseline_bytes=0, register=False
     return memory.estimate_bytes(grid.n_voxels, sum(int(s.n_voxels) for s in stacks), method=method,
                                  baseline_bytes=baseline_bytes, stack_paths=paths,
                                  trilinear_nodes=max(nodes, default=0), register=register and len(stacks) > 1,
-                                 resolve=resolve, pre_shear_voxels=max(sheared, default=0))
+                                 resolve=resolve, pre_shear_voxels=max(sheared, default=0),
+                                 edge_preserving=_edge_preserving(srr_options))
+
+
+def _edge_preserving(srr_options):
+    """Whether srr's prior reweights (Huber or hybrid); "auto" may choose Huber, so it counts as one."""
+    opts = SrrOptions() if srr_options is None else srr_options
+    return opts.edge_preserving or opts.regularizer == "auto"
 
 
 class Budget:
@@ -100,8 +109,9 @@ class Budget:
     first check.
     """
 
-    def __init__(self, grid, method, limit_gb, what, register=False):
+    def __init__(self, grid, method, limit_gb, what, register=False, srr_options=None):
         self.grid, self.method, self.limit_gb, self.what, self.register = grid, method, limit_gb, what, register
+        self.srr_options = srr_options
         self.baseline_bytes = None
         self.peak_bytes = 0
 
@@ -110,7 +120,7 @@ class Budget:
         if self.baseline_bytes is None:
             self.baseline_bytes = memory.current_rss_bytes()
         need = estimate_fusion_bytes(stacks, self.grid, self.method, baseline_bytes=self.baseline_bytes,
-                                     register=self.register, resolve=resolve)
+                                     register=self.register, resolve=resolve, srr_options=self.srr_options)
         memory.check_limit(need, self.limit_gb, self.what)
         if self.peak_bytes and need > self.peak_bytes:
             logging.getLogger("MultiPlaneFusionLib").info(
