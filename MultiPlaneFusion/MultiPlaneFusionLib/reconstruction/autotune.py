@@ -76,6 +76,7 @@ from ..grid import Grid
 from ..sampling.psf import FWHM_PER_SIGMA, IN_PLANE_FACTORS, IN_PLANE_OWN_FACTORS, candidates
 from ..sampling.resample import resample_stack
 from .operators import make_operator
+from .options import EDGE_PRESERVING
 from .smoothing import GaussianBlur
 from .solvers import NormalEquations, data_weights, penalty_weight, solve_huber, solve_tikhonov
 
@@ -255,7 +256,7 @@ class BlockProblem:
         delta, edge_scale, outer, huber_alpha = huber if huber is not None else (None, 0.0, 1, 0.0)
         weight, floor = penalty_weight(regularizer, alpha, huber_alpha)
         system = NormalEquations(ops, c, weight, spacing, rows, workers=self.workers)
-        if regularizer in ("huber", "hybrid"):
+        if regularizer in EDGE_PRESERVING:
             info = solve_huber(system, b, x, delta, outer_iterations=outer, max_iterations=_BLOCK_MAX_ITER,
                                tolerance=1e-6, edge_scale_mm=edge_scale, solution_tolerance=_BLOCK_SOLUTION_TOL,
                                floor=floor)

@@ -17,6 +17,8 @@ from ..sampling.psf import IN_PLANE_FWHM_FACTOR, SliceProfile, check_in_plane_fa
 # The choices of SrrOptions.regularizer (the default first), for front ends that list them. "hybrid":
 # first-order Tikhonov plus Huber (penalty.hybrid_split).
 REGULARIZERS = ("hybrid", "tikhonov", "huber")
+# The regularizers the solver reweights (IRLS, ``solvers.solve_huber``).
+EDGE_PRESERVING = ("huber", "hybrid")
 # SrrOptions.regularizer may also be "auto": regularizer and weight chosen together from the data
 # (autotune.choose_prior); the solvers only ever see one of REGULARIZERS.
 REGULARIZER_CHOICES = REGULARIZERS + ("auto",)
@@ -167,7 +169,7 @@ class SrrOptions:
     @property
     def edge_preserving(self):
         """Whether the solver reweights (Huber or hybrid)."""
-        return self.regularizer in ("huber", "hybrid")
+        return self.regularizer in EDGE_PRESERVING
 
     @property
     def effective_iterations(self):
@@ -310,5 +312,6 @@ def parse_in_plane(value):
     return _auto_or_number(value, "--in-plane-psf", "positive")
 
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_HUBER_ALPHA", "DEFAULT_ITERATIONS", "REGULARIZERS", "REGULARIZER_CHOICES",
-           "SrrOptions", "add_srr_arguments", "parse_alpha", "parse_in_plane", "srr_options_from_args"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_HUBER_ALPHA", "DEFAULT_ITERATIONS", "EDGE_PRESERVING", "REGULARIZERS",
+           "REGULARIZER_CHOICES", "SrrOptions", "add_srr_arguments", "parse_alpha", "parse_in_plane",
+           "srr_options_from_args"]

@@ -26,7 +26,10 @@ class GaussianBlur:
         self.shape = tuple(int(v) for v in shape)
         self.mats = []
         self.half = []
-        for n, h in zip(self.shape, spacing_kji):
+        # short kernels along axes 1 and 2: the taps and 1 / (each row's sum of the taps inside the array),
+        # the same rows as the dense matrix
+        self._stencil = [None] * 3
+        for axis, (n, h) in enumerate(zip(self.shape, spacing_kji)):
             s = float(sigma_mm) / float(h)
             if n < 2 or not s > 0:
                 self.mats.append(None)
@@ -35,21 +38,13 @@ class GaussianBlur:
             half = int(math.ceil(GAUSSIAN_CUTOFF_SIGMAS * s))
             d = np.arange(n)[:, None] - np.arange(n)[None, :]
             w = np.where(np.abs(d) <= half, np.exp(-0.5 * (d / s) ** 2), 0.0)
-            self.mats.append(w / w.sum(axis=1, keepdims=True))
+            row_sums = w.sum(axis=1)
+            self.mats.append(w / row_sums[:, None])
             self.half.append(half)
-        self._banded = [None if m is None else Banded(m) for m in self.mats]
-        # short kernels: the taps and 1 / (row sum of the taps inside the array), the dense rows exactly
-        self._stencil = [None] * 3
-        for axis in (1, 2):
-            m, half = self.mats[axis], self.half[axis]
-            if m is not None and half <= self.STENCIL_MAX_HALF:
-                s = float(sigma_mm) / float(spacing_kji[axis])
+            if axis > 0 and half <= self.STENCIL_MAX_HALF:
                 taps = np.exp(-0.5 * (np.arange(-half, half + 1) / s) ** 2)
-                n = self.shape[axis]
-                inside = np.zeros(n)
-                for t in range(-half, half + 1):
-                    inside[max(0, -t):n - max(0, t)] += taps[t + half]
-                self._stencil[axis] = (taps, 1.0 / inside)
+                self._stencil[axis] = (taps, 1.0 / row_sums)
+        self._banded = [None if m is None else Banded(m) for m in self.mats]
         self._cast = {}
 
     def rows(self, x, r0, r1):
