@@ -6,7 +6,13 @@ import json
 import pytest
 
 from MultiPlaneFusionLib.cli import main
-from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA, DEFAULT_HUBER_ALPHA
+from MultiPlaneFusionLib.errors import InputError
+from MultiPlaneFusionLib.reconstruction.options import (
+    DEFAULT_ALPHA,
+    DEFAULT_HUBER_ALPHA,
+    DEFAULT_HUBER_DELTA,
+    SrrOptions,
+)
 from MultiPlaneFusionLib.simulation import simulate_stack, write_dicom_series
 
 
@@ -37,6 +43,7 @@ def test_defaults_choose_from_the_data_and_report_it(series, tmp_path, capsys):
     rec = summary["reconstruction"]
     assert rec["psf"] == "auto" and rec["alpha_setting"] == "fixed" and rec["regularizer"] == "hybrid"
     assert rec["alpha"] == DEFAULT_ALPHA["hybrid"] and rec["huber_alpha"] == DEFAULT_HUBER_ALPHA
+    assert rec["huber_delta"] == DEFAULT_HUBER_DELTA["hybrid"]
     assert len(rec["slice_profiles"]) == 3 and all(p["kind"] in ("box", "gaussian") for p in rec["slice_profiles"])
     assert rec["profile_choice"]["seconds"] > 0 and rec["alpha_choice"] is None
     assert rec["iterations"] > 0 and rec["stopped_by"] in ("solution", "residual")
@@ -50,6 +57,22 @@ def test_explicit_psf_and_alpha_still_work(series, tmp_path, capsys):
     rec = summary["reconstruction"]
     assert rec["alpha"] == 0.05 and rec["alpha_choice"] is None and rec["profile_choice"] is None
     assert [p["kind"] for p in rec["slice_profiles"]] == ["gaussian"] * 3 and rec["self_check"] is None
+
+
+def test_huber_threshold_defaults_per_prior(series, tmp_path, capsys):
+    # the hybrid's threshold is its own (0.025); plain Huber keeps 0.05; an explicit value wins for either
+    assert DEFAULT_HUBER_DELTA["hybrid"] < DEFAULT_HUBER_DELTA["huber"]
+    assert SrrOptions().effective_huber_delta == DEFAULT_HUBER_DELTA["hybrid"]
+    assert SrrOptions(regularizer="auto").effective_huber_delta == DEFAULT_HUBER_DELTA["huber"]
+    assert SrrOptions(regularizer="hybrid", huber_delta=0.1).effective_huber_delta == 0.1
+    with pytest.raises(InputError, match="huber delta"):
+        SrrOptions(huber_delta=0.0)
+    code, err, summary = _fuse(series, tmp_path, capsys, "--regularizer", "huber", "--no-self-check")
+    assert code == 0, err
+    assert summary["reconstruction"]["huber_delta"] == DEFAULT_HUBER_DELTA["huber"]
+    code, err, summary = _fuse(series, tmp_path, capsys, "--huber-delta", "0.04", "--no-self-check")
+    assert code == 0, err
+    assert summary["reconstruction"]["huber_delta"] == 0.04
 
 
 @pytest.mark.parametrize("args,name", [(["--alpha", "lots"], "--alpha"), (["--psf", "cone"], "--psf"),

@@ -123,7 +123,8 @@ def bench_synthetic(args):
     row("average (linear)", avg.volume, t_avg, mem)
     res, t_srr, mem = measure(reconstruct_srr, stacks, grid)
     threads = res.info["threads"]
-    prior = (f"hybrid: Tikhonov {res.info['alpha']:g} + Huber {res.info['huber_alpha']:g}"
+    prior = (f"hybrid: Tikhonov {res.info['alpha']:g} + Huber {res.info['huber_alpha']:g} "
+             f"at {res.info['huber_delta']:g}"
              if res.info.get("huber_alpha") is not None else f"{res.info['regularizer']} {res.info['alpha']:g}")
     row(f"srr, default (auto profile, {prior}, converged, self-check)", res.volume, t_srr, mem,
         {"iterations": res.info["iterations"], "residual": res.info["relative_residual"],

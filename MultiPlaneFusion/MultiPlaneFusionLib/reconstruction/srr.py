@@ -9,8 +9,8 @@ with c_k = (stack voxel volume) / (grid voxel volume), so that every stack weigh
 volume whatever its resolution and both terms approximate integrals over the volume: alpha is then a
 squared length (mm^2) and does not change with the grid spacing. Intensities are normalised internally
 ((value - background) / robust range), which makes alpha and the Huber delta scale-invariant. R is
-the hybrid (the default: first-order Tikhonov at alpha plus Huber at ``huber_alpha``, one reweighted
-penalty, see :func:`.penalty.hybrid_split`), first-order Tikhonov (conjugate gradients on the normal
+the hybrid (the default: first-order Tikhonov at alpha plus Huber at ``huber_alpha`` with its own lower
+threshold, one reweighted penalty, see :func:`.penalty.hybrid_split`), first-order Tikhonov (conjugate gradients on the normal
 equations, started from the PSF-weighted average of the stacks) or Huber on the gradient magnitude
 (edge-preserving); the two reweighted ones by iteratively reweighted least squares, each step warm-started
 conjugate-gradient iterations; see :mod:`.solvers`. The hybrid beat Tikhonov on the realistic panel and on
@@ -432,7 +432,7 @@ def _solve(run, b, row_sums, x):
         run.monitor.report("reconstruct", 0.1 + 0.85 * min(1.0, it / n_iter))
 
     if options.edge_preserving:
-        info = solve_huber(system, b, x, options.huber_delta, outer_iterations=options.outer_iterations,
+        info = solve_huber(system, b, x, options.effective_huber_delta, outer_iterations=options.outer_iterations,
                            max_iterations=options.effective_iterations, tolerance=options.tolerance, report=report,
                            edge_scale_mm=options.edge_scale_mm, solution_tolerance=options.solution_tolerance,
                            floor=floor)
@@ -505,7 +505,7 @@ def _summary(run):
         "self_check": check,
         "fusion_beats_single_series": None if check is None else check["fusion_beats_single_series"],
         "fusion_worse_than_single_series": None if check is None else check["fusion_worse_than_single_series"],
-        "huber_delta": float(options.huber_delta) if huber else None,
+        "huber_delta": options.effective_huber_delta if huber else None,
         "edge_scale_mm": float(options.edge_scale_mm) if huber else None,
         "huber_alpha": options.effective_huber_alpha if options.regularizer == "hybrid" else None,
         "max_iterations": options.effective_iterations,
@@ -562,7 +562,8 @@ def _all_profiles(profiles, used, stacks):
 
 
 def _huber_args(options):
-    return (options.huber_delta, options.edge_scale_mm, options.outer_iterations, options.effective_huber_alpha)
+    return (options.effective_huber_delta, options.edge_scale_mm, options.outer_iterations,
+            options.effective_huber_alpha)
 
 
 class _Probe:
