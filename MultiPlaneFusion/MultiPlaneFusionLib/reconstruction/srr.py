@@ -6,16 +6,16 @@ sampling at the pixel centres) and the volume is
     x = argmin  sum_k c_k ||A_k x - y_k||^2 + alpha R(x)
 
 with c_k = (stack voxel volume) / (grid voxel volume), so that every stack weighs the same per unit of
-volume whatever its resolution and both terms approximate integrals over the volume: alpha is then a
-squared length (mm^2) and does not change with the grid spacing. Intensities are normalised internally
-((value - background) / robust range), which makes alpha and the Huber delta scale-invariant. R is
-the hybrid (the default: first-order Tikhonov at alpha plus Huber at ``huber_alpha`` with its own lower
-threshold, one reweighted penalty, see :func:`.penalty.hybrid_split`), first-order Tikhonov (conjugate gradients on the normal
-equations, started from the PSF-weighted average of the stacks) or Huber on the gradient magnitude
+volume whatever its resolution and both terms approximate integrals over the volume: alpha is then a squared
+length (mm^2) and does not change with the grid spacing. Intensities are normalised internally ((value -
+background) / robust range), which makes alpha and the Huber delta scale-invariant. R is the hybrid (the
+default: first-order Tikhonov at alpha plus Huber at ``huber_alpha`` with its own lower threshold, one
+reweighted penalty, see :func:`.penalty.hybrid_split`), first-order Tikhonov (conjugate gradients on the
+normal equations, started from the PSF-weighted average of the stacks) or Huber on the gradient magnitude
 (edge-preserving); the two reweighted ones by iteratively reweighted least squares, each step warm-started
 conjugate-gradient iterations; see :mod:`.solvers`. The hybrid beat Tikhonov on the realistic panel and on
-the real series on the full grid; Huber alone keeps hard edges sharper on piecewise-constant objects such
-as the analytic phantom, and the thick slices' steps with them (figures in the README).
+the real series on the full grid; Huber alone keeps hard edges sharper on piecewise-constant objects such as
+the analytic phantom, and the thick slices' steps with them (figures in the README).
 
 Use :func:`reconstruct_srr`; :class:`.options.SrrOptions` holds the settings (and
 :func:`.options.add_srr_arguments` their command-line flags). The steps: agreement between the stacks and
