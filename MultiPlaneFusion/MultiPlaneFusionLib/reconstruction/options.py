@@ -27,15 +27,13 @@ REGULARIZER_CHOICES = REGULARIZERS + ("auto",)
 # chosen on the whole realistic panel and the real series (README). Huber's penalty is weaker at edges, so
 # it takes a larger one.
 # The hybrid's alpha is its Tikhonov share, what edges keep; its Huber share (DEFAULT_HUBER_ALPHA) is what
-# flat regions get on top. 0.05 + 0.1 was chosen on the realistic panel and the real series on the full
-# 1 mm grid (README): a larger share of either flattens thin bone on the real series, unless the
-# threshold is lowered with it: 0.05 + 0.2 at threshold 0.025 ties 0.05 + 0.1 at 0.05 on the real full grid
-# and gains ~0.3 dB on the panel's Philips cases.
+# flat regions get on top. Chosen with its threshold (DEFAULT_HUBER_DELTA) on the realistic panel and the
+# real series on the full 1 mm grid (README): 0.05 + 0.2 at 0.025 ties 0.05 + 0.1 at 0.05 there and gains
+# ~0.3 dB on the panel's Philips cases; larger shares, or 0.2 at the higher threshold, flatten thin bone.
 DEFAULT_ALPHA = {"tikhonov": 0.07, "huber": 0.5, "hybrid": 0.05}
 DEFAULT_HUBER_ALPHA = 0.2
-# Huber threshold (normalised intensity per mm) per prior: the hybrid's Tikhonov share already smooths
-# edges, so its Huber share can stop at a lower gradient without staircasing; at 0.05 a Huber share above
-# 0.1 flattened the real series' thin bone (README).
+# Huber threshold (normalised intensity per mm) per prior. The hybrid's is lower: thin bone's weak edges
+# in the thick series stay above it, so its larger Huber share does not smooth them at the sum (README).
 DEFAULT_HUBER_DELTA = {"huber": 0.05, "hybrid": 0.025}
 # A cap on CG iterations: the solvers stop on the tolerances long before.
 DEFAULT_ITERATIONS = {"tikhonov": 100, "huber": 100, "hybrid": 100}
@@ -58,7 +56,7 @@ class SrrOptions:
         "hybrid" (the default): first-order Tikhonov at ``alpha`` plus Huber at ``huber_alpha``
         (``penalty.hybrid_split``): flat regions are smoothed at the sum, edges at about ``alpha`` alone.
         On the realistic panel it beat Tikhonov on both scores on six of seven cases and on the real
-        series on the full grid; more of either share flattens thin bone there (README).
+        series on the full grid; larger shares flatten thin bone there (README).
         "tikhonov": first-order Tikhonov (smooth gradient). "huber": Huber on the gradient magnitude
         (edge-preserving: better on piecewise-constant, hard-edged objects). "auto":
         regularizer and weight chosen together by held-out-slice cross-validation on the probe block
