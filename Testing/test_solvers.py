@@ -205,6 +205,21 @@ def test_hybrid_minimises_its_own_objective():
     np.testing.assert_allclose(solve("hybrid", a_t, 0.0), solve("tikhonov", a_t), atol=1e-7)
 
 
+def test_irls_log_names_the_prior_and_its_shares(caplog):
+    # the hybrid is logged by its Tikhonov and Huber shares, plain Huber by its weight
+    mask = np.ones(SHAPE)
+    y = np.random.default_rng(1).standard_normal(SHAPE)
+    cases = (("hybrid", 0.05, 0.2, "hybrid: Tikhonov 0.05 + Huber 0.2 at threshold 0.025"),
+             ("huber", 0.5, 0.0, "Huber, alpha 0.5, delta 0.025"))
+    for regularizer, alpha, huber_alpha, expected in cases:
+        weight, floor = penalty_weight(regularizer, alpha, huber_alpha)
+        system = NormalEquations([_Mask(mask)], [1.0], weight, SPACING, mask.copy())
+        caplog.clear()
+        with caplog.at_level("INFO", logger="MultiPlaneFusionLib"):
+            solve_huber(system, y.copy(), y.copy(), 0.025, outer_iterations=1, max_iterations=2, floor=floor)
+        assert expected in caplog.text
+
+
 def test_edge_scale_keeps_noise_from_passing_for_edges():
     # fine grid (0.25 mm), unit step along i plus noise whose voxel-to-voxel gradients exceed delta
     spacing = (0.25, 0.25, 0.25)

@@ -328,6 +328,14 @@ def penalty_weight(regularizer, alpha, huber_alpha=0.0):
     return float(alpha), 0.0
 
 
+def _prior_label(weight, delta, floor):
+    """The edge-preserving prior as the log names it: the hybrid (``floor`` > 0) by its two shares."""
+    if floor > 0:
+        return (f"hybrid: Tikhonov {weight * floor:.4g} + Huber {weight * (1.0 - floor):.4g} at threshold "
+                f"{delta:.4g}")
+    return f"Huber, alpha {weight:.4g}, delta {delta:.4g}"
+
+
 def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, tolerance=1e-3, report=None,
                 edge_scale_mm=0.0, solution_tolerance=None, floor=0.0):
     """Huber-on-gradient by IRLS: ``outer_iterations`` reweightings, CG inside (in total at most
@@ -390,11 +398,9 @@ def solve_huber(system, b, x, delta, *, outer_iterations=4, max_iterations=7, to
         total += info["iterations"]
         infos.append(info)
         fixed_point = converge and o > 0 and info["iterations"] <= 1 and info["stopped"] in ("solution", "residual")
-        LOGGER.info(
-            "SRR (Huber, alpha %.4g, delta %.4g, weight floor %.3g) outer %d/%d: %d CG iterations, relative "
-            "residual %.3g", system.alpha, delta, floor, o + 1, outer_iterations, info["iterations"],
-            info["relative_residual"],
-        )
+        LOGGER.info("SRR (%s) outer %d/%d: %d CG iterations, relative residual %.3g",
+                    _prior_label(system.alpha, delta, floor), o + 1, outer_iterations, info["iterations"],
+                    info["relative_residual"])
         if fixed_point or (converge and total >= n_cg):
             break
     system.weights = None
