@@ -88,6 +88,8 @@ def _fuse(stacks, grid, path=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sigma", type=float, default=0.6, help="band limit of the truth, Gaussian sigma in voxels")
+    p.add_argument("--motion-scale", type=float, default=1.0,
+                   help="multiply the motions' angles and translations (1: about 1.7 degrees and 3 mm)")
     p.add_argument("--cli", action="store_true", help="also time the CLI fuse, moved against unmoved")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", default=str(RESULTS / "bench_moved.json"))
@@ -99,8 +101,12 @@ def main(argv=None):
     vol = sitk.GetArrayFromImage(img).astype(np.float32)
     mask = raw > -500
     centre = grid.index_to_lps_affine[:3, :3] @ ((np.array(grid.shape[::-1]) - 1) / 2) + grid.index_to_lps_affine[:3, 3]
-    motions = {"coronal": rigid_matrix((1.2, -0.8, 1.0), (2.0, -1.5, 1.2), centre),
-               "sagittal": rigid_matrix((-0.9, 1.3, 0.7), (-1.8, 2.2, -1.0), centre)}
+    f = float(args.motion_scale)
+    motions = {"coronal": rigid_matrix((1.2 * f, -0.8 * f, 1.0 * f), (2.0 * f, -1.5 * f, 1.2 * f), centre),
+               "sagittal": rigid_matrix((-0.9 * f, 1.3 * f, 0.7 * f), (-1.8 * f, 2.2 * f, -1.0 * f), centre)}
+    rot = max(float(np.linalg.norm(v)) for v in ((1.2, -0.8, 1.0), (-0.9, 1.3, 0.7))) * f
+    shift = max(float(np.linalg.norm(v)) for v in ((2.0, -1.5, 1.2), (-1.8, 2.2, -1.0))) * f
+    size = f"{rot:.2g} deg / {shift:.2g} mm"
     half = {o: rigid_matrix((0, 0, 0), (0.45, 0.45, 0.5), centre) for o in motions}
     rows = []
 
@@ -115,7 +121,7 @@ def main(argv=None):
     row("unmoved", _series(vol, img, grid, {}))
     row("half-voxel shift, exact geometry (instrument)", _placed(_series(vol, img, grid, half), half))
     moved = _series(vol, img, grid, motions)
-    row("moved 1.7 deg / 3 mm, exact geometry", _placed(moved, motions))
+    row(f"moved {size}, exact geometry", _placed(moved, motions))
     row("same, shear path forced", _placed(moved, motions), "shear")
     row("same, general path forced", _placed(moved, motions), "general")
     regd, _ = register_stacks(moved, reference=0)
@@ -126,7 +132,8 @@ def main(argv=None):
     cli_rows = []
     if args.cli:
         cli_rows = _cli_times(vol, img, grid, motions, args.repeat, mask)
-    write_json(args.json, {"machine": machine(), "sigma_vox": args.sigma, "rows": rows, "cli": cli_rows})
+    write_json(args.json, {"machine": machine(), "sigma_vox": args.sigma, "motion_scale": f, "rows": rows,
+                           "cli": cli_rows})
 
 
 def _cli_times(vol, img, grid, motions, repeat, mask):
