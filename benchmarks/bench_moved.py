@@ -36,6 +36,8 @@ from MultiPlaneFusionLib.registration import register_stacks
 from MultiPlaneFusionLib.transforms import rigid_matrix
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
+# The moved series' motions (rotation vector in degrees, translation in mm), scaled by --motion-scale.
+MOTIONS = {"coronal": ((1.2, -0.8, 1.0), (2.0, -1.5, 1.2)), "sagittal": ((-0.9, 1.3, 0.7), (-1.8, 2.2, -1.0))}
 
 
 def _image(vol, grid):
@@ -102,10 +104,9 @@ def main(argv=None):
     mask = raw > -500
     centre = grid.index_to_lps_affine[:3, :3] @ ((np.array(grid.shape[::-1]) - 1) / 2) + grid.index_to_lps_affine[:3, 3]
     f = float(args.motion_scale)
-    motions = {"coronal": rigid_matrix((1.2 * f, -0.8 * f, 1.0 * f), (2.0 * f, -1.5 * f, 1.2 * f), centre),
-               "sagittal": rigid_matrix((-0.9 * f, 1.3 * f, 0.7 * f), (-1.8 * f, 2.2 * f, -1.0 * f), centre)}
-    rot = max(float(np.linalg.norm(v)) for v in ((1.2, -0.8, 1.0), (-0.9, 1.3, 0.7))) * f
-    shift = max(float(np.linalg.norm(v)) for v in ((2.0, -1.5, 1.2), (-1.8, 2.2, -1.0))) * f
+    motions = {o: rigid_matrix(f * np.asarray(r), f * np.asarray(t), centre) for o, (r, t) in MOTIONS.items()}
+    rot = f * max(float(np.linalg.norm(r)) for r, _ in MOTIONS.values())
+    shift = f * max(float(np.linalg.norm(t)) for _, t in MOTIONS.values())
     size = f"{rot:.2g} deg / {shift:.2g} mm"
     half = {o: rigid_matrix((0, 0, 0), (0.45, 0.45, 0.5), centre) for o in motions}
     rows = []

@@ -13,7 +13,6 @@ triangle of the given FWHM (base twice that). Baselines: each series alone (B-sp
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import panel
@@ -42,29 +41,28 @@ def run_case(thickness_mm, step_mm, noise_hu, fmt, log=print):
     vol, grid = panel.philips_truth()
     name = f"P {thickness_mm:g}mm/{step_mm:g} triangle {noise_hu:g}HU {fmt}"
     case = panel.Case(name, "philips", "gaussian", thickness_mm, step_mm, noise_hu, fmt, 21)
-    root = Path(tempfile.mkdtemp(prefix="mpf-other-profile-"))
-    paths = []
+    stacks = []
     for n, o in enumerate(("axial", "coronal", "sagittal")):
         # "gaussian" only sets the kernel's reach (4 sigma of a Gaussian of that FWHM covers the triangle)
-        s = panel.simulate_from_volume(vol, grid, o, thickness_mm, step_mm, "gaussian", noise_hu, seed=210 + n,
-                                       kernel=triangle_kernel, description=f"TRIANGLE {o.upper()} {thickness_mm:g}MM")
-        p = root / (o + (".nrrd" if fmt == "nrrd" else ""))
-        panel.write_series(s, p, fmt, series_number=n + 1)
-        paths.append(p)
-    scorer = panel.Scorer(vol, grid, panel.object_threshold(case), region=panel.scored_region(case))
-    rows = []
-    v, t, res = panel.run_fusion(paths, grid, {"method": "average"}, False)
-    rows.append({"case": name, "method": "average", "seconds": t, **scorer(v)})
-    for n, s in enumerate(res.stacks):
-        b, covered = resample_stack(s, grid, "bspline")
-        b[~covered] = panel.BACKGROUND_HU
-        rows.append({"case": name, "method": f"single {n} {s.description}", "seconds": None, **scorer(b)})
-    best = max(rows[1:], key=lambda r: r["psnr_db"])
-    for label, overrides in OPTION_SETS.items():
-        v, t, res = panel.run_fusion(paths, grid, overrides, False)
-        info = res.summary.get("reconstruction") or {}
-        profiles = ", ".join(f"{p['kind']} x{p['width_factor']:g}" for p in info.get("slice_profiles", []))
-        rows.append({"case": name, "method": f"{label} ({profiles})", "seconds": t, **scorer(v)})
+        stacks.append(panel.simulate_from_volume(vol, grid, o, thickness_mm, step_mm, "gaussian", noise_hu,
+                                                 seed=210 + n, kernel=triangle_kernel,
+                                                 description=f"TRIANGLE {o.upper()} {thickness_mm:g}MM"))
+    with tempfile.TemporaryDirectory(prefix="mpf-other-profile-") as root:
+        paths = panel.write_case_series(stacks, root, fmt)
+        scorer = panel.Scorer(vol, grid, panel.object_threshold(case), region=panel.scored_region(case))
+        rows = []
+        v, t, res = panel.run_fusion(paths, grid, {"method": "average"}, False)
+        rows.append({"case": name, "method": "average", "seconds": t, **scorer(v)})
+        for n, s in enumerate(res.stacks):
+            b, covered = resample_stack(s, grid, "bspline")
+            b[~covered] = panel.BACKGROUND_HU
+            rows.append({"case": name, "method": f"single {n} {s.description}", "seconds": None, **scorer(b)})
+        best = max(rows[1:], key=lambda r: r["psnr_db"])
+        for label, overrides in OPTION_SETS.items():
+            v, t, res = panel.run_fusion(paths, grid, overrides, False)
+            info = res.summary.get("reconstruction") or {}
+            profiles = ", ".join(f"{p['kind']} x{p['width_factor']:g}" for p in info.get("slice_profiles", []))
+            rows.append({"case": name, "method": f"{label} ({profiles})", "seconds": t, **scorer(v)})
     for r in rows:
         r["vs_best_single_db"] = r["psnr_db"] - best["psnr_db"]
         r["vs_best_single_surface"] = r["surface_mean_mm"] / best["surface_mean_mm"]

@@ -397,15 +397,26 @@ def case_paths(case, root=None):
         return [extract_series(n) for n in ("philips_axial_5mm", "philips_tilt_minus18", "philips_tilt_plus16")]
     root = Path(root or cache_dir() / "panel") / f"{case.truth}-{case.key()}"
     done = root / ".complete"
-    names = ("axial", "coronal", "sagittal")
-    suffix = ".nrrd" if case.fmt == "nrrd" else ""
-    paths = [root / (n + suffix) for n in names]
-    if not done.exists():
-        if root.exists():
-            shutil.rmtree(root)
-        for n, s in enumerate(simulate_case_stacks(case)):
-            write_series(s, root / names[n], case.fmt, series_number=n + 1)
-        done.write_text(json.dumps(dataclasses.asdict(case)))
+    if done.exists():
+        return series_paths(root, case.fmt)
+    if root.exists():
+        shutil.rmtree(root)
+    paths = write_case_series(simulate_case_stacks(case), root, case.fmt)
+    done.write_text(json.dumps(dataclasses.asdict(case)))
+    return paths
+
+
+def series_paths(root, fmt):
+    """Where :func:`write_case_series` puts the axial, coronal and sagittal series under ``root``."""
+    suffix = ".nrrd" if fmt == "nrrd" else ""
+    return [Path(root) / (n + suffix) for n in ("axial", "coronal", "sagittal")]
+
+
+def write_case_series(stacks, root, fmt):
+    """Write a case's three series (axial, coronal, sagittal order) under ``root``; their paths."""
+    paths = series_paths(root, fmt)
+    for n, (s, p) in enumerate(zip(stacks, paths)):
+        write_series(s, p, fmt, series_number=n + 1)
     return paths
 
 

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import panel
@@ -62,18 +61,14 @@ def main():
         vol, grid = panel.truth_for(case)
         scorer = panel.Scorer(vol, grid, panel.object_threshold(case), region=panel.scored_region(case))
         for kernel in args.kernels:
-            root = Path(tempfile.mkdtemp(prefix="mpf-series-kernel-"))
-            paths = []
-            for n, s in enumerate(simulated_stacks(case, kernel)):
-                p = root / (("axial", "coronal", "sagittal")[n] + (".nrrd" if case.fmt == "nrrd" else ""))
-                panel.write_series(s, p, case.fmt, series_number=n + 1)
-                paths.append(p)
             panel_kernel = 1.2 if case.truth == "phantom" else 0.0
             row = {"case": case.name, "kernel_px": kernel, "as_panel": kernel == panel_kernel}
-            for label, overrides in FACTORS.items():
-                v, _, _ = panel.run_fusion(paths, grid, overrides, False)
-                sc = scorer(v)
-                row[f"{label} dB"], row[f"{label} mm"] = sc["psnr_db"], sc["surface_mean_mm"]
+            with tempfile.TemporaryDirectory(prefix="mpf-series-kernel-") as root:
+                paths = panel.write_case_series(simulated_stacks(case, kernel), root, case.fmt)
+                for label, overrides in FACTORS.items():
+                    v, _, _ = panel.run_fusion(paths, grid, overrides, False)
+                    sc = scorer(v)
+                    row[f"{label} dB"], row[f"{label} mm"] = sc["psnr_db"], sc["surface_mean_mm"]
             row["best"] = max(FACTORS, key=lambda f: row[f"{f} dB"])
             rows.append(row)
             print(row, flush=True)
