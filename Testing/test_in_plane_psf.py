@@ -157,16 +157,19 @@ def test_blurred_stack_among_sharp_ones_gets_a_wide_in_plane_psf():
     assert w2[1] >= 1.6 and max(w2[0], w2[2]) <= 0.6, w2
 
 
-def test_blur_free_series_choose_a_narrow_width_and_reconstruct_better(grid, truth):
+def test_blur_free_series_choose_a_narrow_width_and_reconstruct_as_well(grid, truth):
     stacks = _stacks((0.05, 0.05, 0.05))
     head = truth > -900
     auto = reconstruct_srr(stacks, grid, SrrOptions(in_plane_psf="auto", self_check=False))
     assert max(_widths(auto)) <= 0.6, auto.info["in_plane_choice"]
     default = reconstruct_srr(stacks, grid, SrrOptions(self_check=False))
     assert _widths(default) == [IN_PLANE_FWHM_FACTOR] * 3
-    # against the NiftyMIC width (1.2, the default until 2026-12-03), which blur-free series do not have
+    # against the NiftyMIC width 1.2 (the default), which blur-free series do not have. With the linear image
+    # basis the narrow estimate gained >= 0.15 dB here, because the hat widened every model; with the cubic
+    # basis a model is as wide as it says and the two reconstruct alike (-0.005 dB on 2026-12-06): the
+    # narrower model's sharper data term is offset by the noise it lets through.
     wide = reconstruct_srr(stacks, grid, SrrOptions(in_plane_psf=1.2, self_check=False))
-    assert metrics.psnr(auto.volume, truth, head) >= metrics.psnr(wide.volume, truth, head) + 0.15
+    assert metrics.psnr(auto.volume, truth, head) >= metrics.psnr(wide.volume, truth, head) - 0.1
 
 
 def test_fixed_in_plane_width_and_given_profiles_are_used_as_given(grid):

@@ -5,6 +5,8 @@ All cases are small synthetic geometries (a 20 x 22 x 24 grid); the dot-product 
 |<A x, y> - <x, A^T y>| <= 1e-5 |<A x, y>|.
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -159,28 +161,60 @@ def test_separable_and_general_agree(name):
         assert rms < 0.02, (name, rms)
 
 
+def _row_moments(start, w):
+    nodes = start[:, None] + np.arange(w.shape[1])[None, :]
+    mean = (w * nodes).sum(axis=1)
+    return mean, (w * (nodes - mean[:, None]) ** 2).sum(axis=1)
+
+
 def test_psf_rows_normalised_with_the_requested_width():
     n = 60
     sigma = 2.0
     pos = np.array([10.0, 29.3, 30.5, 47.75])
     start, w = psf_rows(pos, n, "gaussian", sigma)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-12)
-    nodes = start[:, None] + np.arange(w.shape[1])[None, :]
-    mean = (w * nodes).sum(axis=1)
-    var = (w * (nodes - mean[:, None]) ** 2).sum(axis=1)
-    np.testing.assert_allclose(mean, pos, atol=5e-3)  # truncation at 3 sigma is not symmetric
-    # Gaussian convolved with the hat of linear interpolation, sampled at the nodes: variance
-    # sigma^2 + 1/6 (hat) + 1/12 (node sampling), up to the 3-sigma truncation.
-    np.testing.assert_allclose(var, sigma**2 + 1 / 6 + 1 / 12, rtol=0.03)
-    # box of width 4: the mass spreads over width + hat
-    start, w = psf_rows(np.array([30.0]), n, "box", 4.0)
+    mean, var = _row_moments(start, w)
+    np.testing.assert_allclose(mean, pos, atol=1e-9)
+    # Cubic basis (the default): the row has the PSF's own variance wherever the sample falls between the
+    # nodes (Keys' kernel reproduces quadratics), here the Gaussian's truncated at 3 sigma.
+    truncated = 1.0 - 6.0 * math.exp(-4.5) / math.sqrt(2 * math.pi) / math.erf(3 / math.sqrt(2))
+    np.testing.assert_allclose(var, truncated * sigma**2, rtol=1e-6)
+    # box of width 4: variance 16/12 exactly, support within half the width plus the kernel's 2 nodes
+    start, w = psf_rows(pos, n, "box", 4.0)
+    mean, var = _row_moments(start, w)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(var, 16.0 / 12.0, rtol=1e-9)
     nodes = start[0] + np.arange(w.shape[1])
-    np.testing.assert_allclose(w[0].sum(), 1.0)
-    assert np.all(w[0][np.abs(nodes - 30.0) >= 3.0] == 0)
+    assert np.all(w[0][np.abs(nodes - pos[0]) >= 4.0] == 0)
+    # a point sample is the cubic interpolant: the node itself on a node, Keys' weights half-way
+    start, w = psf_rows(np.array([20.0, 20.5]), n, "box", 1e-9)
+    nodes = start[:, None] + np.arange(w.shape[1])[None, :]
+    np.testing.assert_allclose(w[0][nodes[0] == 20], 1.0, atol=1e-6)
+    np.testing.assert_allclose([w[1][nodes[1] == v][0] for v in (19, 20, 21, 22)],
+                               [-1 / 16, 9 / 16, 9 / 16, -1 / 16], atol=1e-6)
     # samples outside [-0.5, n-0.5] are not modelled
-    _, w = psf_rows(np.array([-0.6, -0.4, n - 0.4, n - 0.6]), n, "gaussian", 1.0)
-    assert w[0].sum() == 0 and w[2].sum() == 0
-    assert w[1].sum() == pytest.approx(1.0) and w[3].sum() == pytest.approx(1.0)
+    for basis in ("cubic", "linear"):
+        _, w = psf_rows(np.array([-0.6, -0.4, n - 0.4, n - 0.6]), n, "gaussian", 1.0, basis=basis)
+        assert w[0].sum() == 0 and w[2].sum() == 0
+        assert w[1].sum() == pytest.approx(1.0) and w[3].sum() == pytest.approx(1.0)
+
+
+def test_linear_basis_adds_a_position_dependent_blur():
+    # Why the cubic basis: with the linear one the row's variance is the PSF's plus the hat's, and for a narrow
+    # PSF that extra depends on where the sample falls (none on a node, a quarter node^2 half-way).
+    n = 60
+    start, w = psf_rows(np.array([10.0, 29.3, 30.5, 47.75]), n, "gaussian", 2.0, basis="linear")
+    _, var = _row_moments(start, w)
+    # Gaussian convolved with the hat, sampled at the nodes: sigma^2 + 1/6 (hat) + 1/12 (node sampling)
+    np.testing.assert_allclose(var, 4.0 + 1 / 6 + 1 / 12, rtol=0.03)
+    start, w = psf_rows(np.array([20.0, 20.5]), n, "box", 1e-9, basis="linear")
+    _, var = _row_moments(start, w)
+    np.testing.assert_allclose(var, [0.0, 0.25], atol=1e-6)
+    start, w = psf_rows(np.array([20.0, 20.25, 20.5]), n, "gaussian", 0.9 / FWHM_PER_SIGMA)
+    _, var = _row_moments(start, w)
+    assert np.ptp(var) < 1e-3 * var.mean()
+    with pytest.raises(ValueError, match="basis"):
+        psf_rows(np.array([1.0]), n, "box", 2.0, basis="nearest")
 
 
 def test_gaussian_psf_width_follows_the_convention():
@@ -193,7 +227,7 @@ def test_gaussian_psf_width_follows_the_convention():
     mean = (row * nodes).sum()
     var = (row * (nodes - mean) ** 2).sum()
     sigma = 4.0 / FWHM_PER_SIGMA
-    assert var == pytest.approx(sigma**2 + 1 / 6 + 1 / 12, rel=0.05)
+    assert var == pytest.approx(sigma**2, rel=0.05)  # cubic basis: the PSF's own variance
 
 
 def test_forced_separable_path_refused_for_an_oblique_stack():

@@ -23,8 +23,9 @@ EDGE_PRESERVING = ("huber", "hybrid")
 # (autotune.choose_prior); the solvers only ever see one of REGULARIZERS.
 REGULARIZER_CHOICES = REGULARIZERS + ("auto",)
 # Fixed weights (mm^2), not "auto": on the realistic panel the cross-validated weight under-regularised
-# overlapping slices. Tikhonov's 0.07 goes with the in-plane model width 0.9 (sampling.psf): the pair was
-# chosen on the whole realistic panel and the real series (README). Huber's penalty is weaker at edges, so
+# overlapping slices. Tikhonov's 0.07 was chosen with the linear image basis and the in-plane model width 0.9
+# on the whole realistic panel and the real series (README); not re-tuned for the cubic basis and width 1.2
+# (sampling.psf), with which the hybrid default was measured. Huber's penalty is weaker at edges, so
 # it takes a larger one.
 # The hybrid's alpha is its Tikhonov share, what edges keep; its Huber share (DEFAULT_HUBER_ALPHA) is what
 # flat regions get on top. Chosen with its threshold (DEFAULT_HUBER_DELTA) on the realistic panel and the
@@ -72,7 +73,7 @@ class SrrOptions:
         "box": the slice thickness (slab-averaged MPR reformats). In-plane: see ``in_plane_psf``.
     in_plane_psf : float, "auto" or None
         In-plane PSF of the model: Gaussian of FWHM = this factor x pixel spacing for every stack. None
-        (default): ``sampling.psf.IN_PLANE_FWHM_FACTOR`` (0.9). "auto": per stack, from the data on the
+        (default): ``sampling.psf.IN_PLANE_FWHM_FACTOR`` (1.2). "auto": per stack, from the data on the
         probe block (``autotune.estimate_in_plane``: the width under which the stacks predict each other
         best, candidates ``sampling.psf.IN_PLANE_FACTORS``).
     max_iterations : int or None

@@ -1,7 +1,8 @@
 """The separable path: a stack whose axes are parallel to the grid axes (after its registration transform).
 
 The forward model is the tensor product of three 1-D banded PSF matrices, one per grid axis, holding the PSF
-integrated against the linear-interpolation basis of that axis (contract and conventions: :mod:`.stack_operator`).
+integrated against the interpolation basis of that axis (``sampling.psf.IMAGE_BASIS``; contract and conventions:
+:mod:`.stack_operator`).
 """
 
 import numpy as np

@@ -6,7 +6,7 @@ that is rotated (registration leaves 0.02-3 degrees; oblique MR planes):
 
 1. **Through-plane, along the grid axis t nearest the normal.** Each slice is a plane ``g_t = c_s + s . (g_a,
    g_b)`` in grid index coordinates (the same slopes for every slice). Along each grid line (fixed ``g_a,
-   g_b``) the slice profile is integrated against the grid's linear-interpolation basis at the exact plane
+   g_b``) the slice profile is integrated against the grid's interpolation basis at the exact plane
    position, with the profile's width measured along that axis (the thickness / cos(tilt)). Lines are grouped
    by their shift ``s . (g_a, g_b)`` rounded to 1/``SHIFT_STEPS`` of a node (at most 1/64 node off); each group
    is one matrix product. No interpolation happens through-plane, and the result holds one value per slice

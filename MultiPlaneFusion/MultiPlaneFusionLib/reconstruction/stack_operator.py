@@ -14,11 +14,13 @@ refinement (simulated slices) both use this API, which stays stable:
 - ``op.coverage()``: bool grid mask of the voxels inside the stack's sampled region;
 - ``op.path``: ``"separable"``, ``"skew"``, ``"shear"`` or ``"general"``.
 
-The continuous image behind ``x`` is the trilinear interpolant of the grid (constant for the half voxel
-beyond the outer voxel centres). A sample is the integral of that image against the stack's point-spread
+The continuous image behind ``x`` is, along each axis of the 1-D PSF matrices, Keys' cubic-convolution
+interpolant of the nodes (``sampling.psf.IMAGE_BASIS``: the matrices integrate the PSF against it exactly,
+so a row is as wide as the PSF wherever the sample falls; the values extend beyond the outer voxel
+centres). A sample is the integral of that image against the stack's point-spread
 function (PSF), centred on the pixel centre, oriented with the slice: Gaussian with through-plane
-FWHM = slice thickness and in-plane FWHM = 0.9 x pixel spacing (``sampling.psf.IN_PLANE_FWHM_FACTOR``;
-NiftyMIC/SVRTK use 1.2),
+FWHM = slice thickness and in-plane FWHM = 1.2 x pixel spacing (``sampling.psf.IN_PLANE_FWHM_FACTOR``,
+NiftyMIC/SVRTK's convention),
 or ``psf="box"``: a slab of the slice thickness through-plane (MPR slab reformats), same Gaussian
 in-plane. Each sample's weights are normalised over the part of the PSF inside the grid, so a constant
 volume maps to the same constant (``A 1 = 1`` on valid samples) and intensity offsets pass through.
@@ -28,7 +30,7 @@ Four paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`
 
 - **separable** (stack axes parallel to grid axes up to permutation and flip, after the registration
   transform; slices not sheared; gaps allowed): A is the tensor product of three 1-D banded matrices,
-  one per grid axis, holding the PSF integrated against the linear-interpolation basis of that axis.
+  one per grid axis, holding the PSF integrated against the interpolation basis of that axis.
   It is applied by blocked matrix products (BLAS) along each axis, reducing the most-downsampled axis
   first. No 3-D interpolation. :mod:`.separable_operator`.
 - **skew** (a stack whose slice normal is tilted so little that the profile can be integrated along the nearest
@@ -39,7 +41,8 @@ Four paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`
   grid carried onto the lattice by Lanczos-3 shears instead of trilinear interpolation.
   :mod:`.shear_operator`.
 - **general** (any other orientation: strongly oblique, tilted beyond the skew path's pre-shear): the grid
-  is interpolated trilinearly at the nodes of a lattice aligned with the stack frame (row, column, normal); then the
+  is interpolated trilinearly (the one place the image is the grid's linear interpolant) at the nodes of a
+  lattice aligned with the stack frame (row, column, normal); then the
   PSF and the sampling are 1-D banded matrices along the lattice axes: through-plane along the slice
   NORMAL (even when a tilted series' slice origins step along the table), in-plane per slice (a sheared
   slice is shifted in-plane, so its in-plane matrices differ per slice). When one stack axis is parallel

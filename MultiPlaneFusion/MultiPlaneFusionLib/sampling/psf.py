@@ -1,12 +1,21 @@
 """The point-spread function (PSF) of a thick-slice stack: its sizes, its 1-D weights, and the slice profiles.
 
 **The PSF.** A sample of a stack is the integral of the image against the PSF centred on the pixel centre,
-oriented with the slice: Gaussian in-plane, FWHM = ``IN_PLANE_FWHM_FACTOR`` (0.9) x pixel spacing
-(NiftyMIC/SVRTK/MIALSRTK use 1.2, see the constant), and through-plane either Gaussian of
+oriented with the slice: Gaussian in-plane, FWHM = ``IN_PLANE_FWHM_FACTOR`` (1.2) x pixel spacing
+(NiftyMIC/SVRTK/MIALSRTK's convention, see the constant), and through-plane either Gaussian of
 FWHM = slice thickness or a box (a slab of the slice thickness: slab-averaged MPR reformats).
-:func:`psf_sigma_mm` gives the sizes, :func:`psf_rows` the weights of samples against the linear-interpolation
-basis of a 1-D lattice, which every operator builds its banded matrices from
+:func:`psf_sigma_mm` gives the sizes, :func:`psf_rows` the weights of samples against the interpolation basis of
+a 1-D lattice, which every operator builds its banded matrices from
 (:mod:`MultiPlaneFusionLib.reconstruction.banded`).
+
+**The image between the nodes** (``IMAGE_BASIS``). A PSF row integrates the PSF against the continuous image
+the node values stand for. With Keys' cubic convolution (a = -0.5, the default) the row's second moment is
+the PSF's own at every sub-node position (the kernel reproduces quadratics): the model is as wide as the
+PSF says wherever a sample falls. The nodes' linear interpolant (the default until 2026-12-06) adds the hat's
+variance, which depends on the position: none for a point sample on a node, a quarter of a node squared
+half-way between two. A narrow model was then a point sample for series lying on the grid's lattice and a
+blur elsewhere (the in-plane width's history in the README), and a box through-plane was effectively wider
+than its slab. Measured on the realistic panel and the moved series (README, Current figures).
 
 **Slice profiles.** A slice profile is a kind ("box": a slab, as slab-averaged MPR reformats and many CT
 recons have; "gaussian": the conventional approximation of a scanner's slice sensitivity) and an effective
@@ -39,14 +48,14 @@ PSF_KINDS = ("box", "gaussian")
 PSF_CHOICES = ("auto",) + PSF_KINDS
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 # In-plane FWHM of the reconstruction's model, in pixel spacings, for stacks that carry no width of their own
-# (``Stack.in_plane_fwhm_factor`` None). 0.9, not NiftyMIC/SVRTK's 1.2: fitted from the registered real 1 mm
-# series, the real thick series carry no in-plane blur beyond the narrowest width tried (README), and with the
-# Tikhonov weight 0.07 it beat 1.2 / 0.1 on the real series on the 1 mm grid and on 6 of the 7 panel cases (the
-# seventh a tie). Not narrower: a model much narrower than a grid voxel depends on where a pixel falls between
-# the grid's nodes (0.6 won on the panel, whose series sit on the truth's lattice, but lost 0.66 dB to a
-# half-voxel shift against 0.16 dB at 0.9 and 0.03 at 1.2, benchmarks/bench_moved.py).
-# The estimate from the data (``--in-plane-psf auto``) stays opt-in: a common width is not identified.
-IN_PLANE_FWHM_FACTOR = 0.9
+# (``Stack.in_plane_fwhm_factor`` None). 1.2, NiftyMIC/SVRTK's convention, with the cubic image basis (2026-12-06):
+# on the realistic panel 0.9 / 1.05 / 1.2 ranked 0.9 first on the simulated Philips cases (their series lie on
+# the truth's lattice and carry no in-plane blur, which favours a narrow model), but on the real registered
+# series on the full 1 mm grid 1.2 had the better surface (0.117 mm against 0.125 / 0.136) at the same
+# correlation, and 1.2 beat the linear basis's 0.9 (the default until then) on every Philips case of the panel
+# (README). A common in-plane width is not identified by the data, so this is a choice of target; the estimate
+# (``--in-plane-psf auto``) stays opt-in.
+IN_PLANE_FWHM_FACTOR = 1.2
 # Candidate in-plane widths (FWHM / pixel spacing) of ``--in-plane-psf auto`` (autotune.estimate_in_plane): the
 # common width of all stacks, and each stack's own width given the others at the common one (a stack blurrier
 # than the others may need more than the common candidates reach; own candidates cost no extra solve).
@@ -99,8 +108,82 @@ def _cdf_moments(z, kind, width):
     return (zc + 0.5 * w) / w, (zc * zc - 0.25 * w * w) / (2.0 * w)
 
 
-def psf_rows(positions, n_nodes, kind, width):
-    """Normalised PSF weights of samples against the linear-interpolation basis of a 1-D lattice.
+# The continuous image behind the grid's node values, which every PSF row integrates (module docstring):
+# "cubic" (Keys' cubic convolution, a = -0.5; the default) or "linear" (the nodes' linear interpolant, the
+# default until 2026-12-06, kept for comparisons).
+IMAGE_BASIS = "cubic"
+IMAGE_BASES = ("cubic", "linear")
+_KEYS_A = -0.5
+
+
+def _power_moments(z, kind, width):
+    """M_n(z) = int_{-inf}^{z} t^n p(t) dt for n = 0..3 of a centred PSF (index units); a list of arrays."""
+    z = np.asarray(z, dtype=float)
+    if kind == "gaussian":
+        s = max(width, 1e-9)
+        u = z / s
+        cdf = 0.5 * (1.0 + _erf(u / math.sqrt(2.0)).astype(float))
+        pdf = np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+        return [cdf, -s * pdf, s * s * (cdf - u * pdf), -(s ** 3) * (u * u + 2.0) * pdf]
+    w = max(width, 1e-9)
+    zc = np.clip(z, -0.5 * w, 0.5 * w)
+    lo = -0.5 * w
+    return [(zc ** (n + 1) - lo ** (n + 1)) / ((n + 1) * w) for n in range(4)]
+
+
+def _keys_pieces(a=_KEYS_A):
+    """Keys' kernel as (u_lo, u_hi, c0..c3) pieces: K(u) = sum c_n u^n on [u_lo, u_hi]."""
+    return [(-2.0, -1.0, (-4 * a, -8 * a, -5 * a, -a)), (-1.0, 0.0, (1.0, 0.0, -(a + 3), -(a + 2))),
+            (0.0, 1.0, (1.0, 0.0, -(a + 3), a + 2)), (1.0, 2.0, (-4 * a, 8 * a, -5 * a, a))]
+
+
+def _psf_rows_cubic(c, n_nodes, kind, width):
+    """:func:`psf_rows` for the cubic basis: exact integrals of the PSF against Keys' kernel, piece by piece
+    (a cubic in t against the PSF's moments up to the third), nodes beyond the ends folded onto the end nodes
+    (the image extends their values) and the image unknown beyond half a node."""
+    cutoff = GAUSSIAN_CUTOFF_SIGMAS * width if kind == "gaussian" else 0.5 * width
+    pieces = _keys_pieces()
+    reach = cutoff + 2.0
+    taps = int(math.ceil(2 * reach)) + 2
+    # nodes of the kernel, possibly beyond the lattice (folded onto the end nodes below)
+    first = np.floor(c - reach).astype(np.int64)
+    v = first[:, None] + np.arange(taps)[None, :]
+    cc = c[:, None]
+    d = cc - v  # sample centre relative to the node
+    w = np.zeros(v.shape)
+    for u_lo, u_hi, coef in pieces:
+        # t in [v + u_lo, v + u_hi], inside the image [-0.5, n - 0.5] and the PSF's support around c
+        t_lo = np.maximum(np.maximum(v + u_lo, -0.5), cc - cutoff)
+        t_hi = np.minimum(np.minimum(v + u_hi, n_nodes - 0.5), cc + cutoff)
+        ok = t_hi > t_lo
+        if not ok.any():
+            continue
+        m_lo = _power_moments(np.where(ok, t_lo - cc, 0.0), kind, width)
+        m_hi = _power_moments(np.where(ok, t_hi - cc, 0.0), kind, width)
+        # K(u) with u = s + d (s = t - c): expand sum_n c_n (s + d)^n in powers of s
+        b = [coef[0] + coef[1] * d + coef[2] * d ** 2 + coef[3] * d ** 3,
+             coef[1] + 2 * coef[2] * d + 3 * coef[3] * d ** 2,
+             coef[2] + 3 * coef[3] * d,
+             coef[3] + 0.0 * d]
+        part = sum(b[n] * (m_hi[n] - m_lo[n]) for n in range(4))
+        w += np.where(ok, part, 0.0)
+    # fold the nodes beyond the ends onto the end nodes (the image is constant there)
+    vc = np.clip(v, 0, n_nodes - 1)
+    start = np.clip(np.minimum(vc[:, 0], n_nodes - min(taps, n_nodes)), 0, None)
+    taps_out = min(taps, n_nodes)
+    out = np.zeros((c.size, taps_out))
+    col = vc - start[:, None]
+    rows = np.repeat(np.arange(c.size), taps)
+    np.add.at(out, (rows, col.ravel()), w.ravel())
+    inside = (c >= -0.5) & (c <= n_nodes - 0.5)
+    total = out.sum(axis=1)
+    ok = inside & (np.abs(total) > 1e-12)
+    out = np.where(ok[:, None], out / np.where(ok, total, 1.0)[:, None], 0.0)
+    return start.astype(np.int64), out
+
+
+def psf_rows(positions, n_nodes, kind, width, *, basis=None):
+    """Normalised PSF weights of samples against the interpolation basis of a 1-D lattice.
 
     Parameters
     ----------
@@ -112,6 +195,9 @@ def psf_rows(positions, n_nodes, kind, width):
     kind : {"gaussian", "box"}
     width : float
         Gaussian sigma, or the box's full width, in node-index units.
+    basis : {"cubic", "linear"}, optional
+        The image between the nodes (``IMAGE_BASIS`` when None, module docstring). With "cubic" the weights
+        can be slightly negative (the kernel's lobes).
 
     Returns
     -------
@@ -122,6 +208,11 @@ def psf_rows(positions, n_nodes, kind, width):
         centre lies outside ``[-0.5, n_nodes - 0.5]``.
     """
     c = np.asarray(positions, dtype=float).reshape(-1)
+    basis = IMAGE_BASIS if basis is None else basis
+    if basis == "cubic":
+        return _psf_rows_cubic(c, n_nodes, kind, width)
+    if basis != "linear":
+        raise ValueError(f"unknown image basis '{basis}' (use {' or '.join(IMAGE_BASES)})")
     reach = (GAUSSIAN_CUTOFF_SIGMAS * width if kind == "gaussian" else 0.5 * width) + 1.0
     taps = int(math.ceil(2 * reach)) + 2
     start = np.floor(c - reach).astype(np.int64)
