@@ -74,23 +74,16 @@ def _series(vol, img, grid, motions):
     return out
 
 
-def _inner_grid(grid, motions):
+def _scored_box(grid, motions):
     """The part of ``grid`` that is scored: shrunk on every face by the largest displacement of its corners
-    under ``motions`` plus ``CROP_EXTRA_MM``. Returns (grid, numpy slices of the full grid, displacement mm)."""
-    from MultiPlaneFusionLib.grid import Grid
-
+    under ``motions`` plus ``CROP_EXTRA_MM``. Returns (numpy slices of the grid, displacement mm)."""
     n = np.array(grid.shape[::-1]) - 1  # (i, j, k) extent
     corners = np.array([[a, b, c, 1.0] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])])
     lps = corners @ np.asarray(grid.index_to_lps_affine).T
     worst = max([float(np.max(np.linalg.norm((lps @ m.T - lps)[:, :3], axis=1))) for m in motions] + [0.0])
     sp = np.asarray(grid.spacing_mm, dtype=float)  # (i, j, k)
     m = [int(math.ceil((worst + CROP_EXTRA_MM) / sp[2 - a])) for a in range(3)]  # per numpy axis (k, j, i)
-    box = tuple(slice(m[a], grid.shape[a] - m[a]) for a in range(3))
-    origin = grid.index_to_physical(m[0], m[1], m[2])
-    shape = tuple(grid.shape[a] - 2 * m[a] for a in range(3))
-    inner = Grid(shape=shape, spacing_mm=grid.spacing_mm, origin_mm=tuple(float(v) for v in origin),
-                 direction=grid.direction)
-    return inner, box, worst
+    return tuple(slice(m[a], grid.shape[a] - m[a]) for a in range(3)), worst
 
 
 def _placed(stacks, motions):
@@ -137,10 +130,10 @@ def main(argv=None):
     shift = f * max(float(np.linalg.norm(t)) for _, t in MOTIONS.values())
     size = f"{rot:.2g} deg / {shift:.2g} mm"
     half = {o: rigid_matrix((0, 0, 0), (0.45, 0.45, 0.5), centre) for o in motions}
-    inner, box, worst = _inner_grid(grid, list(motions.values()) + list(half.values()))
-    print(f"scored box {inner.shape} (k, j, i) inside the grid {grid.shape}: largest corner displacement "
-          f"{worst:.2f} mm + {CROP_EXTRA_MM:g} mm", flush=True)
+    box, worst = _scored_box(grid, list(motions.values()) + list(half.values()))
     truth, inside = vol[box], mask[box]
+    print(f"scored box {truth.shape} (k, j, i) inside the grid {grid.shape}: largest corner displacement "
+          f"{worst:.2f} mm + {CROP_EXTRA_MM:g} mm", flush=True)
     rows = []
 
     def row(case, stacks, path=None):
@@ -162,12 +155,12 @@ def main(argv=None):
     cols = [("case", "case", ""), ("psnr_db", "PSNR dB", ".2f"), ("vs_unmoved_db", "vs unmoved dB", "+.2f"),
             ("srr_s", "srr s", ".1f"), ("paths", "paths", "")]
     print_table(f"moved stacks on real anatomy (truth band-limited, sigma {args.sigma:g} voxel; scored box "
-                f"{inner.shape} inside the grid {grid.shape})", rows, cols)
+                f"{truth.shape} inside the grid {grid.shape})", rows, cols)
     cli_rows = []
     if args.cli:
         cli_rows = _cli_times(vol, img, grid, motions, args.repeat, mask, box)
     write_json(args.json, {"machine": machine(), "sigma_vox": args.sigma, "motion_scale": f, "rows": rows,
-                           "scored_shape": list(inner.shape), "largest_displacement_mm": worst,
+                           "scored_shape": list(truth.shape), "largest_displacement_mm": worst,
                            "cli": cli_rows})
 
 

@@ -95,19 +95,6 @@ def psf_sigma_mm(stack, psf="gaussian", *, in_plane_factor=None):
     return s_i, s_j, stack.thickness_mm
 
 
-def _cdf_moments(z, kind, width):
-    """CDF P0(z) and first moment P1(z) = int_{-inf}^{z} t p(t) dt of a centred PSF (index units)."""
-    if kind == "gaussian":
-        s = max(width, 1e-9)
-        u = z / s
-        p0 = 0.5 * (1.0 + _erf(u / math.sqrt(2.0)).astype(float))
-        p1 = -s / math.sqrt(2.0 * math.pi) * np.exp(-0.5 * u * u)
-        return p0, p1
-    w = max(width, 1e-9)  # box of full width w
-    zc = np.clip(z, -0.5 * w, 0.5 * w)
-    return (zc + 0.5 * w) / w, (zc * zc - 0.25 * w * w) / (2.0 * w)
-
-
 # The continuous image behind the grid's node values, which every PSF row integrates (module docstring):
 # "cubic" (Keys' cubic convolution, a = -0.5; the default) or "linear" (the nodes' linear interpolant, the
 # default until 2026-12-06, kept for comparisons).
@@ -116,19 +103,20 @@ IMAGE_BASES = ("cubic", "linear")
 _KEYS_A = -0.5
 
 
-def _power_moments(z, kind, width):
-    """M_n(z) = int_{-inf}^{z} t^n p(t) dt for n = 0..3 of a centred PSF (index units); a list of arrays."""
+def _power_moments(z, kind, width, order=3):
+    """M_n(z) = int_{-inf}^{z} t^n p(t) dt for n = 0..order (at most 3) of a centred PSF (index units): Gaussian
+    of sigma ``width`` or box of full width ``width``; a list of arrays."""
     z = np.asarray(z, dtype=float)
     if kind == "gaussian":
         s = max(width, 1e-9)
         u = z / s
         cdf = 0.5 * (1.0 + _erf(u / math.sqrt(2.0)).astype(float))
         pdf = np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
-        return [cdf, -s * pdf, s * s * (cdf - u * pdf), -(s ** 3) * (u * u + 2.0) * pdf]
+        return [cdf, -s * pdf, s * s * (cdf - u * pdf), -(s ** 3) * (u * u + 2.0) * pdf][:order + 1]
     w = max(width, 1e-9)
     zc = np.clip(z, -0.5 * w, 0.5 * w)
     lo = -0.5 * w
-    return [(zc ** (n + 1) - lo ** (n + 1)) / ((n + 1) * w) for n in range(4)]
+    return [(zc ** (n + 1) - lo ** (n + 1)) / ((n + 1) * w) for n in range(order + 1)]
 
 
 def _keys_pieces(a=_KEYS_A):
@@ -230,9 +218,9 @@ def psf_rows(positions, n_nodes, kind, width, *, basis=None):
     alpha_r = np.where(last, 1.0, v + 1.0)
     beta_r = np.where(last, 0.0, -1.0)
     vf = v.astype(float)
-    p0a, p1a = _cdf_moments(a_l - cc, kind, width)
-    p0b, p1b = _cdf_moments(vf - cc, kind, width)
-    p0c, p1c = _cdf_moments(b_r - cc, kind, width)
+    p0a, p1a = _power_moments(a_l - cc, kind, width, order=1)
+    p0b, p1b = _power_moments(vf - cc, kind, width, order=1)
+    p0c, p1c = _power_moments(b_r - cc, kind, width, order=1)
     w = (alpha_l + beta_l * cc) * (p0b - p0a) + beta_l * (p1b - p1a)
     w += (alpha_r + beta_r * cc) * (p0c - p0b) + beta_r * (p1c - p1b)
     w = np.maximum(w, 0.0)
