@@ -76,6 +76,7 @@ BACKGROUND_HU = -1024.0
 POSITION_TOLERANCE_MM = 0.05
 SCORE_MARGIN_MM = 3.0
 PHILIPS_CROP_PX = {"i": (70, 450), "j": (40, 470)}  # of the 512 x 512 1 mm series, before 2 x 2 blocks
+PHILIPS_BLOCK = 2  # the panel's Philips truth: 2 x 2 pixel blocks (0.902 mm); 1 keeps the 0.451 mm pixels
 PHANTOM_SCALE = 0.8
 PHANTOM_SPACING_MM = 0.9
 PHANTOM_PIXEL_MM = 0.8
@@ -101,6 +102,7 @@ class Case:
     noise_hu: float = 15.0
     fmt: str = "dicom"  # 'dicom' (with SliceThickness) or 'nrrd' (no thickness)
     seed: int = 0
+    truth_block: int = 2  # philips: in-plane block of the 1 mm series' pixels averaged into one truth pixel
 
     @property
     def register(self):
@@ -111,7 +113,10 @@ class Case:
         return self.truth != "real"
 
     def key(self):
-        text = json.dumps([PANEL_VERSION, dataclasses.asdict(self), PHILIPS_CROP_PX, PHANTOM_SCALE,
+        fields = dataclasses.asdict(self)
+        if fields["truth_block"] == PHILIPS_BLOCK:  # the keys (series caches) of the panel's own cases unchanged
+            del fields["truth_block"]
+        text = json.dumps([PANEL_VERSION, fields, PHILIPS_CROP_PX, PHANTOM_SCALE,
                            PHANTOM_SPACING_MM, PHANTOM_PIXEL_MM], sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
@@ -147,21 +152,25 @@ def get_cases(names=None):
 _TRUTHS = {}
 
 
-def philips_truth():
-    """(volume, grid): the real 1 mm series cropped to the skull, 2 x 2 in-plane block means (see top)."""
-    if "philips" not in _TRUTHS:
+def philips_truth(block=PHILIPS_BLOCK):
+    """(volume, grid): the real 1 mm series cropped to the skull, ``block`` x ``block`` in-plane block means
+    (see top; 1: the series' own 0.451 mm pixels)."""
+    key = "philips" if block == PHILIPS_BLOCK else f"philips{block}"
+    if key not in _TRUTHS:
         (s,) = read_stacks([extract_series("philips_axial_1mm")])
         (i0, i1), (j0, j1) = PHILIPS_CROP_PX["i"], PHILIPS_CROP_PX["j"]
         p = s.pixels[:, j0:j1, i0:i1].astype(np.float64)
         nk, nj, ni = p.shape
-        v = p.reshape(nk, nj // 2, 2, ni // 2, 2).mean(axis=(2, 4)).astype(np.float32)
+        v = p.reshape(nk, nj // block, block, ni // block, block).mean(axis=(2, 4)).astype(np.float32)
         di, dj = s.pixel_spacing_mm
         d = np.stack([s.row_direction, s.column_direction, s.normal], axis=1)
-        origin = s.slice_origins_mm[0] + (i0 + 0.5) * di * s.row_direction + (j0 + 0.5) * dj * s.column_direction
-        grid = Grid(shape=v.shape, spacing_mm=(2 * di, 2 * dj, s.slice_step_mm),
+        half = (block - 1) / 2.0  # a block's centre, in the series' pixels from its first one
+        origin = (s.slice_origins_mm[0] + (i0 + half) * di * s.row_direction
+                  + (j0 + half) * dj * s.column_direction)
+        grid = Grid(shape=v.shape, spacing_mm=(block * di, block * dj, s.slice_step_mm),
                     origin_mm=tuple(float(x) for x in origin), direction=tuple(float(x) for x in d.ravel()))
-        _TRUTHS["philips"] = (v, grid)
-    return _TRUTHS["philips"]
+        _TRUTHS[key] = (v, grid)
+    return _TRUTHS[key]
 
 
 def phantom_truth_volume():
@@ -175,7 +184,7 @@ def phantom_truth_volume():
 
 
 def truth_for(case):
-    return phantom_truth_volume() if case.truth == "phantom" else philips_truth()
+    return phantom_truth_volume() if case.truth == "phantom" else philips_truth(case.truth_block)
 
 
 def holder_region(volume, grid, dilate_mm=3.0):
@@ -199,9 +208,10 @@ def scored_region(case):
     truth, grid = truth_for(case)
     if case.truth == "phantom":
         return None
-    if "region" not in _TRUTHS:
-        _TRUTHS["region"] = ~holder_region(truth, grid)
-    return _TRUTHS["region"]
+    key = f"region{case.truth_block}"
+    if key not in _TRUTHS:
+        _TRUTHS[key] = ~holder_region(truth, grid)
+    return _TRUTHS[key]
 
 
 def object_threshold(case):
@@ -359,7 +369,7 @@ def simulate_case_stacks(case):
                                noise_hu=case.noise_hu, seed=case.seed * 10 + n, description=desc,
                                study_uid=study, frame_of_reference_uid=frame)
         else:
-            vol, grid = philips_truth()
+            vol, grid = philips_truth(case.truth_block)
             s = simulate_from_volume(vol, grid, o, case.thickness_mm, case.step_mm, case.profile, case.noise_hu,
                                      seed=case.seed * 10 + n, description=desc, study_uid=study,
                                      frame_of_reference_uid=frame)
