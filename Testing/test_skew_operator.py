@@ -79,17 +79,23 @@ def test_aligned_stack_is_the_separable_model():
 
 
 def test_path_follows_the_profile_drift():
-    small = _stack(rotation_matrix((1, 0.6, 0.3), 1.0))
+    small = _stack(rotation_matrix((1, 0.6, 0.3), 0.5))
     assert skew_drift_voxels(small, GRID) <= SKEW_MAX_DRIFT_VOXELS
-    assert make_operator(small, GRID).path == "skew"
-    # the same tilt with a much thicker profile drifts more: shear path
+    op = make_operator(small, GRID)
+    assert op.path == "skew" and op.pre_shear_axes == ()
+    # the same tilt with a much thicker profile drifts more: the grid is pre-sheared first (not the shear path,
+    # which is taken only when asked for)
     thick = _stack(rotation_matrix((1, 0.6, 0.3), 4.0), thickness=8.0, step=8.0, shape=(4, 40, 44))
     assert skew_drift_voxels(thick, GRID) > SKEW_MAX_DRIFT_VOXELS
-    assert make_operator(thick, GRID).path == "shear"
+    op = make_operator(thick, GRID)
+    assert op.path == "skew" and op.pre_shear_axes
+    assert skew_drift_voxels(thick, GRID, pre_shear=len(op.pre_shear_axes)) <= SKEW_MAX_DRIFT_VOXELS
+    assert make_operator(thick, GRID, path="shear").path == "shear"
     # a turn about the slice normal alone does not drift, at any angle
     spun = _stack(rotation_matrix((0, 0, 1), 35.0))
     assert skew_drift_voxels(spun, GRID) == pytest.approx(0.0, abs=1e-12)
-    assert make_operator(spun, GRID).path == "skew"
+    op = make_operator(spun, GRID)
+    assert op.path == "skew" and op.pre_shear_axes == ()
 
 
 @pytest.mark.parametrize("psf", ["gaussian", "box"])

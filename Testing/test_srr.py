@@ -112,6 +112,7 @@ def test_tilted_stacks_take_the_skew_path_with_its_pre_shear(case):
     avg = fuse_average(stacks, grid)
     res = reconstruct_srr(stacks, grid, initial=avg.volume, coverage=avg.coverage)
     assert res.info["operator_paths"] == ["separable", "skew", "skew"]
+    assert res.info["pre_shear_axes"][0] is None and all(res.info["pre_shear_axes"][1:])
     assert _psnr(res.volume, truth) > _psnr(avg.volume, truth) + 1.5
 
 

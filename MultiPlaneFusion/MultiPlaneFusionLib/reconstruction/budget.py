@@ -15,15 +15,14 @@ from .. import memory
 from ..sampling.psf import WIDTH_FACTORS, SliceProfile
 from .operators import separable_axes
 from .options import SrrOptions
-from .shear_operator import shear_path_applies
 from .skew_operator import pre_shear_voxels, skew_path_applies
 from .stack_operator import PARALLEL_TOLERANCE_VOXELS
 
 
 def srr_paths(stacks, grid):
     """``(path, n_samples)`` of each stack as srr's operators would take it now (geometry only, no
-    allocation): separable when aligned with the grid axes, skew when tilted very slightly, shear when
-    slightly rotated, skew_pre (the skew path with its pre-shear: gantry tilts), else general ("trilinear"
+    allocation): separable when aligned with the grid axes, skew when tilted very slightly, skew_pre (the skew
+    path with its pre-shear: moved stacks, gantry tilts, oblique planes), else general ("trilinear"
     when none of its axes runs along a grid axis). The skew tests take the widest profile srr may choose (a
     Gaussian of the largest width factor): the estimate never counts a stack as skew that srr sends down a
     more costly path."""
@@ -34,8 +33,6 @@ def srr_paths(stacks, grid):
             path = "separable"
         elif skew_path_applies(widest.apply(s), grid, "gaussian"):
             path = "skew"
-        elif shear_path_applies(s, grid):
-            path = "shear"
         elif _pre_shear_level(widest.apply(s), grid):
             path = "skew_pre"
         else:

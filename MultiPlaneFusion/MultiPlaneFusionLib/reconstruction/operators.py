@@ -2,8 +2,10 @@
 
 The operators' contract (``forward``, ``adjoint``, ``normal``, ...) and the model they share are described in
 :mod:`.stack_operator`; the paths are :mod:`.separable_operator` (axes parallel to the grid axes),
-:mod:`.skew_operator` (slices tilted so little that the profile can be integrated along the nearest grid axis),
-:mod:`.shear_operator` (within ``SHEAR_MAX_DEG`` of them) and :mod:`.general_operator` (any orientation).
+:mod:`.skew_operator` (the profile integrated along the nearest grid axis, after a pre-shear of the grid when the
+slices are tilted), :mod:`.shear_operator` (within ``SHEAR_MAX_DEG`` of them; on request only: the pre-sheared skew
+path models the same stacks more closely in less time, see the README) and :mod:`.general_operator` (any
+orientation).
 """
 
 from ..errors import InputError
@@ -30,11 +32,10 @@ def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
     path : {"auto", "separable", "skew", "shear", "general"}
         ``auto`` takes the separable path when :func:`.stack_operator.separable_axes` allows it, else the skew
         path while its profile drift (:func:`.skew_operator.skew_drift_voxels`) is at most
-        ``SKEW_MAX_DRIFT_VOXELS``, else the shear path for a stack within ``SHEAR_MAX_DEG`` of the grid axes,
-        else the skew path with its pre-shear (gantry tilts: the grid sheared once along one axis so that the
-        profile runs along the normal) while the drift left is within the limit, else with the pre-shear along
-        both in-plane axes (oblique planes, no drift left) for a normal within ``PRE_SHEAR_MAX_DEG`` of a grid
-        axis, else the general one.
+        ``SKEW_MAX_DRIFT_VOXELS``, else the skew path with its pre-shear (the grid sheared once along one axis so
+        that the profile runs along the normal: gantry tilts) while the drift left is within the limit, else
+        with the pre-shear along both in-plane axes (no drift left) for a normal within ``PRE_SHEAR_MAX_DEG``
+        of a grid axis, else the general one. The shear path is taken only when asked for.
     workers : parallel.Workers, optional
         Threads for the parts of the build that pass over the grid (the skew path's normalisation).
 
@@ -55,15 +56,14 @@ def make_operator(stack, grid, psf="gaussian", path="auto", *, workers=None):
             return SkewOperator(stack, grid, psf, workers=workers)
         if path == "skew":
             raise InputError(f"'{stack.description}' is tilted too far from the grid axes for the skew path")
-    if path in ("auto", "shear"):
-        if shear_path_applies(stack, grid):
-            return ShearOperator(stack, grid, psf)
-        if path == "shear":
-            raise InputError(f"'{stack.description}' is rotated too far from the grid axes for the shear path")
     if path == "auto":
         for axes in (1, 2):
             if skew_path_applies(stack, grid, psf, pre_shear=axes):
                 return SkewOperator(stack, grid, psf, pre_shear=axes, workers=workers)
+    if path == "shear":
+        if shear_path_applies(stack, grid):
+            return ShearOperator(stack, grid, psf)
+        raise InputError(f"'{stack.description}' is rotated too far from the grid axes for the shear path")
     return GeneralOperator(stack, grid, psf)
 
 

@@ -346,7 +346,9 @@ def _make_operators(run):
         run.monitor.check()
     run.timed("operators_s", t0)
     for s, op in zip(run.work, run.ops):
-        LOGGER.info("SRR operator for '%s': %s path", s.description, op.path)
+        axes = "".join("kji"[a] for a in getattr(op, "pre_shear_axes", ()))
+        LOGGER.info("SRR operator for '%s': %s path%s", s.description, op.path,
+                    f" (grid pre-sheared along {axes})" if axes else "")
 
 
 def _coverage(run, coverage):
@@ -513,6 +515,7 @@ def _summary(run):
         "initial": run.start,
         "normalisation": {"offset": run.offset, "scale": float(run.scale)},
         "operator_paths": [None] * n,
+        "pre_shear_axes": [None] * n,  # the skew path's pre-sheared grid axes ("j", "ji", ...), None without
         "data_weights": [None] * n,
         "intensity_matching": bool(run.match),
         "intensity_scale": [float(v) for v in rep.scale],
@@ -526,6 +529,7 @@ def _summary(run):
     }
     for k, op, ck, s, p in zip(run.used, run.ops, run.weights, run.work, run.profiles):
         info["operator_paths"][k] = op.path
+        info["pre_shear_axes"][k] = "".join("kji"[a] for a in getattr(op, "pre_shear_axes", ())) or None
         info["data_weights"][k] = round(float(ck), 6)
         info["slice_profiles"][k] = p.as_dict(s)
     info["options"]["stack_profiles"] = None if options.stack_profiles is None else [
