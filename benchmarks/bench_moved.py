@@ -13,7 +13,8 @@ faces, by the largest displacement of any grid corner under the motions plus ``C
 series holds made-up content.
 
 Rows: the unmoved series; the instrument check; the moved series with their exact geometry on each path
-(``make_operator``'s choice, then the shear and general paths forced); the moved series registered by default.
+(``make_operator``'s choice, then the skew path without and with a one-axis pre-shear, the shear and the general
+paths forced); the moved series registered by default.
 ``--cli`` also times ``multiplanefusion fuse --grid-like TRUTH`` (registration and its default refinement
 cycle included) on the moved against the unmoved series, ``--repeat`` times each.
 
@@ -37,6 +38,7 @@ from common import RESULTS, machine, print_table, write_json
 from MultiPlaneFusionLib.metrics import psnr
 from MultiPlaneFusionLib.reconstruction import operators
 from MultiPlaneFusionLib.reconstruction import srr as srr_mod
+from MultiPlaneFusionLib.reconstruction.skew_operator import SkewOperator
 from MultiPlaneFusionLib.registration import register_stacks
 from MultiPlaneFusionLib.transforms import rigid_matrix
 
@@ -92,11 +94,16 @@ def _placed(stacks, motions):
 
 
 def _fuse(stacks, grid, path=None):
+    """srr of ``stacks`` on ``grid``; ``path`` forces the operator path of the stacks not aligned with the grid: a
+    make_operator path, or ("skew", pre-shear level 0, 1 or 2)."""
     orig = srr_mod.make_operator
 
     def forced(s, g, psf="gaussian", p="auto", workers=None):
-        aligned = operators.separable_axes(s, g) is not None
-        return orig(s, g, psf, "separable" if aligned else path, workers=workers)
+        if operators.separable_axes(s, g) is not None:
+            return orig(s, g, psf, "separable", workers=workers)
+        if isinstance(path, tuple):
+            return SkewOperator(s, g, psf, pre_shear=path[1], workers=workers)
+        return orig(s, g, psf, path, workers=workers)
 
     if path:
         srr_mod.make_operator = forced
@@ -148,6 +155,8 @@ def main(argv=None):
     row("half-voxel shift, exact geometry (instrument)", _placed(_series(vol, img, grid, half), half))
     moved = _series(vol, img, grid, motions)
     row(f"moved {size}, exact geometry", _placed(moved, motions))
+    row("same, skew path without pre-shear forced", _placed(moved, motions), ("skew", 0))
+    row("same, skew path with one-axis pre-shear forced", _placed(moved, motions), ("skew", 1))
     row("same, shear path forced", _placed(moved, motions), "shear")
     row("same, general path forced", _placed(moved, motions), "general")
     regd, _ = register_stacks(moved, reference=0)  # on the series as they are: the whole truth's extent
