@@ -154,7 +154,7 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
     if options.register and len(stacks) > 1:
         t = time.perf_counter()
         stacks, registration_reports = _register(stacks, options, monitor)
-        budget.check(stacks)  # a registered stack may take srr's shear path (more memory)
+        budget.check(stacks)  # a registered stack may take srr's pre-sheared skew path (more memory)
         timings["register_s"] = time.perf_counter() - t
 
     info = {}

@@ -100,7 +100,7 @@ class Budget:
     """The memory check of one fusion, made again whenever the stacks' geometry may have changed.
 
     Registration can turn a stack off the grid axes, which moves it from srr's separable path to the
-    skew or shear path (more memory), and a refinement that moves a stack makes srr solve again: each
+    skew path, with its pre-shear (more memory), and a refinement that moves a stack makes srr solve again: each
     :meth:`check` estimates for the stacks as they are, refuses above the limit and keeps the highest
     estimate in ``peak_bytes`` (what the summary records). The baseline is the process's memory at the
     first check.

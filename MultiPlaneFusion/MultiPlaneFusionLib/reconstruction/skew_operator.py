@@ -19,8 +19,9 @@ that is rotated (registration leaves 0.02-3 degrees; oblique MR planes):
 The one approximation is step 1's direction: the profile is integrated along grid axis t instead of along
 the normal, so the PSF is sheared instead of rotated; its in-plane drift is (profile's standard deviation) x
 tan(tilt), the same along every line. :func:`skew_drift_voxels` measures it; :mod:`.operators` takes this path
-only while it stays below ``SKEW_MAX_DRIFT_VOXELS`` of a grid voxel (chosen with ``benchmarks/bench_rotated.py``,
-figures in the README). A rotation about the slice normal alone (any angle up to 45 degrees) has no drift.
+only while it stays below ``SKEW_MAX_DRIFT_VOXELS`` of a grid voxel (chosen with ``benchmarks/bench_moved.py``,
+figures in the README), and pre-shears the grid beyond. A rotation about the slice normal alone (any angle up
+to 45 degrees) has no drift.
 
 **Pre-shear (gantry tilts, oblique planes).** A series tilted 10-30 degrees drifts far too much
 for that. With ``pre_shear`` the grid is first resampled once along the grid axis that carries most of the

@@ -33,12 +33,13 @@ Four paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`
   one per grid axis, holding the PSF integrated against the interpolation basis of that axis.
   It is applied by blocked matrix products (BLAS) along each axis, reducing the most-downsampled axis
   first. No 3-D interpolation. :mod:`.separable_operator`.
-- **skew** (a stack whose slice normal is tilted so little that the profile can be integrated along the nearest
-  grid axis, its drift at most ``skew_operator.SKEW_MAX_DRIFT_VOXELS``; any turn about the normal): through-plane
-  first along that axis at the slices' exact positions, then two in-plane Lanczos-3 shears and the in-plane
-  PSF on the reduced array. :mod:`.skew_operator`.
-- **shear** (a stack within a few degrees of the grid axes): the general path's lattice and matrices, with the
-  grid carried onto the lattice by Lanczos-3 shears instead of trilinear interpolation.
+- **skew** (a stack whose slice normal is within 30 degrees of a grid axis; any turn about the normal):
+  through-plane first along that axis at the slices' exact positions, then two in-plane Lanczos-3 shears and
+  the in-plane PSF on the reduced array; when the profile integrated along the axis would drift more than
+  ``skew_operator.SKEW_MAX_DRIFT_VOXELS``, the grid is first pre-sheared so that the axis runs along the normal.
+  :mod:`.skew_operator`.
+- **shear** (on request: a stack within 12 degrees of the grid axes): the general path's lattice and matrices,
+  with the grid carried onto the lattice by Lanczos-3 shears instead of trilinear interpolation.
   :mod:`.shear_operator`.
 - **general** (any other orientation: strongly oblique, tilted beyond the skew path's pre-shear): the grid
   is interpolated trilinearly (the one place the image is the grid's linear interpolant) at the nodes of a
