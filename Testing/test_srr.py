@@ -16,6 +16,7 @@ from MultiPlaneFusionLib.reconstruction.intensity import compare_stacks
 from MultiPlaneFusionLib.reconstruction.options import SrrOptions, add_srr_arguments, srr_options_from_args
 from MultiPlaneFusionLib.reconstruction.srr import reconstruct_srr
 from MultiPlaneFusionLib.simulation import phantom_grid, phantom_truth, simulate_orthogonal_stacks, simulate_stack
+from MultiPlaneFusionLib.transforms import rigid_matrix
 
 SCALE = 0.35
 
@@ -224,3 +225,25 @@ def test_a_stack_outside_the_grid_is_an_input_error(case):
     far = replace(stacks[1], slice_origins_mm=stacks[1].slice_origins_mm + np.array([0.0, 0.0, 1000.0]))
     with pytest.raises(InputError, match="does not overlap the reconstruction grid"):
         reconstruct_srr([stacks[0], far], grid, SrrOptions(exclude_disagreeing=False))
+
+
+def test_moved_stacks_on_the_pre_sheared_path_fuse_as_well_as_unmoved(case):
+    """Coronal and sagittal series acquired from the head turned by 4 degrees (and shifted), placed with their
+    exact geometry: their operators pre-shear the grid, and edge samples whose model falls mostly outside the grid
+    are left out (with them the normalisation amplified the interpolation's negative lobes and the solve blew up).
+    The fusion stays within 0.5 dB of the same series unmoved."""
+    _, grid, truth = case
+    centre = np.array(grid.index_to_lps_affine[:3, :3] @ ((np.array(grid.shape[::-1]) - 1) / 2.0)
+                      + grid.index_to_lps_affine[:3, 3])
+    motions = [np.eye(4), rigid_matrix((2.4, -2.6, 1.8), (2.0, -1.5, 1.0), centre),
+               rigid_matrix((-2.8, 1.9, -2.2), (-1.5, 2.0, -1.0), centre)]
+    common = dict(thickness_mm=4.0, pixel_spacing_mm=0.8, scale=SCALE, noise_hu=10.0)
+    still = [simulate_stack(o, seed=20 + n, **common) for n, o in enumerate(("axial", "coronal", "sagittal"))]
+    moved = [simulate_stack(o, seed=20 + n, motion=None if n == 0 else m, **common).with_transform(np.linalg.inv(m))
+             for n, (o, m) in enumerate(zip(("axial", "coronal", "sagittal"), motions))]
+    ref = reconstruct_srr(still, grid)
+    res = reconstruct_srr(moved, grid)
+    assert res.info["operator_paths"] == ["separable", "skew", "skew"] and all(res.info["pre_shear_axes"][1:])
+    assert np.isfinite(res.volume).all()
+    assert _psnr(res.volume, truth) > _psnr(ref.volume, truth) - 0.5, (_psnr(res.volume, truth),
+                                                                         _psnr(ref.volume, truth))

@@ -409,7 +409,12 @@ def _start(run, b, row_sums, initial):
         # reconstruction" of SVRTK): an average fusion at no extra cost; CG converges from it as fast
         # as from the linear-interpolation average (measured by benchmarks/bench_srr.py).
         x = np.empty(grid.shape, dtype=np.float32)
-        row_slabs(run.workers, grid.shape, partial(_normalised_rows, b, row_sums, x))
+        # Clipped to the inputs' range: near the grid's faces a voxel can be reached only by the negative lobes
+        # of a pre-sheared stack's interpolation (row sums near zero or below), and the quotient there is noise.
+        lo = min(float(np.min(s.pixels)) for s in run.work)
+        hi = max(float(np.max(s.pixels)) for s in run.work)
+        span = ((lo - run.offset) / run.scale, (hi - run.offset) / run.scale)
+        row_slabs(run.workers, grid.shape, partial(_normalised_rows, b, row_sums, x, span))
         run.start = "psf-weighted average"
 
     def outside_slab(k0, k1):  # slab by slab: no grid-sized mask
@@ -553,9 +558,10 @@ def _robust_range(stacks, offset, max_samples=500_000):
     return span if span > 0 else 1.0
 
 
-def _normalised_rows(b, row_sums, out, k0, k1):
-    """Rows k0:k1 of ``b / row_sums`` (the PSF-weighted average) into ``out``."""
+def _normalised_rows(b, row_sums, out, span, k0, k1):
+    """Rows k0:k1 of ``b / row_sums`` (the PSF-weighted average), clipped to ``span``, into ``out``."""
     np.divide(b[k0:k1], np.maximum(row_sums[k0:k1], np.float32(1e-6)), out=out[k0:k1])
+    np.clip(out[k0:k1], np.float32(span[0]), np.float32(span[1]), out=out[k0:k1])
 
 
 def _all_profiles(profiles, used, stacks):

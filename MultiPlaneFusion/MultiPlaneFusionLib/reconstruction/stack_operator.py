@@ -72,6 +72,10 @@ from ..transforms import stack_frame
 PARALLEL_TOLERANCE_VOXELS = 0.1
 # Grid or lattice nodes handled per chunk when the work is chunked (bounds the temporaries to ~100 MB).
 CHUNK_NODES = 1 << 21
+# A sample is modelled only when this much of its PSF's mass falls on the grid: below, the normalisation (1 /
+# mass) would blow up the few edge voxels it reaches, and a pre-sheared grid's interpolation lobes can make that
+# part small or negative (a moved phantom series lost 4 dB and overflowed the solver with a limit of 1e-6).
+MIN_MODEL_MASS = 0.5
 
 
 def stack_placement(stack):
@@ -250,7 +254,7 @@ class NormalisedOperator(StackOperator):
     def _normalise(self, valid, workers=None):
         """Keep the ``valid`` samples that the raw model reaches and their 1 / mass scale."""
         mass = self._raw_forward(np.ones(self.grid_shape, dtype=np.float32), workers)
-        ok = valid & (mass > 1e-6)
+        ok = valid & (mass > MIN_MODEL_MASS)
         self._valid = ok
         self._scale = np.where(ok, 1.0 / np.where(ok, mass, 1.0), 0.0).astype(np.float32)
         self._scale64 = None
