@@ -152,6 +152,14 @@ def get_cases(names=None):
 _TRUTHS = {}
 
 
+def block_means(pixels, block):
+    """``pixels`` (slices, rows, columns) averaged over ``block`` x ``block`` in-plane blocks (the rows and columns
+    beyond the last whole block dropped), float32."""
+    nk, nj, ni = pixels.shape
+    p = pixels[:, :nj // block * block, :ni // block * block].astype(np.float64)
+    return p.reshape(nk, nj // block, block, ni // block, block).mean(axis=(2, 4)).astype(np.float32)
+
+
 def philips_truth(block=PHILIPS_BLOCK):
     """(volume, grid): the real 1 mm series cropped to the skull, ``block`` x ``block`` in-plane block means
     (see top; 1: the series' own 0.451 mm pixels)."""
@@ -159,9 +167,7 @@ def philips_truth(block=PHILIPS_BLOCK):
     if key not in _TRUTHS:
         (s,) = read_stacks([extract_series("philips_axial_1mm")])
         (i0, i1), (j0, j1) = PHILIPS_CROP_PX["i"], PHILIPS_CROP_PX["j"]
-        p = s.pixels[:, j0:j1, i0:i1].astype(np.float64)
-        nk, nj, ni = p.shape
-        v = p.reshape(nk, nj // block, block, ni // block, block).mean(axis=(2, 4)).astype(np.float32)
+        v = block_means(s.pixels[:, j0:j1, i0:i1], block)
         di, dj = s.pixel_spacing_mm
         d = np.stack([s.row_direction, s.column_direction, s.normal], axis=1)
         half = (block - 1) / 2.0  # a block's centre, in the series' pixels from its first one

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import time
 
-import numpy as np
 import panel
 import SimpleITK as sitk
 from common import RESULTS, machine, print_table, write_json
@@ -52,9 +51,7 @@ def blocks_of(stack, b):
     """``stack`` with its pixels averaged over ``b`` x ``b`` blocks (the block centres as the new pixels)."""
     if b == 1:
         return stack
-    n, nj, ni = stack.pixels.shape
-    p = stack.pixels[:, :nj // b * b, :ni // b * b].astype(np.float64)
-    p = p.reshape(n, nj // b, b, ni // b, b).mean(axis=(2, 4)).astype(np.float32)
+    p = panel.block_means(stack.pixels, b)
     di, dj = stack.pixel_spacing_mm
     half = (b - 1) / 2.0
     origins = stack.slice_origins_mm + half * di * stack.row_direction + half * dj * stack.column_direction

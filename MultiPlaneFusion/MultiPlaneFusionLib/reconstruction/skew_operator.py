@@ -403,6 +403,11 @@ class SkewOperator(NormalisedOperator):
         fast = affine_coverage(self.stack, self.grid)
         return super().coverage() if fast is None else fast
 
+    @property
+    def pre_shear_axis_names(self):
+        """The pre-sheared grid axes as letters of (k, j, i) in shearing order ("j", "ji", ...), None without."""
+        return "".join("kji"[a] for a in self.pre_shear_axes) or None
+
     def describe(self):
         d = super().describe()
         d["through_axis"] = "kji"[self.t]
@@ -411,7 +416,7 @@ class SkewOperator(NormalisedOperator):
         d["inplane_shape"] = list(self._g_shape)
         d["per_slice_inplane"] = isinstance(self.m_1, list)
         d["drift_voxels"] = round(skew_drift_voxels(self.stack, self.grid, self.psf, len(self._pre)), 4)
-        d["pre_shear_axis"] = "".join("kji"[a] for a in self.pre_shear_axes) or None
+        d["pre_shear_axis"] = self.pre_shear_axis_names
         return d
 
 

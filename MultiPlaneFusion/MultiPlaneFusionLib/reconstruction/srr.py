@@ -346,7 +346,7 @@ def _make_operators(run):
         run.monitor.check()
     run.timed("operators_s", t0)
     for s, op in zip(run.work, run.ops):
-        axes = "".join("kji"[a] for a in getattr(op, "pre_shear_axes", ()))
+        axes = getattr(op, "pre_shear_axis_names", None)
         LOGGER.info("SRR operator for '%s': %s path%s", s.description, op.path,
                     f" (grid pre-sheared along {axes})" if axes else "")
 
@@ -534,7 +534,7 @@ def _summary(run):
     }
     for k, op, ck, s, p in zip(run.used, run.ops, run.weights, run.work, run.profiles):
         info["operator_paths"][k] = op.path
-        info["pre_shear_axes"][k] = "".join("kji"[a] for a in getattr(op, "pre_shear_axes", ())) or None
+        info["pre_shear_axes"][k] = getattr(op, "pre_shear_axis_names", None)
         info["data_weights"][k] = round(float(ck), 6)
         info["slice_profiles"][k] = p.as_dict(s)
     info["options"]["stack_profiles"] = None if options.stack_profiles is None else [

@@ -23,7 +23,8 @@ FWHM = slice thickness and in-plane FWHM = 1.2 x pixel spacing (``sampling.psf.I
 NiftyMIC/SVRTK's convention),
 or ``psf="box"``: a slab of the slice thickness through-plane (MPR slab reformats), same Gaussian
 in-plane. Each sample's weights are normalised over the part of the PSF inside the grid, so a constant
-volume maps to the same constant (``A 1 = 1`` on valid samples) and intensity offsets pass through.
+volume maps to the same constant (``A 1 = 1`` on valid samples) and intensity offsets pass through; a sample
+with less than ``MIN_MODEL_MASS`` of its PSF on the grid is not valid.
 
 Four paths, chosen by :func:`.operators.make_operator` (the PSF itself is :mod:`.psf`, the 1-D matrices
 :mod:`.banded`):
@@ -74,7 +75,7 @@ PARALLEL_TOLERANCE_VOXELS = 0.1
 CHUNK_NODES = 1 << 21
 # A sample is modelled only when this much of its PSF's mass falls on the grid: below, the normalisation (1 /
 # mass) would blow up the few edge voxels it reaches, and a pre-sheared grid's interpolation lobes can make that
-# part small or negative (a moved phantom series lost 4 dB and overflowed the solver with a limit of 1e-6).
+# part small or negative (a moved phantom series lost 3.8 dB and overflowed the solver with a limit of 1e-6).
 MIN_MODEL_MASS = 0.5
 
 
