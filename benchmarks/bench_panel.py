@@ -103,13 +103,39 @@ def run_sweep(cases, option_sets, alpha_factors, log=print):
                               "best_surface_setting": best_surf["method"],
                               "best_surface_mm": best_surf["surface_mean_mm"]})
     panel.print_panel(rows, title="sweep: every fixed setting")
+    wide = panel_wide_best(rows, settings, option_sets)
     print_table("best fixed setting (by PSNR) per case next to each option set", best_rows,
                 [("case", "case", ""), ("option set", "option set", ""), ("psnr_db", "PSNR dB", ".2f"),
                  ("surface_mean_mm", "surf mm", ".3f"), ("best_fixed", "best fixed (PSNR)", ""),
                  ("best_fixed_db", "its dB", ".2f"), ("best_fixed_mm", "its mm", ".3f"),
                  ("minus_best_db", "set - best dB", "+.2f"), ("best_surface_setting", "best fixed (surface)", ""),
                  ("best_surface_mm", "its mm", ".3f")])
-    return {"rows": rows, "best": best_rows}
+    print()
+    print_table(f"the panel's best fixed setting (highest mean PSNR over the {len(wide['cases'])} cases: "
+                f"{wide['setting']}, mean {wide['mean_db']:.2f} dB) next to each option set", wide["rows"],
+                [("case", "case", ""), ("option set", "option set", ""), ("psnr_db", "PSNR dB", ".2f"),
+                 ("surface_mean_mm", "surf mm", ".3f"), ("fixed_db", "fixed dB", ".2f"),
+                 ("fixed_mm", "fixed mm", ".3f"), ("minus_fixed_db", "set - fixed dB", "+.2f")])
+    return {"rows": rows, "best": best_rows, "panel_wide": wide}
+
+
+def panel_wide_best(rows, settings, option_sets):
+    """The fixed setting with the highest mean PSNR over the cases (one setting for the whole panel, as a
+    default is chosen), and each option set against it per case."""
+    cases = list(dict.fromkeys(r["case"] for r in rows if r["kind"] == "option"))
+    psnr = {(r["case"], r["method"]): r for r in rows if r["kind"] == "option"}
+    means = {m: sum(psnr[c, m]["psnr_db"] for c in cases) / len(cases) for m in settings}
+    setting = max(means, key=means.get)
+    out = []
+    for c in cases:
+        fixed = psnr[c, setting]
+        for name in option_sets:
+            mine = psnr[c, name]
+            out.append({"case": c, "option set": name, "psnr_db": mine["psnr_db"],
+                        "surface_mean_mm": mine["surface_mean_mm"], "fixed_db": fixed["psnr_db"],
+                        "fixed_mm": fixed["surface_mean_mm"], "minus_fixed_db": mine["psnr_db"] - fixed["psnr_db"]})
+    return {"setting": setting, "mean_db": means[setting], "cases": cases,
+            "means_db": dict(sorted(means.items(), key=lambda kv: -kv[1])), "rows": out}
 
 
 # ------------------------------------------------------------------------------------------ bone model
