@@ -6,7 +6,8 @@ Usage::
 
     python benchmarks/bench_panel.py                      # default srr, Tikhonov, average on every case
     python benchmarks/bench_panel.py --cases "P 4mm" "R 5mm" --options '{"mine": {"psf": "auto"}}'
-    python benchmarks/bench_panel.py --sweep              # best fixed setting per case next to the default
+    python benchmarks/bench_panel.py --sweep              # best fixed setting per case, and the panel's
+                                                          # best single one, next to the default
     python benchmarks/bench_panel.py --no-baselines --huber-alphas 0.15 0.5 --huber-deltas 0.05 0.2
     python benchmarks/bench_panel.py --skip-panel --model # ridge measure + vault rendering, real series
 

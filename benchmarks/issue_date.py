@@ -66,8 +66,11 @@ def old_tree(commit=ISSUE_DATE_COMMIT):
     dest = cache_dir() / f"engine-{commit}"
     done = dest / ".complete"
     if not done.exists():
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"cannot extract commit {commit} (a full clone of the repository is needed): "
+                             f"{archive.stderr.decode(errors='replace').strip()}")
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
         done.write_text(commit)
     return dest
