@@ -296,7 +296,9 @@ def run_model(option_sets, grid_choice="1mm", png=None, log=print):
         out_png = None
     cols = [("option set", "option set", ""), ("correlation", "corr (eval grid)", ".4f"),
             ("surface_mean_mm", "surf mean mm", ".3f"), ("surface_p95_mm", "surf p95 mm", ".3f"),
-            ("fraction", "area within 5 deg", ".4f"), ("fraction_ref", "1 mm series", ".4f"),
+            ("surface_skull_mean_mm", "skull mm", ".3f"), ("surface_rest_mean_mm", "rest mm", ".3f"),
+            ("rest_bone_fraction", "rest >300 HU", ".2f"), ("fraction", "area within 5 deg", ".4f"),
+            ("fraction_ref", "1 mm series", ".4f"),
             ("ratio", "ratio", ".3f"), ("vault_fraction", "vault", ".4f"), ("vault_fraction_ref", "vault 1 mm", ".4f"),
             ("vault_ratio", "vault ratio", ".3f"), ("fusion_s", "fusion s", ".1f"), ("triangles", "triangles", "")]
     print_table(f"bone model of the real 5 mm + tilted fusion against the 1 mm series' model (grid {grid.shape}; "
