@@ -109,21 +109,25 @@ def run_case(case, tree, log=print):
     return rows
 
 
+def _cases_in(rows, table):
+    """(case, its entry of ``table``, its rows by method) for each case of ``table`` that ``rows`` hold."""
+    for case, entry in table.items():
+        mine = {r["method"]: r for r in rows if r["case"] == case}
+        if mine:
+            yield case, entry, mine
+
+
 def bars(rows):
     """Per held-out-like case: the bar moved onto the panel and today's default against it."""
     out = []
-    for case, h in HELD_OUT.items():
-        mine = {r["method"]: r for r in rows if r["case"] == case}
-        if not mine:
-            continue
+    for case, h, mine in _cases_in(rows, HELD_OUT):
         ref = mine["issue date: " + h["keyed_on"]]
         today = mine["today: default"]
         step_db = h["bar"][0] - h["table"][0]
         ratio = h["bar"][1] / h["table"][1]
         bar_db = ref["psnr_db"] + step_db
         bar_mm = ref["surface_mean_mm"] * ratio
-        singles = [r for r in rows if r["case"] == case and r["method"].startswith("single")]
-        best_single = max(r["psnr_db"] for r in singles)
+        best_single = max(r["psnr_db"] for name, r in mine.items() if name.startswith("single"))
         out.append({"case": case, "keyed_on": h["keyed_on"], "ref_db": ref["psnr_db"],
                     "ref_mm": ref["surface_mean_mm"], "bar_db": bar_db, "bar_mm": bar_mm,
                     "today_db": today["psnr_db"], "today_mm": today["surface_mean_mm"],
@@ -137,18 +141,16 @@ def bars(rows):
 def analogue_steps(rows):
     """Per case and issue-table column: its PSNR step from the keyed setting in the issue's table and here."""
     out = []
-    for case, table in ISSUE_TABLE_DB.items():
-        mine = {r["method"]: r for r in rows if r["case"] == case}
-        if not mine:
-            continue
+    for case, table, mine in _cases_in(rows, ISSUE_TABLE_DB):
         keyed = HELD_OUT[case]["keyed_on"]
         here_ref = mine["issue date: " + keyed]["psnr_db"]
         for col, db in table.items():
             if col == keyed:
                 continue
-            r = mine.get("issue date: " + col) or mine.get(col)
-            if col == "axial":
+            if col == "axial":  # the panel writes the axial series first
                 r = next(m for name, m in mine.items() if name.startswith("single 0"))
+            else:
+                r = mine.get("issue date: " + col) or mine[col]
             step_issue = db - table[keyed]
             step_here = r["psnr_db"] - here_ref
             out.append({"case": case, "column": col, "keyed_on": keyed, "issue_step_db": step_issue,
