@@ -8,6 +8,8 @@ slice profiles the default chose (``--psf auto``) held fixed:
   ``slices``: 2-fold held-out slices (``autotune._cv_errors``, what ``--alpha auto`` uses);
   ``loso``: leave one stack out, the fusion of the others predicting it through its profile;
   ``loso_n``: the same with alpha scaled by (n-1)/n (the weight per unit data of the full problem).
+  (``--hybrid-factors``: the candidates are the default hybrid with both shares scaled; the ``loso_n`` and
+  ``n2n`` variants then scale its Tikhonov share only.)
 
 Prints per case the table and, per score, the truth PSNR lost by taking its best setting (regret).
 
@@ -19,6 +21,7 @@ Usage::
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,12 @@ from common import RESULTS, write_json  # noqa: E402
 
 from MultiPlaneFusionLib.reading import read_stacks  # noqa: E402
 from MultiPlaneFusionLib.reconstruction import autotune, srr  # noqa: E402
-from MultiPlaneFusionLib.reconstruction.options import SrrOptions, parse_in_plane  # noqa: E402
+from MultiPlaneFusionLib.reconstruction.options import (  # noqa: E402
+    DEFAULT_ALPHA,
+    DEFAULT_HUBER_ALPHA,
+    SrrOptions,
+    parse_in_plane,
+)
 from MultiPlaneFusionLib.reconstruction.parallel import Workers  # noqa: E402
 
 # weight of the lightly regularised half reconstructions the n2n score compares against (mm^2)
@@ -95,7 +103,15 @@ def n2n_error(problem, halves, refs, alpha, regularizer, huber, mask, alpha_fact
     return err
 
 
-def check_case(case, log=print, in_plane_psf=None):
+def candidate_options(reg, alpha):
+    """SrrOptions of one candidate. ``("hybrid", f)`` is the default hybrid with both shares scaled by f."""
+    if reg == "hybrid":
+        return SrrOptions(regularizer="hybrid", alpha=DEFAULT_ALPHA["hybrid"] * alpha,
+                          huber_alpha=DEFAULT_HUBER_ALPHA * alpha)
+    return SrrOptions(regularizer=reg, alpha=alpha)
+
+
+def check_case(case, log=print, in_plane_psf=None, candidates=CANDIDATES):
     prep = panel.PreparedCase(case, check_positions=False, log=log)
     stacks = read_stacks(prep.paths)
     grid = prep.grid
@@ -107,7 +123,6 @@ def check_case(case, log=print, in_plane_psf=None):
         f"profiles {[p.label() for p in res0.profiles]}")
     profiles = res0.profiles
     base = SrrOptions()
-    huber = srr._huber_args(base)
     rows = []
     with Workers(None) as workers:
         probe = probe_for(stacks, grid, base, workers)
@@ -119,10 +134,11 @@ def check_case(case, log=print, in_plane_psf=None):
         for f in (0, 1):
             st, pr = zip(*halves[f])
             refs.append(problem.solve(list(st), list(pr), REF_ALPHA))
-        for reg, alpha in CANDIDATES:
+        for reg, factor in candidates:
+            opts = candidate_options(reg, factor)
+            alpha, huber = opts.effective_alpha, srr._huber_args(opts)
             t = time.perf_counter()
-            res = srr.reconstruct_srr(stacks, grid, SrrOptions(regularizer=reg, alpha=alpha, stack_profiles=profiles,
-                                                               self_check=False))
+            res = srr.reconstruct_srr(stacks, grid, replace(opts, stack_profiles=profiles, self_check=False))
             full_s = time.perf_counter() - t
             sc = prep.scorer(res.volume)
             sl = tuple(slice(o, o + n) for o, n in zip(probe.offset, problem.grid.shape))
@@ -140,7 +156,8 @@ def check_case(case, log=print, in_plane_psf=None):
             n2n = n2n_error(problem, halves, refs, alpha, reg, huber, mask)
             t_n2n = time.perf_counter() - t
             n2n1 = n2n_error(problem, halves, refs, alpha, reg, huber, mask, alpha_factor=1.0)
-            row = {"case": case.name, "setting": f"{reg} {alpha:g}", "psnr_db": sc["psnr_db"],
+            setting = f"{reg} {'x' if reg == 'hybrid' else ''}{factor:g}"
+            row = {"case": case.name, "setting": setting, "psnr_db": sc["psnr_db"],
                    "surface_mm": sc["surface_mean_mm"], "full_s": full_s, "block_rmse_hu": block_rmse,
                    "slices": float(slices) * 1e4, "loso": float(loso) * 1e4, "loso_n": float(loso_n) * 1e4,
                    "n2n": n2n * 1e4, "n2n_a1": n2n1 * 1e4, "n2n_s": t_n2n,
@@ -172,7 +189,11 @@ def main(argv=None):
     p.add_argument("--in-plane-psf", default=None,
                    help="the reconstruction's in-plane PSF setting (SrrOptions.in_plane_psf: a factor or auto); the "
                         "widths the default run chose are kept for every candidate and score")
+    p.add_argument("--hybrid-factors", type=float, nargs="+",
+                   help="candidates: the default hybrid with both shares scaled by these factors (instead of "
+                        "Tikhonov / Huber at three weights each)")
     args = p.parse_args(argv)
+    candidates = CANDIDATES if not args.hybrid_factors else [("hybrid", f) for f in args.hybrid_factors]
     in_plane = parse_in_plane(args.in_plane_psf)
     if args.in_plane_factor is not None:
         from MultiPlaneFusionLib.sampling import psf
@@ -182,9 +203,10 @@ def main(argv=None):
     out = []
     for case in panel.get_cases(args.cases):
         print(f"== {case.name}", flush=True)
-        out.extend(check_case(case, in_plane_psf=in_plane))
+        out.extend(check_case(case, in_plane_psf=in_plane, candidates=candidates))
     suffix = "" if args.in_plane_factor is None else "_inplane" + str(args.in_plane_factor)
     suffix += "" if in_plane is None else f"_inplanepsf_{in_plane}"
+    suffix += "" if not args.hybrid_factors else "_hybrid"
     write_json(RESULTS / f"rank_check{suffix}.json", {"rows": out})
 
 
