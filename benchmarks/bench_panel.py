@@ -33,7 +33,7 @@ DEFAULT_OPTION_SETS = {"default": {}, "tikhonov": {"regularizer": "tikhonov"}}
 def sweep_settings(alpha_factors=(0.3, 1.0, 3.0)):
     """Fixed settings: profile x prior x alpha (factors of each prior's fixed default alpha; for the hybrid
     both of its shares scaled together)."""
-    from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA, DEFAULT_HUBER_ALPHA
+    from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA
 
     out = {}
     for psf in ("box", "gaussian"):
@@ -41,9 +41,8 @@ def sweep_settings(alpha_factors=(0.3, 1.0, 3.0)):
             for f in alpha_factors:
                 a = round(DEFAULT_ALPHA[reg] * f, 6)
                 if reg == "hybrid":
-                    ah = round(DEFAULT_HUBER_ALPHA * f, 6)
-                    out[f"{psf} hybrid a={a:g}+{ah:g}"] = {"psf": psf, "regularizer": reg, "alpha": a,
-                                                           "huber_alpha": ah}
+                    h = panel.hybrid_scaled(f)
+                    out[f"{psf} hybrid a={h['alpha']:g}+{h['huber_alpha']:g}"] = {"psf": psf, **h}
                 else:
                     out[f"{psf} {reg} a={a:g}"] = {"psf": psf, "regularizer": reg, "alpha": a}
     return out

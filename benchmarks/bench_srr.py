@@ -293,8 +293,9 @@ class RealEvaluator:
         radius = [int(math.ceil(self.SKULL_MARGIN_MM / s)) for s in ge.spacing_mm]
         self.skull = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray((lab == skull).astype(np.uint8)),
                                                               radius)) > 0
+        self.parts = {"skull": self.skull, "rest": ~self.skull}
         self.part_surfaces = {part: metrics.iso_surface(np.where(keep, r, -1024.0).astype(np.float32), BONE_HU, ge)
-                              for part, keep in (("skull", self.skull), ("rest", ~self.skull))}
+                              for part, keep in self.parts.items()}
 
     def __call__(self, volume, grid):
         if grid != self.ge:
@@ -304,14 +305,14 @@ class RealEvaluator:
         d = metrics.surface_distance(metrics.iso_surface(volume, BONE_HU, self.ge), self.surface)
         scores = {"correlation": metrics.correlation(volume, self.ref, self.mask), "surface_mean_mm": d["mean"],
                   "surface_p95_mm": d["p95"]}
-        for part, keep in (("skull", self.skull), ("rest", ~self.skull)):
+        for part, keep in self.parts.items():
             v = np.where(keep, volume, -1024.0).astype(np.float32)
             dp = metrics.surface_distance(metrics.iso_surface(v, BONE_HU, self.ge), self.part_surfaces[part])
             scores[f"surface_{part}_mean_mm"] = dp["mean"]
             scores[f"surface_{part}_p95_mm"] = dp["p95"]
         # above 300 HU outside the skull, as a fraction of the 1 mm series' count there
-        scores["rest_bone_fraction"] = float((volume[~self.skull] > BONE_HU).sum() / max(1, (self.ref[~self.skull]
-                                                                                             > BONE_HU).sum()))
+        rest = self.parts["rest"]
+        scores["rest_bone_fraction"] = float((volume[rest] > BONE_HU).sum() / max(1, (self.ref[rest] > BONE_HU).sum()))
         return scores
 
 

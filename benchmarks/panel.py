@@ -665,6 +665,14 @@ class Scorer:
 
 
 # ---------------------------------------------------------------------------------------------- runner
+def hybrid_scaled(factor):
+    """Overrides of the default hybrid prior with both of its shares (Tikhonov and Huber) scaled by ``factor``."""
+    from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA, DEFAULT_HUBER_ALPHA
+
+    return {"regularizer": "hybrid", "alpha": round(DEFAULT_ALPHA["hybrid"] * factor, 6),
+            "huber_alpha": round(DEFAULT_HUBER_ALPHA * factor, 6)}
+
+
 def split_options(overrides):
     """(FuseOptions keyword arguments, SrrOptions keyword arguments) of a flat option set."""
     fuse = {k: v for k, v in overrides.items() if k in _FUSE_FIELDS and k != "srr"}

@@ -33,12 +33,7 @@ from common import RESULTS, write_json  # noqa: E402
 
 from MultiPlaneFusionLib.reading import read_stacks  # noqa: E402
 from MultiPlaneFusionLib.reconstruction import autotune, srr  # noqa: E402
-from MultiPlaneFusionLib.reconstruction.options import (  # noqa: E402
-    DEFAULT_ALPHA,
-    DEFAULT_HUBER_ALPHA,
-    SrrOptions,
-    parse_in_plane,
-)
+from MultiPlaneFusionLib.reconstruction.options import SrrOptions, parse_in_plane  # noqa: E402
 from MultiPlaneFusionLib.reconstruction.parallel import Workers  # noqa: E402
 
 # weight of the lightly regularised half reconstructions the n2n score compares against (mm^2)
@@ -103,12 +98,12 @@ def n2n_error(problem, halves, refs, alpha, regularizer, huber, mask, alpha_fact
     return err
 
 
-def candidate_options(reg, alpha):
-    """SrrOptions of one candidate. ``("hybrid", f)`` is the default hybrid with both shares scaled by f."""
+def candidate_options(reg, value):
+    """SrrOptions of one candidate: ``reg`` at weight ``value``, or for "hybrid" the default hybrid with both
+    shares scaled by the factor ``value``."""
     if reg == "hybrid":
-        return SrrOptions(regularizer="hybrid", alpha=DEFAULT_ALPHA["hybrid"] * alpha,
-                          huber_alpha=DEFAULT_HUBER_ALPHA * alpha)
-    return SrrOptions(regularizer=reg, alpha=alpha)
+        return SrrOptions(**panel.hybrid_scaled(value))
+    return SrrOptions(regularizer=reg, alpha=value)
 
 
 def check_case(case, log=print, in_plane_psf=None, candidates=CANDIDATES):

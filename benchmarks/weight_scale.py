@@ -28,7 +28,6 @@ from common import RESULTS, machine, print_table, write_json
 
 from MultiPlaneFusionLib.pipeline import fuse_stacks
 from MultiPlaneFusionLib.reading import read_stacks
-from MultiPlaneFusionLib.reconstruction.options import DEFAULT_ALPHA, DEFAULT_HUBER_ALPHA
 
 C = panel.Case
 PANEL = {c.name: c for c in panel.CASES}
@@ -43,8 +42,7 @@ PARTS = {
 
 
 def factor_sets(factors):
-    return {f"x{f:g}": {"alpha": round(DEFAULT_ALPHA["hybrid"] * f, 6),
-                        "huber_alpha": round(DEFAULT_HUBER_ALPHA * f, 6)} for f in factors}
+    return {f"x{f:g}": panel.hybrid_scaled(f) for f in factors}
 
 
 def blocks_of(stack, b):
