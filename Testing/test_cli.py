@@ -80,6 +80,20 @@ def test_unwritable_output(tmp_path, capsys):
     assert not no_partial_files(tmp_path)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc: a folder no one can create files in")
+def test_output_folder_that_refuses_files_fails_before_the_work(tmp_path, capsys):
+    # /proc passes os.access(W_OK) for root (CI runs as root) but refuses new files: the check must try one,
+    # else the run fails after the reconstruction with a traceback.
+    a = write_volume(tmp_path / "a.nrrd")
+    for args in (["fuse", a, "-o", "/proc/fused.nrrd", "--method", "average"],
+                 ["fuse", a, "-o", tmp_path / "f.nrrd", "--method", "average", "--json", "/proc/s.json"],
+                 ["model", a, "-o", "/proc/bone.stl"]):
+        code, _, err = run_cli([*args, "--quiet"], capsys)
+        assert_one_line_error(code, err)
+        assert "/proc" in err and "not writable" in err
+    assert not (tmp_path / "f.nrrd").exists()
+
+
 def test_memory_limit_refused(tmp_path, capsys):
     a = write_volume(tmp_path / "a.nrrd")
     out = tmp_path / "fused.nrrd"

@@ -1,4 +1,5 @@
-"""Identical input series are used once; inspect shows the path and the signed tilt."""
+"""Identical input series are used once; one series alone is warned about; inspect shows the path and the signed
+tilt."""
 
 import json
 import logging
@@ -21,6 +22,18 @@ def test_same_series_twice_is_used_once(tmp_path, caplog):
     assert len(result.stacks) == 2
     assert result.summary["duplicates_dropped"] == [{"stack": 2, "same_as": 0}, {"stack": 3, "same_as": 0}]
     assert "same series" in caplog.text and "copy.nrrd" in caplog.text
+
+
+def test_one_series_alone_is_warned_about(tmp_path, caplog):
+    a = write_volume(tmp_path / "a.nrrd")
+    copy = tmp_path / "copy.nrrd"
+    copy.write_bytes(a.read_bytes())
+    b = write_volume(tmp_path / "b.nrrd", size=(24, 8, 24), spacing=(1.0, 4.0, 1.0))
+    for paths, alone in (([a], True), ([a, copy], True), ([a, b], False)):  # a copy is no second series
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="MultiPlaneFusionLib"):
+            fuse_paths(paths, FuseOptions(method="average", register=False, spacing_mm=2.0))
+        assert ("only one series" in caplog.text) == alone, (paths, caplog.text)
 
 
 def test_different_series_are_kept(tmp_path):

@@ -387,6 +387,11 @@ def main(argv=None):
         _end_progress_line(display)
         print("multiplanefusion: error: out of memory; use a coarser --spacing or a smaller region", file=sys.stderr)
         return 1
+    except OSError as e:  # the system refused a file operation the checks above did not foresee (disk full, I/O)
+        _end_progress_line(display)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"multiplanefusion: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     return 0
 
 

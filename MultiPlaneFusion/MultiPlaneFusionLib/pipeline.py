@@ -138,6 +138,11 @@ def fuse_stacks(stacks, options=None, progress=None, cancel=None):
         raise InputError(f"--reference {options.reference} is out of range: {len(stacks)} stacks were found")
     stacks, reference, duplicates = drop_duplicates(stacks, options.reference)
     options = replace(options, reference=reference)
+    if len(stacks) == 1:
+        # Allowed (resampling one series is the baseline users compare with), but not a fusion: say so.
+        log.warning("only one series ('%s'): nothing to fuse it with, so the result is no sharper across its "
+                    "slices than the series itself and no self-check can run; give the other planes' series too",
+                    stacks[0].description)
     if options.reference != 0:
         # The reference goes first: grid axes and registration target are stack 0 downstream.
         stacks = [stacks[options.reference]] + [s for n, s in enumerate(stacks) if n != options.reference]

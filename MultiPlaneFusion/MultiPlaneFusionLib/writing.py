@@ -19,6 +19,14 @@ def check_writable(path):
         raise OutputError(f"output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder '{folder}' is not writable")
+    # os.access says yes to root everywhere (and to read-only mounts, /proc, full quotas): create and remove a
+    # probe file, so that the failure comes now and not after the reconstruction.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mpf-probe.", dir=folder)
+    except OSError as e:
+        raise OutputError(f"output folder '{folder}' is not writable: {e.strerror or e}") from None
+    os.close(fd)
+    _remove(probe)
 
 
 def make_folder(folder, what="output folder"):
@@ -45,7 +53,10 @@ def atomic_path(path):
     check_writable(path)
     folder, name = os.path.split(path)
     base, ext = _split_ext(name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".partial{ext}", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".partial{ext}", dir=folder)
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from None
     os.close(fd)
     try:
         yield tmp
