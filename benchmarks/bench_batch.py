@@ -79,7 +79,7 @@ def run(manifest, outdir, workers, limit_gb, options):
     return {
         "workers": workers, "cases": len(rows), "wall_s": wall, "span_s": span,
         "cases_per_min": 60.0 * len(rows) / wall, "case_s_mean": sum(row["wall_s"] for row in rows) / len(rows),
-        "peak_mb_max": max(peaks), "peak_mb_mean": sum(peaks) / len(peaks),
+        "peak_mb_max": max(peaks), "peak_mb_mean": sum(peaks) / len(peaks), "peaks_mb": [round(p) for p in peaks],
         "limit_mb": rows[0]["memory_limit_mb"], "estimate_mb": rows[0]["estimated_memory_mb"],
         "peak_below_limit": all(p < row["memory_limit_mb"] for p, row in zip(peaks, rows)),
         "load_before": load_before.split("load average:")[-1].strip(),
