@@ -1090,6 +1090,9 @@ class MultiPlaneFusionLogic(ScriptedLoadableModuleLogic):
             elif beats is False:
                 parts.append(_("WARNING self-check: the fusion does not beat the best single series "
                                "(a series misregistered or not belonging?)"))
+            if len(job.fusion.stacks) == 1:  # one series (or copies of it): resampled, not fused
+                parts.append(_("WARNING only one series: nothing to fuse it with; select the other planes' series "
+                               "too"))
         if job.model is not None:
             r = job.model.report
             parts.append(_("bone model {triangles} triangles, {closed}").format(

@@ -527,6 +527,11 @@ def test_logic_fuses_and_models_phantom_nodes_without_slicer(stubbed_module, pha
     job.fusion.summary["reconstruction"]["self_check"]["tie_fraction"] = 0.01
     tie = logic.describeResult(job)
     assert "WARNING self-check" in tie and "only as well as the best single series (within 1 %)" in tie
+    assert "only one series" not in tie
+    # one series alone is resampled, not fused: the status line says so
+    job = logic.prepare([nodes["axial"]], settings)
+    logic.compute(job, lambda text, fraction: None, None)
+    assert "Fused 1 series" in logic.describeResult(job) and "WARNING only one series" in logic.describeResult(job)
 
 
 def test_logic_refuses_bad_input_with_value_error(stubbed_module, phantom_series):
