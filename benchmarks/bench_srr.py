@@ -291,9 +291,9 @@ class RealEvaluator:
                                                              True))
         skull = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
         radius = [int(math.ceil(self.SKULL_MARGIN_MM / s)) for s in ge.spacing_mm]
-        self.skull = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray((lab == skull).astype(np.uint8)),
+        skull_mask = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray((lab == skull).astype(np.uint8)),
                                                               radius)) > 0
-        self.parts = {"skull": self.skull, "rest": ~self.skull}
+        self.parts = {"skull": skull_mask, "rest": ~skull_mask}
         self.part_surfaces = {part: metrics.iso_surface(np.where(keep, r, -1024.0).astype(np.float32), BONE_HU, ge)
                               for part, keep in self.parts.items()}
 

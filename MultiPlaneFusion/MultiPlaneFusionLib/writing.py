@@ -9,8 +9,9 @@ import SimpleITK as sitk
 from .errors import OutputError
 
 
-def check_writable(path):
-    """Raise OutputError now (before long work) when ``path`` cannot be created."""
+def _check_target(path):
+    """Raise OutputError when ``path`` is a folder or its folder is missing or read-only by permission;
+    returns the absolute folder."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     if os.path.isdir(path):
@@ -19,6 +20,12 @@ def check_writable(path):
         raise OutputError(f"output folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder '{folder}' is not writable")
+    return folder
+
+
+def check_writable(path):
+    """Raise OutputError now (before long work) when ``path`` cannot be created."""
+    folder = _check_target(path)
     # os.access says yes to root everywhere (and to read-only mounts, /proc, full quotas): create and remove a
     # probe file, so that the failure comes now and not after the reconstruction.
     try:
@@ -50,7 +57,7 @@ def atomic_path(path):
     the format from the extension keep working because the temporary name ends with the same one.
     """
     path = os.path.abspath(os.fspath(path))
-    check_writable(path)
+    _check_target(path)  # the temporary file below is the probe check_writable would create
     folder, name = os.path.split(path)
     base, ext = _split_ext(name)
     try:
@@ -94,19 +101,23 @@ def _remove(p):
 VOLUME_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
 
-def check_volume_path(path):
-    """Raise OutputError unless ``path`` names a writable single-file volume format."""
+def _check_volume_format(path):
     lower = os.fspath(path).lower()
     if lower.endswith((".nhdr", ".mhd")):
         raise OutputError(f"'{path}': detached-header formats are not supported, use .nrrd, .nii.gz or .mha")
     if not lower.endswith(VOLUME_EXTENSIONS):
         raise OutputError(f"unsupported volume format '{path}': use .nrrd, .nii, .nii.gz or .mha")
+
+
+def check_volume_path(path):
+    """Raise OutputError unless ``path`` names a writable single-file volume format."""
+    _check_volume_format(path)
     check_writable(path)
 
 
 def write_image(image, path, compress=True):
     """Write a SimpleITK image (format from the extension: .nrrd, .nii(.gz), .mha) atomically."""
-    check_volume_path(path)
+    _check_volume_format(path)  # atomic_path checks the folder
     with atomic_path(path) as tmp:
         try:
             sitk.WriteImage(image, tmp, useCompression=compress)
